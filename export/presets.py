@@ -1,0 +1,126 @@
+"""Built-in models: configs with seeded random weights, saved with ``save_pretrained`` and loaded like any model.
+
+Presets exist so that tests, benchmarks and the demo run offline through the same ``from_pretrained`` path a
+real checkpoint takes. They are built once into ``$SEAM_HOME/presets`` (default ``~/.cache/seam``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from export.byte_tokenizer import SPECIAL_TOKENS, build_byte_tokenizer
+
+_TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=320,
+    max_position_embeddings=512,
+    # A wide init gives peaked logits, so greedy tokens are not decided by float noise between near-ties.
+    initializer_range=0.2,
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model_type: str
+    purpose: str
+    config: dict = field(default_factory=dict)
+    seed: int = 0
+
+    @property
+    def spec_hash(self) -> str:
+        spec = json.dumps([self.model_type, self.config, self.seed, "byte-tokenizer-v1"], sort_keys=True)
+        return hashlib.sha256(spec.encode()).hexdigest()[:12]
+
+
+PRESETS = {
+    preset.name: preset
+    for preset in [
+        Preset("tiny-llama", "llama", "tests: 4 layers, hidden 64", dict(_TINY_LLAMA)),
+        Preset("tiny-qwen2", "qwen2", "tests: 4 layers, hidden 64, qkv bias", dict(_TINY_LLAMA)),
+        Preset("tiny-qwen3", "qwen3", "tests: 4 layers, hidden 64, q/k norms", dict(_TINY_LLAMA, head_dim=16)),
+        Preset(
+            "tiny-mistral",
+            "mistral",
+            "tests: 4 layers, hidden 64, sliding window 8",
+            dict(_TINY_LLAMA, sliding_window=8),
+        ),
+        Preset(
+            "tiny-gpt2",
+            "gpt2",
+            "tests: 4 layers, hidden 64",
+            dict(n_embd=64, n_layer=4, n_head=4, vocab_size=320, n_positions=512, initializer_range=0.2),
+        ),
+        Preset(
+            "small-llama",
+            "llama",
+            "benchmarks and the demo: ~110M parameters, 12 layers, hidden 768",
+            dict(
+                hidden_size=768,
+                intermediate_size=1536,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                num_key_value_heads=4,
+                vocab_size=32000,
+                max_position_embeddings=2048,
+                tie_word_embeddings=False,
+            ),
+        ),
+    ]
+}
+DEFAULT_PRESET = "small-llama"
+
+
+def seam_home() -> Path:
+    return Path(os.environ.get("SEAM_HOME") or Path.home() / ".cache" / "seam")
+
+
+def preset_dir(name: str) -> Path:
+    return seam_home() / "presets" / f"{name}-{PRESETS[name].spec_hash}"
+
+
+def ensure_preset(name: str) -> Path:
+    """The preset's model directory, building it on first use (written aside, then renamed into place)."""
+    target = preset_dir(name)
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    preset = PRESETS[name]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        pad, bos, eos = range(len(SPECIAL_TOKENS))
+        config = AutoConfig.for_model(
+            preset.model_type, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos, **preset.config
+        )
+        config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
+        torch.manual_seed(preset.seed)
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(staging)
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=build_byte_tokenizer(config.vocab_size, preset.seed),
+            pad_token=SPECIAL_TOKENS[pad],
+            bos_token=SPECIAL_TOKENS[bos],
+            eos_token=SPECIAL_TOKENS[eos],
+        )
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():  # another process did not win the race: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

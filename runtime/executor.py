@@ -1,0 +1,99 @@
+"""Runs one side of a split: the prelude once per step, then each block of a span, keeping that span's KV cache.
+
+The prelude turns the 2-D attention mask and the position ids into the additive attention bias and the
+position features (rotary tables) that every block takes, so they are built once per step instead of once
+per block. Feeds are built from each session's declared inputs because an exporter may drop unused ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.artifact import NUMPY_DTYPES, Artifact
+from runtime.ort_options import open_session
+from runtime.spans import Span
+
+FIRST_INPUTS = ("input_ids", "hidden_states")
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    return f"present.{layer}.key", f"present.{layer}.value"
+
+
+class _LoadedBlock:
+    def __init__(self, artifact: Artifact, block, variant: str, threads: int | None, device: str):
+        self.block = block
+        self.session = open_session(str(artifact.path(block.variants[variant])), threads, device)
+        self.input_names = [arg.name for arg in self.session.get_inputs()]
+        self.output_names = [arg.name for arg in self.session.get_outputs()]
+        self.cache_moves = [
+            (present, past)
+            for layer in block.layers
+            for present, past in zip(present_names(layer), past_names(layer))
+        ]
+
+
+class SpanRunner:
+    """The blocks of ``span`` in onnxruntime with the KV cache of their layers for one batch of sequences."""
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        span: Span,
+        variant: str | None = None,
+        threads: int | None = None,
+        device: str = "cpu",
+    ):
+        manifest = artifact.manifest
+        self.span = span
+        self.variant = variant or manifest.dtype
+        self.kv_dtype = np.dtype(NUMPY_DTYPES[manifest.dtype])
+        self.kv_shape = (manifest.dims.num_kv_heads, manifest.dims.head_dim)
+        self.blocks = [
+            _LoadedBlock(artifact, block, self.variant, threads, device) for block in artifact.blocks_for(span)
+        ]
+        self.prelude = open_session(str(artifact.path(manifest.prelude)), threads, device) if self.blocks else None
+        self.prelude_outputs = [arg.name for arg in self.prelude.get_outputs()] if self.prelude else []
+        self.cache: dict[str, np.ndarray] = {}
+
+    def reset(self, batch: int) -> None:
+        """Start new sequences: an empty cache (past length 0) for every layer of the span."""
+        empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), dtype=self.kv_dtype)
+        self.cache = {name: empty for layer in self.span for name in past_names(layer)}
+
+    @property
+    def past_length(self) -> int:
+        return next(iter(self.cache.values())).shape[2] if self.cache else 0
+
+    def run(
+        self,
+        first_input: np.ndarray,  # input_ids [B, S] int64, or hidden_states [B, S, H]
+        attention_mask: np.ndarray,  # [B, past + S] int64, 0 on left padding
+        position_ids: np.ndarray,  # [B, S] int64
+        logits_to_keep: int = 1,
+    ) -> np.ndarray:
+        """Runs the span for one step and returns its output: hidden states [B, S, H] or logits [B, K, V]."""
+        if not self.blocks:
+            return first_input
+        shared = {"attention_mask": attention_mask, "position_ids": position_ids}
+        shared.update(zip(self.prelude_outputs, self.prelude.run(None, shared)))
+        shared["logits_to_keep"] = np.array(logits_to_keep, dtype=np.int64)
+        output = first_input
+        for loaded in self.blocks:
+            feed = {}
+            for name in loaded.input_names:
+                if name in FIRST_INPUTS:
+                    feed[name] = output
+                elif name in self.cache:
+                    feed[name] = self.cache[name]
+                else:
+                    feed[name] = shared[name]
+            results = dict(zip(loaded.output_names, loaded.session.run(None, feed)))
+            for present, past in loaded.cache_moves:
+                self.cache[past] = results[present]
+            output = results[loaded.output_names[0]]
+        return output

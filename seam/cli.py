@@ -1,0 +1,58 @@
+"""The umbrella ``seam`` command: parses flags, dispatches to a subcommand, and turns errors into one line.
+
+Subcommand modules are imported only when chosen, so a UE without torch can still run the runtime commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from runtime.errors import SeamError
+
+EXPORT_MODULES = {"torch", "transformers", "onnx", "onnxscript"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from export.cli import add_export_parser, add_models_parser, add_validate_parser
+    from seam.demo import add_demo_parser
+
+    parser = argparse.ArgumentParser(prog="seam", description="Run an LLM split between a device and an edge server.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_export_parser(commands)
+    add_validate_parser(commands)
+    add_models_parser(commands)
+    add_demo_parser(commands)
+    return parser
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through the 'finally' blocks that remove partial output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return args.handler(args)
+    except SeamError as error:
+        print(f"seam {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except ModuleNotFoundError as error:
+        if error.name not in EXPORT_MODULES:
+            raise
+        print(
+            f"seam {args.command}: error: this command needs {error.name}, part of the 'export' extra; "
+            "install it with: pip install 'seam[export]'",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        print(f"seam {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

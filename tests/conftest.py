@@ -1,0 +1,50 @@
+"""Shared fixtures: an isolated SEAM_HOME, offline hub access, and tiny exported artifacts per family."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before any Seam or transformers import reads them.
+os.environ.setdefault("SEAM_HOME", tempfile.mkdtemp(prefix="seam-test-home-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+TINY_PRESETS = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-gpt2"]
+
+
+@pytest.fixture(scope="session")
+def artifacts_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def exported(artifacts_root):
+    """Exports a tiny preset at every cut (once per session) and returns its artifact directory."""
+    from export.exporter import ExportRequest, export
+
+    cache: dict[str, Path] = {}
+
+    def get(preset: str) -> Path:
+        if preset not in cache:
+            out = artifacts_root / preset
+            export(ExportRequest(model=preset, out=out, quiet=True))
+            cache[preset] = out
+        return cache[preset]
+
+    return get
+
+
+def run_seam(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs the real ``seam`` CLI in a child process."""
+    return subprocess.run(
+        [sys.executable, "-m", "seam.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
