@@ -23,7 +23,7 @@ test: $(INSTALLED)
 	$(BIN)/python -m pytest -q
 
 bench: $(INSTALLED)
-	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
+	for script in bench/[!_]*.py; do $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) artifacts bench/.work

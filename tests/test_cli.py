@@ -1,0 +1,97 @@
+"""The seam CLI as a user runs it: bad input gets one clear line, exit code 2, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from transformers import AutoConfig
+
+from conftest import run_seam
+
+
+def assert_refused(result, *fragments: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, f"expected one line on stderr, got: {result.stderr}"
+    assert lines[0].startswith("seam export: error:") or lines[0].startswith("seam validate: error:")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A directory that must stay exactly as the test left it."""
+    yield tmp_path
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "partial output left behind"
+
+
+def test_unknown_hub_id_offline(workdir):
+    result = run_seam("export", "nobody/no-such-model", "--out", str(workdir / "out"))
+    assert_refused(result, "cannot load model 'nobody/no-such-model'", "seam models")
+    assert not (workdir / "out").exists()
+
+
+def test_missing_directory(workdir):
+    result = run_seam("export", str(workdir / "missing" / "model"), "--out", str(workdir / "out"))
+    assert_refused(result, "does not exist")
+
+
+def test_unsupported_family(workdir):
+    AutoConfig.for_model("bert", architectures=["BertForMaskedLM"]).save_pretrained(workdir / "bert")
+    result = run_seam("export", str(workdir / "bert"), "--out", str(workdir / "out"))
+    assert_refused(result, "'bert' is not a supported", "llama", "gpt2")
+    assert not (workdir / "out").exists()
+
+
+def test_non_causal_model(workdir):
+    config = AutoConfig.for_model("llama", architectures=["LlamaForSequenceClassification"])
+    config.save_pretrained(workdir / "classifier")
+    result = run_seam("export", str(workdir / "classifier"), "--out", str(workdir / "out"))
+    assert_refused(result, "not a causal language model")
+
+
+@pytest.mark.parametrize(
+    "cuts, message",
+    [("0,2", "cut 0 is out of range"), ("2,9", "cut 9 is out of range"), ("3,1", "not in increasing order"),
+     ("1,1", "lists a layer twice"), ("one", "comma-separated")],
+)
+def test_bad_cut_lists(workdir, cuts, message):
+    result = run_seam("export", "tiny-llama", "--out", str(workdir / "out"), "--cuts", cuts)
+    assert_refused(result, message)
+    assert not (workdir / "out").exists()
+
+
+def test_unwritable_output(workdir):
+    (workdir / "plain-file").write_text("not a directory")
+    result = run_seam("export", "tiny-llama", "--out", str(workdir / "plain-file" / "out"))
+    assert_refused(result, "cannot write the artifact")
+
+
+def test_existing_different_export_needs_force(exported, workdir):
+    out = workdir / "art"
+    shutil.copytree(exported("tiny-llama"), out)
+    result = run_seam("export", "tiny-llama", "--out", str(out), "--cuts", "2")
+    assert_refused(result, "--force")
+    forced = run_seam("export", "tiny-llama", "--out", str(out), "--cuts", "2", "--force", "--quiet")
+    assert forced.returncode == 0, forced.stderr
+    assert '"cuts": [\n    2\n  ]' in (out / "manifest.json").read_text()
+
+
+def test_validate_passes_and_detects_corruption(exported, workdir):
+    out = workdir / "art"
+    shutil.copytree(exported("tiny-gpt2"), out)
+    result = run_seam("validate", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "identical" in result.stdout and "OUTSIDE" not in result.stdout
+    with open(out / "block_01.onnx", "ab") as handle:
+        handle.write(b"\0")
+    result = run_seam("validate", str(out))
+    assert_refused(result, "block_01.onnx does not match its sha256")
+
+
+def test_models_lists_presets_and_families():
+    result = run_seam("models")
+    assert result.returncode == 0, result.stderr
+    for name in ["tiny-llama", "tiny-gpt2", "small-llama (default)", "qwen2, qwen3"]:
+        assert name in result.stdout
