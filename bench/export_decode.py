@@ -18,7 +18,7 @@ from _common import WORK, median_ms, report
 from export.exporter import ExportRequest, export
 from export.report import table
 from runtime.artifact import Artifact
-from runtime.executor import SpanRunner
+from runtime.executor import SessionPool
 from runtime.spans import Span
 
 VARIANTS = {"single block": "none", "4 cuts": "2,5,7,10", "every layer": "all"}
@@ -49,7 +49,7 @@ def main() -> None:
     runners = {}
     for name, info in exports.items():
         artifact = Artifact.open(info["dir"])
-        runner = SpanRunner(artifact, Span(0, artifact.num_layers))
+        runner = SessionPool(artifact).runner(Span(0, artifact.num_layers))
         vocab = artifact.manifest.dims.vocab_size
         prompt = rng.integers(0, vocab, size=(1, args.past), dtype=np.int64)
         runner.reset(1)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from runtime.artifact import Artifact
 from runtime.errors import SeamError
-from runtime.executor import SpanRunner
+from runtime.executor import SessionPool
 from runtime.generation import LocalSplit, generate, left_pad, positions_from_mask
 
 DECODE_STEPS = 16
@@ -76,8 +76,8 @@ def reference_run(model, prompts: list[list[int]], pad_id: int, steps: int = DEC
     return Reference(prompts=prompts, tokens=np.stack(tokens, axis=1), logits=np.stack(logits))
 
 
-def _run_split(artifact: Artifact, cut: int, ue_variant: str, reference: Reference, pad_id: int) -> np.ndarray:
-    split = LocalSplit(artifact, cut, ue_variant=ue_variant)
+def _run_split(pool: SessionPool, cut: int, ue_variant: str, reference: Reference, pad_id: int) -> np.ndarray:
+    split = LocalSplit(pool, cut, ue_variant=ue_variant)
     forced = lambda logits, step: reference.tokens[:, step]  # noqa: E731
     steps = reference.tokens.shape[1]
     return np.stack([logits for _, logits in generate(split, reference.prompts, steps, pad_id, forced)])
@@ -100,9 +100,10 @@ def compare(reference: Reference, logits: np.ndarray) -> dict:
     }
 
 
-def validate_cut(artifact: Artifact, cut: int, ue_variant: str, references: list[Reference], pad_id: int) -> dict:
+def validate_cut(pool: SessionPool, cut: int, ue_variant: str, references: list[Reference], pad_id: int) -> dict:
     """One record of the manifest's ``validation`` list."""
-    results = [compare(ref, _run_split(artifact, cut, ue_variant, ref, pad_id)) for ref in references]
+    results = [compare(ref, _run_split(pool, cut, ue_variant, ref, pad_id)) for ref in references]
+    artifact = pool.artifact
     record = {
         "cut": cut,
         "dtype": ue_variant if ue_variant == artifact.manifest.dtype else f"{ue_variant}-ue",
@@ -122,7 +123,7 @@ def validate_cut(artifact: Artifact, cut: int, ue_variant: str, references: list
     return record
 
 
-def locate_mismatch(artifact: Artifact, model, prompts: list[list[int]], pad_id: int) -> str:
+def locate_mismatch(pool: SessionPool, model, prompts: list[list[int]], pad_id: int) -> str:
     """Names the first block whose prefill output departs from PyTorch by more than the fp32 tolerance."""
     import torch
 
@@ -135,9 +136,10 @@ def locate_mismatch(artifact: Artifact, model, prompts: list[list[int]], pad_id:
             position_ids=torch.from_numpy(positions),
             output_hidden_states=True,
         ).hidden_states
+    artifact = pool.artifact
     output = ids
     for block in artifact.manifest.blocks:
-        runner = SpanRunner(artifact, block.layers)
+        runner = pool.runner(block.layers)
         runner.reset(len(prompts))
         output = runner.run(output, mask, positions)
         if block.layers.end == artifact.num_layers:
@@ -161,11 +163,12 @@ def validate(artifact: Artifact, references: list[Reference], pad_id: int, quiet
     manifest = artifact.manifest
     cuts = manifest.cuts or [artifact.num_layers]
     variants = list(manifest.blocks[0].variants)
+    pool = SessionPool(artifact)
     records = []
     with tqdm(total=len(cuts) * len(variants), desc="validate", unit="cut", disable=quiet, leave=False) as bar:
         for variant in variants:
             for cut in cuts:
-                records.append(validate_cut(artifact, cut, variant, references, pad_id))
+                records.append(validate_cut(pool, cut, variant, references, pad_id))
                 bar.update(1)
     return records
 
@@ -179,7 +182,7 @@ class ParityError(SeamError):
 def require_fp32_parity(records: list[dict], artifact: Artifact, model, references: list[Reference], pad_id: int):
     failed = [r for r in records if r["dtype"] == "fp32" and not r["passed"]]
     if failed:
-        where = locate_mismatch(artifact, model, references[-1].prompts, pad_id)
+        where = locate_mismatch(SessionPool(artifact), model, references[-1].prompts, pad_id)
         worst = max(failed, key=lambda r: r["max_abs_diff"])
         raise ParityError(
             f"fp32 parity failed at cuts {[r['cut'] for r in failed]}: first divergence in {where}; "

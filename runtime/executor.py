@@ -25,9 +25,9 @@ def present_names(layer: int) -> tuple[str, str]:
 
 
 class _LoadedBlock:
-    def __init__(self, artifact: Artifact, block, variant: str, threads: int | None, device: str):
+    def __init__(self, block, session):
         self.block = block
-        self.session = open_session(str(artifact.path(block.variants[variant])), threads, device)
+        self.session = session
         self.input_names = [arg.name for arg in self.session.get_inputs()]
         self.output_names = [arg.name for arg in self.session.get_outputs()]
         self.cache_moves = [
@@ -37,26 +37,42 @@ class _LoadedBlock:
         ]
 
 
+class SessionPool:
+    """onnxruntime sessions of one artifact, opened on first use and shared by every runner and session.
+
+    Sessions are stateless between runs, so many sequences (and many UEs on an edge) share one per graph.
+    """
+
+    def __init__(self, artifact: Artifact, threads: int | None = None, device: str = "cpu"):
+        self.artifact = artifact
+        self.threads = threads
+        self.device = device
+        self._sessions: dict[str, object] = {}
+
+    def session(self, onnx_file):
+        if onnx_file.file not in self._sessions:
+            path = str(self.artifact.path(onnx_file))
+            self._sessions[onnx_file.file] = open_session(path, self.threads, self.device)
+        return self._sessions[onnx_file.file]
+
+    def runner(self, span: Span, variant: str | None = None) -> SpanRunner:
+        return SpanRunner(self, span, variant)
+
+
 class SpanRunner:
     """The blocks of ``span`` in onnxruntime with the KV cache of their layers for one batch of sequences."""
 
-    def __init__(
-        self,
-        artifact: Artifact,
-        span: Span,
-        variant: str | None = None,
-        threads: int | None = None,
-        device: str = "cpu",
-    ):
-        manifest = artifact.manifest
+    def __init__(self, pool: SessionPool, span: Span, variant: str | None = None):
+        manifest = pool.artifact.manifest
         self.span = span
         self.variant = variant or manifest.dtype
         self.kv_dtype = np.dtype(NUMPY_DTYPES[manifest.dtype])
         self.kv_shape = (manifest.dims.num_kv_heads, manifest.dims.head_dim)
         self.blocks = [
-            _LoadedBlock(artifact, block, self.variant, threads, device) for block in artifact.blocks_for(span)
+            _LoadedBlock(block, pool.session(block.variants[self.variant]))
+            for block in pool.artifact.blocks_for(span)
         ]
-        self.prelude = open_session(str(artifact.path(manifest.prelude)), threads, device) if self.blocks else None
+        self.prelude = pool.session(manifest.prelude) if self.blocks else None
         self.prelude_outputs = [arg.name for arg in self.prelude.get_outputs()] if self.prelude else []
         self.cache: dict[str, np.ndarray] = {}
 

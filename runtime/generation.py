@@ -10,8 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from runtime.artifact import Artifact
-from runtime.executor import SpanRunner
+from runtime.executor import SessionPool
 from runtime.spans import Span
 
 
@@ -35,11 +34,10 @@ def positions_from_mask(mask: np.ndarray) -> np.ndarray:
 class LocalSplit:
     """The UE's span and the edge's span chained in one process, hidden states handed over directly."""
 
-    def __init__(self, artifact: Artifact, split: int, ue_variant: str | None = None, threads: int | None = None):
-        layers = artifact.num_layers
+    def __init__(self, pool: SessionPool, split: int, ue_variant: str | None = None):
         self.split = split
-        self.ue = SpanRunner(artifact, Span(0, split), ue_variant, threads)
-        self.edge = SpanRunner(artifact, Span(split, layers), None, threads)
+        self.ue = pool.runner(Span(0, split), ue_variant)
+        self.edge = pool.runner(Span(split, pool.artifact.num_layers))
         self.ue_seconds: list[float] = []  # per call, prefill first
         self.edge_seconds: list[float] = []
 

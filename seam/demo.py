@@ -32,6 +32,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from export.report import blocks_table, validation_table
     from runtime.artifact import Artifact
     from runtime.errors import SeamError
+    from runtime.executor import SessionPool
     from runtime.generation import LocalSplit, generate
     from runtime.text import StreamDecoder, load_tokenizer
 
@@ -53,7 +54,7 @@ def run_demo(args: argparse.Namespace) -> int:
         raise SeamError("--prompt encodes to no tokens; give some text")
     layers = artifact.num_layers
     print(f"\n== generate: layers [0, {split}) on the UE, [{split}, {layers}) on the edge (in this process)")
-    model = LocalSplit(artifact, split)
+    model = LocalSplit(SessionPool(artifact), split)
     decoder = StreamDecoder(tokenizer)
     eos = manifest.tokenizer.get("eos_token_id")
     print(args.prompt, end="", flush=True)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from conftest import TINY_PRESETS
 from export.presets import ensure_preset
 from runtime.artifact import Artifact, sha256_file
+from runtime.executor import SessionPool
 from runtime.generation import LocalSplit, generate
 
 
@@ -57,8 +58,9 @@ def test_split_generation_matches_transformers_generate(exported, preset):
             input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=pad,
             eos_token_id=None,
         )[:, 7:].numpy()
+    pool = SessionPool(artifact)
     for split in artifact.split_points:
-        produced = np.stack([t for t, _ in generate(LocalSplit(artifact, split), prompts, 12, pad)], axis=1)
+        produced = np.stack([t for t, _ in generate(LocalSplit(pool, split), prompts, 12, pad)], axis=1)
         assert (produced == expected).all(), f"split {split} diverges from transformers"
 
 

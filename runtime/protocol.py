@@ -1,0 +1,211 @@
+"""The wire protocol between ``ue_client`` and ``edge_server``: versioned, typed messages; no pickle anywhere.
+
+A message travels as one small JSON header frame (kind, fields, and each tensor's name, dtype and shape) followed
+by one raw frame per tensor, sent without copying. ``decode`` checks everything a peer could get wrong: the
+header's structure, the message kind, every field's type, the dtype allow-list, each tensor's byte length against
+its shape, and the total size against a maximum; any violation raises ``ProtocolError``. Checks that need the
+artifact (hidden size, split points) belong to the server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+ALLOWED_DTYPES = frozenset({"float32", "float16", "int64", "int8", "uint8"})
+
+
+class ProtocolError(Exception):
+    """A message that does not follow the protocol; the receiver answers with an Error and carries on."""
+
+
+_KINDS: dict[str, type[Message]] = {}
+
+
+class Message:
+    kind: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _KINDS[cls.kind] = cls
+
+
+def _is_tensor(annotation) -> bool:
+    return "ndarray" in str(annotation)
+
+
+@dataclass
+class Hello(Message):
+    kind = "hello"
+    protocol_version: int
+    artifact_fingerprint: str
+    capabilities: list = field(default_factory=list)
+
+
+@dataclass
+class Welcome(Message):
+    kind = "welcome"
+    protocol_version: int
+    artifact_fingerprint: str
+    split_points: list
+    max_message_bytes: int
+    capabilities: list = field(default_factory=list)
+
+
+@dataclass
+class OpenSession(Message):
+    kind = "open"
+    session_id: str
+    split: int  # layers [0, split) run on the UE
+    batch: int
+    sampling: dict  # temperature, top_k, top_p, seed
+    max_length: int  # prompt plus generated tokens, bounds the KV the edge allocates
+    allow_token_upload: bool = False
+
+
+@dataclass
+class SessionOpened(Message):
+    kind = "opened"
+    session_id: str
+
+
+@dataclass
+class Step(Message):
+    """One prefill or decode step: the UE's boundary output for positions it has not sent before."""
+
+    kind = "step"
+    session_id: str
+    step: int
+    attention_mask: np.ndarray  # [B, past + S] int64
+    position_ids: np.ndarray  # [B, S] int64
+    hidden_states: np.ndarray | None = None  # [B, S, H], when the UE runs at least one layer
+    input_ids: np.ndarray | None = None  # [B, S], only with allow_token_upload and split 0
+
+
+@dataclass
+class StepResult(Message):
+    kind = "result"
+    session_id: str
+    step: int
+    edge_compute_s: float  # lets the UE separate network time from compute
+    tokens: np.ndarray  # [B] int64
+
+
+@dataclass
+class Close(Message):
+    kind = "close"
+    session_id: str
+
+
+@dataclass
+class Closed(Message):
+    kind = "closed"
+    session_id: str
+    stats: dict
+
+
+@dataclass
+class Error(Message):
+    kind = "error"
+    code: str
+    message: str
+    session_id: str = ""
+
+
+@dataclass
+class Ping(Message):
+    kind = "ping"
+    nonce: int
+
+
+@dataclass
+class Pong(Message):
+    kind = "pong"
+    nonce: int
+
+
+def encode(message: Message) -> list:
+    """Header frame plus one frame per tensor; tensors are handed to the socket without a copy."""
+    header = {"kind": message.kind, "fields": {}, "tensors": []}
+    frames: list = [b""]
+    for spec in fields(message):
+        value = getattr(message, spec.name)
+        if _is_tensor(spec.type):
+            if value is None:
+                continue
+            array = np.ascontiguousarray(value)
+            header["tensors"].append({"name": spec.name, "dtype": array.dtype.name, "shape": list(array.shape)})
+            frames.append(memoryview(array).cast("B") if array.size else b"")
+        else:
+            header["fields"][spec.name] = value
+    frames[0] = json.dumps(header, separators=(",", ":")).encode()
+    return frames
+
+
+# Field annotations are strings (postponed evaluation); these are the scalar kinds messages use.
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,)}
+
+
+def _check_field(kind: str, name: str, annotation: str, value) -> None:
+    allowed = _FIELD_TYPES[annotation]
+    if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+        raise ProtocolError(f"{kind}.{name} must be {annotation}, got {type(value).__name__}")
+
+
+def decode(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """Parses and checks one message; raises ProtocolError on anything malformed."""
+    if not frames:
+        raise ProtocolError("empty message")
+    sizes = [len(frame) for frame in frames]
+    if sum(sizes) > max_bytes:
+        raise ProtocolError(f"message of {sum(sizes)} bytes exceeds the limit of {max_bytes}")
+    try:
+        header = json.loads(bytes(frames[0]))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ProtocolError("header frame is not JSON") from None
+    if not isinstance(header, dict) or set(header) != {"kind", "fields", "tensors"}:
+        raise ProtocolError("header must hold exactly 'kind', 'fields' and 'tensors'")
+    cls = _KINDS.get(header["kind"]) if isinstance(header["kind"], str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {header['kind']!r}")
+    raw_fields, raw_tensors = header["fields"], header["tensors"]
+    if not isinstance(raw_fields, dict) or not isinstance(raw_tensors, list):
+        raise ProtocolError("header 'fields' must be an object and 'tensors' a list")
+    specs = {spec.name: spec for spec in fields(cls)}
+    scalar_names = {name for name, spec in specs.items() if not _is_tensor(spec.type)}
+    unknown = set(raw_fields) - scalar_names
+    if unknown:
+        raise ProtocolError(f"{cls.kind} has no field(s) {sorted(unknown)}")
+    for name, value in raw_fields.items():
+        _check_field(cls.kind, name, specs[name].type, value)
+    if len(raw_tensors) != len(frames) - 1:
+        raise ProtocolError(f"header lists {len(raw_tensors)} tensors but {len(frames) - 1} tensor frames arrived")
+    tensors = {}
+    for spec, frame in zip(raw_tensors, frames[1:]):
+        tensors.update([_tensor(cls, specs, spec, frame)])
+    try:
+        return cls(**raw_fields, **tensors)
+    except TypeError as error:  # a required field is missing
+        raise ProtocolError(f"{cls.kind}: {error}") from None
+
+
+def _tensor(cls, specs, spec, frame) -> tuple[str, np.ndarray]:
+    if not isinstance(spec, dict) or set(spec) != {"name", "dtype", "shape"}:
+        raise ProtocolError("each tensor header needs exactly 'name', 'dtype' and 'shape'")
+    name, dtype, shape = spec["name"], spec["dtype"], spec["shape"]
+    if not isinstance(name, str) or name not in specs or not _is_tensor(specs[name].type):
+        raise ProtocolError(f"{cls.kind} has no tensor {name!r}")
+    if dtype not in ALLOWED_DTYPES:
+        raise ProtocolError(f"tensor {name!r} has dtype {dtype!r}; allowed: {sorted(ALLOWED_DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > 4 or not all(type(d) is int and d >= 0 for d in shape):
+        raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
+    expected = math.prod(shape) * np.dtype(dtype).itemsize
+    if len(frame) != expected:
+        raise ProtocolError(f"tensor {name!r} of shape {shape} {dtype} needs {expected} bytes, got {len(frame)}")
+    return name, np.frombuffer(frame, dtype=dtype).reshape(shape)
