@@ -1,0 +1,245 @@
+"""The edge server: serves many UEs at once, each session running the tail blocks of its own split.
+
+One thread owns the socket and the sessions. Every request is checked before it touches a KV cache; a bad
+request gets an Error reply and the server carries on serving every other session.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_server.sessions import EdgeSession, SessionTable
+from runtime.artifact import NUMPY_DTYPES, Artifact
+from runtime.errors import SeamError
+from runtime.executor import SessionPool
+from runtime.protocol import (
+    PROTOCOL_VERSION,
+    Close,
+    Closed,
+    Error,
+    Hello,
+    Message,
+    OpenSession,
+    Ping,
+    Pong,
+    ProtocolError,
+    SessionOpened,
+    Step,
+    StepResult,
+    Welcome,
+    decode,
+)
+from runtime.sampling import Sampler, SamplingParams
+from runtime.spans import Span
+from runtime.transport import EdgeSocket, TransportConfig
+
+log = logging.getLogger("edge_server")
+
+
+@dataclass
+class EdgeConfig:
+    artifact: Path  # exported artifact directory
+    bind: str = "tcp://0.0.0.0:5555"  # ZeroMQ address to listen on
+    device: str = "cpu"  # 'cpu' or 'cuda'
+    threads: int | None = None  # onnxruntime intra-op threads; None = physical cores
+    max_sessions: int = 64  # open sessions before the least recently used is evicted
+    kv_budget_mb: float = 4096.0  # KV cache reserved across sessions, MiB
+    idle_timeout_s: float = 300.0  # a session unused this long is closed
+    max_batch: int = 64  # sequences per session
+    max_length: int = 4096  # prompt plus generated tokens per sequence
+    curve_secret: Path | None = None  # the server's NAME.key_secret; enables CURVE
+    allowed_keys: Path | None = None  # directory of allowed UE public keys (*.key)
+    log_messages: Path | None = None  # append one JSON line per received message header (debugging, audits)
+    transport: TransportConfig = None
+
+    def __post_init__(self):
+        self.transport = self.transport or TransportConfig()
+
+
+class EdgeServer:
+    def __init__(self, config: EdgeConfig):
+        self.config = config
+        self.artifact = Artifact.open(config.artifact)
+        self.manifest = self.artifact.manifest
+        self.pool = SessionPool(self.artifact, config.threads, config.device)
+        self.table = SessionTable(config.max_sessions, int(config.kv_budget_mb * 2**20), config.idle_timeout_s)
+        self.welcomed: set[bytes] = set()
+        self.hidden_dtype = np.dtype(NUMPY_DTYPES[self.manifest.dtype])
+        self.socket = EdgeSocket(config.bind, config.transport, config.curve_secret, config.allowed_keys)
+        self.running = True
+        self.message_log = open(config.log_messages, "a") if config.log_messages else None
+
+    @property
+    def address(self) -> str:
+        return self.socket.address
+
+    def serve(self) -> None:
+        log.info("serving %s (%s, %d layers) on %s", self.manifest.source, self.manifest.family,
+                 self.artifact.num_layers, self.address)
+        try:
+            while self.running:
+                received = self.socket.receive(timeout_s=0.2)
+                for session in self.table.idle(time.monotonic()):
+                    self._log_close(session, "idle timeout")
+                if received is not None:
+                    peer, frames = received
+                    self.socket.send(peer, self.handle(peer, frames))
+        finally:
+            for session in list(self.table.sessions.values()):
+                self._log_close(self.table.remove(session.key), "server shutdown")
+            self.socket.close()
+            if self.message_log:
+                self.message_log.close()
+
+    def stop(self, *_) -> None:
+        self.running = False
+
+    def handle(self, peer: bytes, frames: list) -> Message:
+        try:
+            message = decode(frames, self.config.transport.max_message_bytes)
+        except ProtocolError as error:
+            return Error("bad_message", f"{error}")
+        self._audit(message)
+        session_id = getattr(message, "session_id", "")
+        try:
+            if isinstance(message, Hello):
+                return self._hello(peer, message)
+            if peer not in self.welcomed:
+                return Error("no_handshake", "send hello before anything else", session_id)
+            if isinstance(message, Ping):
+                return Pong(message.nonce)
+            if isinstance(message, OpenSession):
+                return self._open(peer, message)
+            if isinstance(message, Step):
+                return self._step(peer, message)
+            if isinstance(message, Close):
+                return self._close(peer, message)
+            return Error("bad_message", f"a UE does not send {message.kind!r} messages", session_id)
+        except SeamError as error:
+            return Error("rejected", str(error), session_id)
+        except Exception as error:  # a fault in one session must not take the others down
+            log.exception("internal error in session %r", session_id)
+            self.table.sessions.pop((peer, session_id), None)
+            return Error("internal", f"{type(error).__name__}: {error}; the session was closed", session_id)
+
+    def _hello(self, peer: bytes, hello: Hello) -> Message:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            return Error(
+                "version_mismatch",
+                f"the UE speaks protocol {hello.protocol_version}, this server {PROTOCOL_VERSION}; update the older side",
+            )
+        if hello.artifact_fingerprint != self.manifest.artifact_fingerprint:
+            return Error(
+                "artifact_mismatch",
+                "the UE and the server hold different artifacts (fingerprints differ); copy the server's artifact "
+                "to the UE or export both from the same model with the same arguments",
+            )
+        self.welcomed.add(peer)
+        return Welcome(
+            PROTOCOL_VERSION,
+            self.manifest.artifact_fingerprint,
+            self.artifact.split_points,
+            self.config.transport.max_message_bytes,
+            ["sampling"],
+        )
+
+    def _open(self, peer: bytes, request: OpenSession) -> Message:
+        config = self.config
+        if request.split not in self.artifact.split_points:
+            raise SeamError(f"split {request.split} is not a split point; choose one of {self.artifact.split_points}")
+        if request.split == self.artifact.num_layers:
+            raise SeamError(f"split {request.split} leaves the edge no layers; the UE should generate locally")
+        if request.split == 0 and not request.allow_token_upload:
+            raise SeamError("split 0 would send raw token ids to the edge; the UE must allow token upload explicitly")
+        if not 1 <= request.batch <= config.max_batch:
+            raise SeamError(f"batch {request.batch} is outside 1..{config.max_batch}")
+        if not 1 <= request.max_length <= config.max_length:
+            raise SeamError(f"max_length {request.max_length} is outside 1..{config.max_length}")
+        sampler = Sampler(SamplingParams.from_dict(request.sampling))
+        span = Span(request.split, self.artifact.num_layers)
+        kv_bytes = request.batch * request.max_length * len(span) * self.manifest.kv_bytes_per_token_per_layer
+        key = (peer, request.session_id)
+        for victim in self.table.admit(key, kv_bytes):
+            self._log_close(victim, "evicted for room")
+        runner = self.pool.runner(span)
+        runner.reset(request.batch)
+        now = time.monotonic()
+        self.table.add(
+            EdgeSession(key, runner, sampler, request.split, request.batch, request.max_length, kv_bytes, now, now)
+        )
+        log.info("open  %s peer=%s split=%d batch=%d max_length=%d sessions=%d", request.session_id, peer.hex()[:8],
+                 request.split, request.batch, request.max_length, len(self.table.sessions))
+        return SessionOpened(request.session_id)
+
+    def _check_step(self, session: EdgeSession, step: Step) -> np.ndarray:
+        batch, past = session.batch, session.runner.past_length
+        if step.step != session.next_step:
+            raise SeamError(f"step {step.step} arrived, expected step {session.next_step}")
+        if session.split == 0:
+            first, name, dtype = step.input_ids, "input_ids", np.dtype(np.int64)
+            if step.hidden_states is not None:
+                raise SeamError("a split-0 session sends input_ids, not hidden_states")
+        else:
+            first, name, dtype = step.hidden_states, "hidden_states", self.hidden_dtype
+            if step.input_ids is not None:
+                raise SeamError("token ids are refused: this session's UE runs the first layers itself")
+        if first is None:
+            raise SeamError(f"step carries no {name}")
+        new = first.shape[1] if first.ndim >= 2 else -1
+        expected = (batch, new, self.manifest.dims.hidden_size) if session.split else (batch, new)
+        if first.shape != expected or new < 1 or first.dtype != dtype:
+            raise SeamError(f"{name} must be {dtype.name} of shape {list(expected)}, got {first.dtype.name} {list(first.shape)}")
+        if step.attention_mask.shape != (batch, past + new) or step.attention_mask.dtype != np.int64:
+            raise SeamError(f"attention_mask must be int64 of shape [{batch}, {past + new}]")
+        if step.position_ids.shape != (batch, new) or step.position_ids.dtype != np.int64:
+            raise SeamError(f"position_ids must be int64 of shape [{batch}, {new}]")
+        if past + new > session.max_length:
+            raise SeamError(f"the session would reach {past + new} tokens, beyond its max_length {session.max_length}")
+        return first
+
+    def _step(self, peer: bytes, step: Step) -> Message:
+        session = self.table.get((peer, step.session_id), time.monotonic())
+        first = self._check_step(session, step)
+        started = time.perf_counter()
+        logits = session.runner.run(first, step.attention_mask, step.position_ids)[:, -1, :]  # [B, V]
+        tokens = session.sampler(logits)
+        compute = time.perf_counter() - started
+        session.next_step += 1
+        session.tokens += session.batch
+        session.compute_s += compute
+        return StepResult(step.session_id, step.step, compute, tokens)
+
+    def _close(self, peer: bytes, request: Close) -> Message:
+        session = self.table.get((peer, request.session_id), time.monotonic())
+        self.table.remove(session.key)
+        stats = self._log_close(session, "closed by UE")
+        return Closed(request.session_id, stats)
+
+    def _log_close(self, session: EdgeSession, reason: str) -> dict:
+        stats = {
+            "steps": session.next_step,
+            "tokens": session.tokens,
+            "edge_compute_s": round(session.compute_s, 4),
+            "open_s": round(time.monotonic() - session.opened_at, 3),
+        }
+        log.info("close %s peer=%s (%s) %s", session.key[1], session.key[0].hex()[:8], reason,
+                 " ".join(f"{k}={v}" for k, v in stats.items()))
+        return stats
+
+    def _audit(self, message: Message) -> None:
+        if self.message_log is None:
+            return
+        record = {"kind": message.kind}
+        for name, value in vars(message).items():
+            if isinstance(value, np.ndarray):
+                record[name] = {"dtype": value.dtype.name, "shape": list(value.shape)}
+            elif value is not None:
+                record[name] = value
+        self.message_log.write(json.dumps(record) + "\n")
+        self.message_log.flush()

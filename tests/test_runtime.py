@@ -1,0 +1,102 @@
+"""edge_server and ue_client as real processes over loopback TCP: parity, concurrency, privacy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import TINY_PRESETS
+from edge_process import edge_server
+from runtime.artifact import Artifact
+from runtime.executor import SessionPool
+from runtime.generation import LocalSplit, generate
+from runtime.sampling import Sampler, SamplingParams
+from ue_client.client import EdgeClient
+
+PROMPTS = [[5, 17, 42, 99, 7, 3, 250], [64, 8, 12]]
+NEW_TOKENS = 10
+
+
+def local_tokens(artifact: Artifact, prompts, sampling: SamplingParams) -> np.ndarray:
+    sampler = Sampler(sampling)
+    model = LocalSplit(SessionPool(artifact), artifact.num_layers)
+    pad = artifact.manifest.tokenizer["pad_token_id"]
+    steps = generate(model, prompts, NEW_TOKENS, pad, lambda logits, _: sampler(logits))
+    return np.stack([tokens for tokens, _ in steps], axis=1)
+
+
+def remote_tokens(client: EdgeClient, split: int, prompts, sampling: SamplingParams, **options) -> np.ndarray:
+    with client.session(split, sampling, **options) as session:
+        return np.stack(list(session.generate(prompts, NEW_TOKENS)), axis=1)
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_every_split_matches_local_generation(exported, preset):
+    artifact = Artifact.open(exported(preset))
+    greedy, sampled = SamplingParams(), SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=11)
+    expected = {params: local_tokens(artifact, PROMPTS, params) for params in (greedy, sampled)}
+    with edge_server(artifact.root) as (_, address), EdgeClient(artifact, address) as client:
+        for split in artifact.split_points[:-1]:  # the last keeps every layer on the UE
+            options = {"allow_token_upload": True} if split == 0 else {}
+            for params in (greedy, sampled):
+                produced = remote_tokens(client, split, PROMPTS, params, **options)
+                assert (produced == expected[params]).all(), f"split {split}, {params}"
+
+
+def test_eight_concurrent_ues_get_their_solo_tokens(exported):
+    artifact = Artifact.open(exported("tiny-llama"))
+    prompts = [[[3 + ue, 40 + 2 * ue, 7, 100 + ue]] for ue in range(8)]
+    params = [SamplingParams(temperature=0.7, seed=ue) if ue % 2 else SamplingParams() for ue in range(8)]
+    solo = [local_tokens(artifact, prompts[ue], params[ue]) for ue in range(8)]
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def ue(index: int, address: str) -> None:
+        try:
+            with EdgeClient(artifact, address) as client:
+                barrier.wait(timeout=30)
+                results[index] = remote_tokens(client, 1 + index % 3, prompts[index], params[index])
+        except BaseException as error:  # surfaced in the main thread
+            errors.append(error)
+
+    with edge_server(artifact.root) as (_, address):
+        threads = [threading.Thread(target=ue, args=(i, address)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert not errors, errors
+    for index in range(8):
+        assert (results[index] == solo[index]).all(), f"UE {index}"
+
+
+def test_edge_never_receives_token_ids(exported, tmp_path):
+    artifact = Artifact.open(exported("tiny-qwen2"))
+    audit = tmp_path / "messages.jsonl"
+    with edge_server(artifact.root, "--log-messages", str(audit)) as (_, address):
+        with EdgeClient(artifact, address) as client:
+            remote_tokens(client, 1, PROMPTS, SamplingParams())
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert len(steps) == NEW_TOKENS
+    assert all("input_ids" not in r and r["hidden_states"]["dtype"] == "float32" for r in steps)
+    assert {r["kind"] for r in records} == {"hello", "open", "step", "close"}
+
+
+def test_ue_client_cli_streams_and_reports(exported):
+    artifact = exported("tiny-llama")
+    with edge_server(artifact) as (_, address):
+        result = subprocess.run(
+            [sys.executable, "-m", "ue_client.cli", str(artifact), "--server", address, "--split", "2",
+             "--prompt", "hello edge", "--max-new-tokens", "6"],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "6 tokens; time to first token" in result.stderr and "network" in result.stderr
