@@ -53,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         return error.exit_code
     signal.signal(signal.SIGINT, server.stop)
     signal.signal(signal.SIGTERM, server.stop)
-    print(f"edge_server: listening on {server.address}", file=sys.stderr, flush=True)
+    manifest = server.manifest
+    print(
+        f"edge_server: listening on {server.address} ({manifest.source}, {manifest.family}, "
+        f"{manifest.dims.num_layers} layers, {config.device})",
+        file=sys.stderr,
+        flush=True,
+    )
     server.serve()
     return 0
 

@@ -68,6 +68,7 @@ class EdgeServer:
         self.artifact = Artifact.open(config.artifact)
         self.manifest = self.artifact.manifest
         self.pool = SessionPool(self.artifact, config.threads, config.device)
+        self.pool.preload(Span(0, self.artifact.num_layers))
         self.table = SessionTable(config.max_sessions, int(config.kv_budget_mb * 2**20), config.idle_timeout_s)
         self.welcomed: set[bytes] = set()
         self.hidden_dtype = np.dtype(NUMPY_DTYPES[self.manifest.dtype])
@@ -80,8 +81,6 @@ class EdgeServer:
         return self.socket.address
 
     def serve(self) -> None:
-        log.info("serving %s (%s, %d layers) on %s", self.manifest.source, self.manifest.family,
-                 self.artifact.num_layers, self.address)
         try:
             while self.running:
                 received = self.socket.receive(timeout_s=0.2)

@@ -55,6 +55,10 @@ class SessionPool:
             self._sessions[onnx_file.file] = open_session(path, self.threads, self.device)
         return self._sessions[onnx_file.file]
 
+    def preload(self, span: Span, variant: str | None = None) -> None:
+        """Opens the sessions of ``span`` now, so the first request does not pay for loading them."""
+        self.runner(span, variant)
+
     def runner(self, span: Span, variant: str | None = None) -> SpanRunner:
         return SpanRunner(self, span, variant)
 

@@ -57,6 +57,14 @@ def _load_public(path: Path) -> bytes:
         raise SeamError(f"cannot read CURVE public key {path}: {error}") from None
 
 
+def _socket(context, kind: int, config: TransportConfig):
+    socket = context.socket(kind)
+    socket.setsockopt(zmq.LINGER, 0)
+    # zmq drops a larger message unread; the slack covers the header frame.
+    socket.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + (1 << 16))
+    return socket
+
+
 class EdgeSocket:
     """The server end: receives (peer, message) pairs and replies to a peer."""
 
@@ -70,10 +78,7 @@ class EdgeSocket:
         self.config = config
         self.context = zmq.Context()
         self.authenticator = None
-        self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + (1 << 16))
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.socket = _socket(self.context, zmq.ROUTER, config)
         if curve_secret is not None:
             if allowed_keys is None:
                 raise SeamError("CURVE needs an allow-list of UE public keys (--allow DIR)")
@@ -130,9 +135,7 @@ class UeSocket:
     def _open(self) -> None:
         if self.socket is not None:
             self.socket.close(linger=0)
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + (1 << 16))
+        self.socket = _socket(self.context, zmq.DEALER, self.config)
         if self.curve:
             (public, secret), server_public = self.curve
             self.socket.curve_publickey = public

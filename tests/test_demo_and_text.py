@@ -11,8 +11,9 @@ def test_demo_exports_validates_and_streams(tmp_path):
     result = run_seam("demo", "--model", "tiny-llama", "--out", str(tmp_path / "art"), "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("identical") == 3  # one parity row per cut of the 4-layer model
-    assert "layers [0, 2) on the UE, [2, 4) on the edge" in result.stdout
-    assert "8 tokens; time to first token" in result.stdout
+    assert "edge_server (layers [2, 4)) and ue_client (layers [0, 2)) over loopback TCP" in result.stdout
+    assert "8 tokens; time to first token" in result.stderr and "network" in result.stderr
+    assert "edge_server close" in result.stdout  # the real server process logged the session
 
 
 def test_stream_decoder_waits_for_whole_characters(exported):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_PRESETS
-from edge_process import edge_server
+from edge_server.process import edge_server
 from runtime.artifact import Artifact
 from runtime.executor import SessionPool
 from runtime.generation import LocalSplit, generate

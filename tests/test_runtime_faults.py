@@ -1,0 +1,194 @@
+"""Bad input and faults against a real edge_server: errors come back, other sessions keep working, nothing hangs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_server.process import edge_server
+from runtime.artifact import Artifact
+from runtime.errors import SeamError
+from runtime.protocol import (
+    PROTOCOL_VERSION, Error, Hello, OpenSession, ProtocolError, SessionOpened, Step, StepResult, Welcome, decode,
+    encode,
+)
+from runtime.sampling import SamplingParams
+from runtime.transport import TransportConfig, TransportTimeout, UeSocket
+from ue_client.client import EdgeClient
+
+
+@pytest.fixture(scope="module")
+def served(exported):
+    artifact = Artifact.open(exported("tiny-llama"))
+    with edge_server(artifact.root, "--max-length", "64") as (process, address):
+        yield artifact, address, process
+
+
+def raw_socket(address: str, artifact: Artifact) -> UeSocket:
+    socket = UeSocket(address, TransportConfig(timeout_s=10))
+    assert isinstance(socket.request(Hello(PROTOCOL_VERSION, artifact.manifest.artifact_fingerprint)), Welcome)
+    return socket
+
+
+def raw_reply(socket: UeSocket, frames: list[bytes]):
+    socket.socket.send_multipart(frames)
+    assert socket.socket.poll(10_000), "the server did not answer"
+    return decode(socket.socket.recv_multipart())
+
+
+def open_session(socket: UeSocket, session_id: str = "s1"):
+    return socket.request(OpenSession(session_id, 2, 1, {}, 32))
+
+
+def step(session_id="s1", index=0, hidden=None, mask=None, positions=None):
+    hidden = np.zeros((1, 3, 64), np.float32) if hidden is None else hidden
+    mask = np.ones((1, hidden.shape[1]), np.int64) if mask is None else mask
+    positions = np.arange(hidden.shape[1])[None, :] if positions is None else positions
+    return Step(session_id, index, mask, positions, hidden_states=hidden)
+
+
+def assert_still_serving(artifact, address):
+    with EdgeClient(artifact, address) as client, client.session(1) as session:
+        assert len(list(session.generate([[4, 5, 6]], 3))) == 3
+
+
+@pytest.mark.parametrize(
+    "frames, fragment",
+    [
+        ([b"not json"], "not JSON"),
+        ([b'{"kind":"launch","fields":{},"tensors":[]}'], "unknown message kind"),
+        ([b'{"kind":"ping","fields":{"nonce":"x"},"tensors":[]}'], "must be int"),
+        ([b'{"kind":"ping","fields":{"nonce":1,"extra":2},"tensors":[]}'], "no field"),
+        ([b'{"kind":"step","fields":{"session_id":"s","step":0},"tensors":[{"name":"attention_mask",'
+          b'"dtype":"object","shape":[1]}]}', b"x"], "dtype"),
+        ([b'{"kind":"step","fields":{"session_id":"s","step":0},"tensors":[{"name":"attention_mask",'
+          b'"dtype":"int64","shape":[1,2]}]}', b"\0" * 8], "needs 16 bytes"),
+    ],
+)
+def test_malformed_frames_get_an_error_reply(served, frames, fragment):
+    artifact, address, _ = served
+    socket = raw_socket(address, artifact)
+    reply = raw_reply(socket, frames)
+    socket.close()
+    assert isinstance(reply, Error) and reply.code == "bad_message" and fragment in reply.message
+
+
+def test_requests_are_checked_before_touching_the_cache(served):
+    artifact, address, _ = served
+    socket = raw_socket(address, artifact)
+    assert isinstance(open_session(socket), SessionOpened)
+    bad = [
+        (step(hidden=np.zeros((1, 3, 65), np.float32)), "hidden_states must be float32 of shape [1, 3, 64]"),
+        (step(hidden=np.zeros((1, 3, 64), np.float16)), "hidden_states must be float32"),
+        (step(mask=np.ones((1, 5), np.int64)), "attention_mask must be int64 of shape [1, 3]"),
+        (step(index=4), "expected step 0"),
+        (step(session_id="nope"), "unknown session 'nope'"),
+        (step(hidden=np.zeros((1, 40, 64), np.float32)), "beyond its max_length 32"),
+    ]
+    for message, fragment in bad:
+        reply = socket.request(message)
+        assert isinstance(reply, Error) and fragment in reply.message, (fragment, reply)
+    assert isinstance(socket.request(step()), StepResult)  # the session survived every bad request
+    socket.close()
+    assert_still_serving(artifact, address)
+
+
+def test_handshake_mismatches_are_refused(served):
+    artifact, address, _ = served
+    socket = UeSocket(address, TransportConfig(timeout_s=10))
+    wrong_version = socket.request(Hello(PROTOCOL_VERSION + 1, artifact.manifest.artifact_fingerprint))
+    wrong_artifact = socket.request(Hello(PROTOCOL_VERSION, "0" * 64))
+    before_hello = socket.request(OpenSession("s", 2, 1, {}, 8))
+    socket.close()
+    assert wrong_version.code == "version_mismatch"
+    assert wrong_artifact.code == "artifact_mismatch" and "different artifacts" in wrong_artifact.message
+    assert before_hello.code == "no_handshake"
+
+
+def test_oversized_and_forbidden_sessions(served):
+    artifact, address, _ = served
+    socket = raw_socket(address, artifact)
+    assert "max_length 999 is outside" in socket.request(OpenSession("a", 2, 1, {}, 999)).message
+    assert "raw token ids" in socket.request(OpenSession("b", 0, 1, {}, 8)).message
+    assert "not a split point" in socket.request(OpenSession("c", 7, 1, {}, 8)).message
+    assert "invalid sampling" in socket.request(OpenSession("d", 2, 1, {"top_p": 0}, 8)).message
+    huge = UeSocket(address, TransportConfig(timeout_s=10, max_message_bytes=1 << 30))
+    huge.request(Hello(PROTOCOL_VERSION, artifact.manifest.artifact_fingerprint))
+    huge.request(OpenSession("big", 2, 1, {}, 64))
+    with pytest.raises(TransportTimeout):  # the server drops a frame over its size limit unread
+        huge.request(step("big", hidden=np.zeros((1, 64, 300_000), np.float32)), timeout_s=3)
+    huge.close()
+    socket.close()
+    assert_still_serving(artifact, address)
+
+
+def test_vanished_ue_does_not_disturb_others(served):
+    artifact, address, _ = served
+    socket = raw_socket(address, artifact)
+    open_session(socket, "abandoned")
+    socket.request(step("abandoned"))
+    socket.close()  # gone mid-session without a close
+    assert_still_serving(artifact, address)
+
+
+def test_killed_edge_gives_a_clear_error_within_the_timeout(exported):
+    artifact = Artifact.open(exported("tiny-llama"))
+    with edge_server(artifact.root) as (process, address):
+        client = EdgeClient(artifact, address, TransportConfig(timeout_s=2))
+        session = client.session(2)
+        tokens = session.generate([[4, 5, 6]], 50)
+        next(tokens)
+        process.kill()
+        process.wait()
+        started = time.monotonic()
+        with pytest.raises(TransportTimeout, match="no reply from the edge server"):
+            list(tokens)
+        assert time.monotonic() - started < 10
+        client.close()
+
+
+def test_ue_client_without_server(exported):
+    artifact = exported("tiny-llama")
+    command = [sys.executable, "-m", "ue_client.cli", str(artifact), "--server", "tcp://127.0.0.1:9",
+               "--prompt", "hi", "--max-new-tokens", "4", "--timeout", "1"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith("ue_client: error: no reply from the edge server")
+    local = subprocess.run([*command, "--fallback-local"], capture_output=True, text=True, timeout=120)
+    assert local.returncode == 0, local.stderr
+    assert "generating locally" in local.stderr and local.stdout.strip()
+
+
+def test_client_refuses_token_upload_by_default(served):
+    artifact, address, _ = served
+    with EdgeClient(artifact, address) as client:
+        with pytest.raises(SeamError, match="allow-token-upload"):
+            client.session(0, SamplingParams())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.binary(max_size=64), min_size=1, max_size=4)
+    | st.builds(
+        lambda kind, fields, tensors, tail: [
+            f'{{"kind":"{kind}","fields":{fields},"tensors":{tensors}}}'.encode(), *tail
+        ],
+        st.sampled_from(["hello", "step", "result", "ping", "open", "bogus"]),
+        st.sampled_from(["{}", '{"session_id":"s","step":0}', '{"nonce":1}', '{"nonce":1.5}', "[]"]),
+        st.sampled_from(["[]", '[{"name":"attention_mask","dtype":"int64","shape":[1]}]',
+                         '[{"name":"tokens","dtype":"float16","shape":[-1]}]', '[{"name":1}]']),
+        st.lists(st.binary(max_size=16), max_size=2),
+    )
+)
+def test_decoder_fuzz_raises_only_protocol_errors(frames):
+    try:
+        message = decode(frames, max_bytes=1024)
+    except ProtocolError:
+        return
+    assert decode([bytes(f) for f in encode(message)]) == message or message.kind in {"step", "result"}
