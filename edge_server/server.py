@@ -124,7 +124,8 @@ class EdgeServer:
             return Error("rejected", str(error), session_id)
         except Exception as error:  # a fault in one session must not take the others down
             log.exception("internal error in session %r", session_id)
-            self.table.sessions.pop((peer, session_id), None)
+            if (peer, session_id) in self.table.sessions:
+                self.table.remove((peer, session_id), "closed after an internal error")
             return Error("internal", f"{type(error).__name__}: {error}; the session was closed", session_id)
 
     def _hello(self, peer: bytes, hello: Hello) -> Message:

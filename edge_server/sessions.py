@@ -6,7 +6,7 @@ Pure bookkeeping, no I/O: the server asks it what to evict and tells the affecte
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from runtime.errors import SeamError
 from runtime.executor import SpanRunner
@@ -29,7 +29,6 @@ class EdgeSession:
     next_step: int = 0
     tokens: int = 0
     compute_s: float = 0.0
-    stats: dict = field(default_factory=dict)
 
 
 class SessionTable:

@@ -215,6 +215,11 @@ class Artifact:
         """Every layer index the model can be split at: 0 (all on the edge), each cut, and L (all on the UE)."""
         return [0, *self.manifest.cuts, self.num_layers]
 
+    @property
+    def default_split(self) -> int:
+        """The middle split point: the UE and the edge each get about half of the cuts."""
+        return self.split_points[len(self.split_points) // 2]
+
     def blocks_for(self, span: Span) -> list[Block]:
         """The blocks that make up ``span``; its ends must be split points."""
         for end in (span.start, span.end):

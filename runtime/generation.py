@@ -5,7 +5,6 @@ Used in-process by the export's validation and the local demo; the networked run
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -35,27 +34,17 @@ class LocalSplit:
     """The UE's span and the edge's span chained in one process, hidden states handed over directly."""
 
     def __init__(self, pool: SessionPool, split: int, ue_variant: str | None = None):
-        self.split = split
         self.ue = pool.runner(Span(0, split), ue_variant)
         self.edge = pool.runner(Span(split, pool.artifact.num_layers))
-        self.ue_seconds: list[float] = []  # per call, prefill first
-        self.edge_seconds: list[float] = []
 
     def reset(self, batch: int) -> None:
         self.ue.reset(batch)
         self.edge.reset(batch)
-        self.ue_seconds.clear()
-        self.edge_seconds.clear()
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Logits of the last position [B, V]."""
-        started = time.perf_counter()
         boundary = self.ue.run(ids, mask, positions)
-        handed_over = time.perf_counter()
-        logits = self.edge.run(boundary, mask, positions)[:, -1, :]
-        self.ue_seconds.append(handed_over - started)
-        self.edge_seconds.append(time.perf_counter() - handed_over)
-        return logits
+        return self.edge.run(boundary, mask, positions)[:, -1, :]
 
 
 def greedy(logits: np.ndarray, step: int) -> np.ndarray:

@@ -42,7 +42,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(validation_table(manifest.validation))
 
     artifact = Artifact.open(out)
-    split = args.split if args.split is not None else artifact.split_points[len(artifact.split_points) // 2]
+    split = args.split if args.split is not None else artifact.default_split
     layers = artifact.num_layers
     print(f"\n== edge_server (layers [{split}, {layers})) and ue_client (layers [0, {split})) over loopback TCP")
     with tempfile.TemporaryFile("w+") as server_log:

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         raise SeamError("--max-new-tokens must be at least 1")
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     artifact = Artifact.open(args.artifact)
-    split = args.split if args.split is not None else artifact.split_points[len(artifact.split_points) // 2]
+    split = args.split if args.split is not None else artifact.default_split
     tokenizer = load_tokenizer(artifact)
     prompt_ids = tokenizer.encode(args.prompt).ids
     if not prompt_ids:
