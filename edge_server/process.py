@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import time
 from contextlib import contextmanager
 
 from runtime.errors import SeamError
+
+LISTENING = re.compile(r"listening on (tcp://\S+)")  # the line edge_server.cli prints once bound
 
 
 @contextmanager
@@ -26,16 +29,7 @@ def edge_server(artifact, *flags: str, log=sys.stderr, startup_timeout: float = 
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     try:
-        deadline = time.monotonic() + startup_timeout
-        address = None
-        while address is None:
-            line = process.stderr.readline()
-            if not line or time.monotonic() > deadline:
-                raise SeamError(f"edge_server did not start: {line.strip() or 'it exited'}")
-            found = re.search(r"listening on (tcp://\S+)", line)
-            address = found.group(1) if found else None
-        # Keep draining the server's log so a full pipe never blocks it; forward it to ours.
-        threading.Thread(target=_forward, args=(process.stderr, log), daemon=True).start()
+        address = _wait_for_address(process, log, startup_timeout)
         yield process, address
     finally:
         if process.poll() is None:
@@ -47,7 +41,34 @@ def edge_server(artifact, *flags: str, log=sys.stderr, startup_timeout: float = 
                 process.wait()
 
 
-def _forward(stream, log) -> None:
+def _wait_for_address(process, log, timeout: float) -> str:
+    """Reads the server's log on a thread (so a full pipe never blocks it) until it names its address."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_forward, args=(process.stderr, log, lines), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0))
+        except queue.Empty:
+            raise SeamError(f"edge_server did not start within {timeout:g} s: {last or 'no output'}") from None
+        if line is None:
+            raise SeamError(f"edge_server did not start: {last or 'it exited'}")
+        found = LISTENING.search(line)
+        if found:
+            return found.group(1)
+        last = line.strip()
+
+
+def _forward(stream, log, startup: queue.Queue) -> None:
+    """Hands lines to ``startup`` until the address shows up, then forwards the rest of the log to ``log``."""
+    started = False
     for line in stream:
-        log.write(line)
-        log.flush()
+        if started:
+            log.write(line)
+            log.flush()
+        else:
+            startup.put(line)
+            started = LISTENING.search(line) is not None
+    if not started:
+        startup.put(None)

@@ -8,12 +8,15 @@ the edge's KV cache twice. Optional CURVE authentication encrypts the link and a
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 import zmq.auth
+import zmq.utils.monitor
 from zmq.auth.thread import ThreadAuthenticator
 
 from runtime.errors import SeamError
@@ -22,6 +25,15 @@ from runtime.protocol import DEFAULT_MAX_MESSAGE_BYTES, Message, decode, encode
 
 class TransportTimeout(SeamError):
     """The peer did not answer within the timeout."""
+
+
+class HandshakeRefused(SeamError):
+    """The CURVE handshake failed: an unknown key, or security configured on one side only."""
+
+
+HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 @dataclass
@@ -34,10 +46,27 @@ class TransportConfig:
 
 
 def generate_keypair(directory: Path, name: str) -> tuple[Path, Path]:
-    """Writes NAME.key (public) and NAME.key_secret (secret) in ZeroMQ's certificate format."""
+    """Writes NAME.key (public) and NAME.key_secret (secret, mode 0600) in ZeroMQ's certificate format.
+
+    Both files are written in a private scratch directory and renamed into place, so an existing key is never
+    overwritten and an interrupted run leaves no half-written key behind.
+    """
+    if not name or Path(name).name != name or name.startswith("."):
+        raise SeamError(f"key name {name!r} must be a plain file name such as 'edge' or 'ue1'")
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    for path in (public, secret):
+        if path.exists():
+            raise SeamError(f"{path} already exists; choose another --name or remove the old key first")
     directory.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(directory), name)
-    return Path(public), Path(secret)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=directory))
+    try:
+        made_public, made_secret = (Path(p) for p in zmq.auth.create_certificates(str(scratch), name))
+        made_secret.chmod(0o600)
+        made_secret.rename(secret)
+        made_public.rename(public)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return public, secret
 
 
 def _load_secret(path: Path) -> tuple[bytes, bytes]:
@@ -133,18 +162,29 @@ class UeSocket:
         self._open()
 
     def _open(self) -> None:
-        if self.socket is not None:
-            self.socket.close(linger=0)
+        self._close_sockets()
         self.socket = _socket(self.context, zmq.DEALER, self.config)
         if self.curve:
             (public, secret), server_public = self.curve
             self.socket.curve_publickey = public
             self.socket.curve_secretkey = secret
             self.socket.curve_serverkey = server_public
+        # Handshake events tell a refused key apart from a server that is simply not there.
+        self.monitor = self.socket.get_monitor_socket(HANDSHAKE_FAILURES)
         try:
             self.socket.connect(self.address)
         except zmq.ZMQError as error:
             raise SeamError(f"invalid server address {self.address!r}: {error}; use tcp://HOST:PORT") from None
+
+    def _handshake_failure(self) -> str | None:
+        while self.monitor.poll(0):
+            event = zmq.utils.monitor.recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return "the edge server refused this UE's key; add its public NAME.key to the server's --allow directory"
+            if event & HANDSHAKE_FAILURES:
+                return ("the security handshake failed; with CURVE both sides need keys (--curve-secret, and "
+                        "--server-key on the UE), without it neither side may use them")
+        return None
 
     def request(self, message: Message, timeout_s: float | None = None) -> Message:
         frames = encode(message)
@@ -152,7 +192,10 @@ class UeSocket:
         self.bytes_sent += sum(len(frame) for frame in frames)
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
         if not self.socket.poll(int(timeout * 1000)):
+            refused = self._handshake_failure()
             self._open()  # drop whatever the late reply would bring
+            if refused:
+                raise HandshakeRefused(f"cannot talk to the edge server at {self.address}: {refused}")
             raise TransportTimeout(
                 f"no reply from the edge server at {self.address} within {timeout:g} s; "
                 "check that edge_server is running and reachable, or raise --timeout"
@@ -174,6 +217,12 @@ class UeSocket:
                 delay = min(delay * 2, self.config.backoff_max_s)
         raise AssertionError("unreachable")
 
+    def _close_sockets(self) -> None:
+        if self.socket is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
+            self.socket.close(linger=0)
+
     def close(self) -> None:
-        self.socket.close(linger=0)
+        self._close_sockets()
         self.context.term()

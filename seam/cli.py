@@ -17,6 +17,7 @@ EXPORT_MODULES = {"torch", "transformers", "onnx", "onnxscript"}
 def build_parser() -> argparse.ArgumentParser:
     from export.cli import add_export_parser, add_models_parser, add_validate_parser
     from seam.demo import add_demo_parser
+    from seam.keys import add_keys_parser
 
     parser = argparse.ArgumentParser(prog="seam", description="Run an LLM split between a device and an edge server.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_validate_parser(commands)
     add_models_parser(commands)
     add_demo_parser(commands)
+    add_keys_parser(commands)
     return parser
 
 

@@ -19,7 +19,8 @@ from runtime.protocol import (
     encode,
 )
 from runtime.sampling import SamplingParams
-from runtime.transport import TransportConfig, TransportTimeout, UeSocket
+from runtime.transport import HandshakeRefused, TransportConfig, TransportTimeout, UeSocket
+from conftest import run_seam
 from ue_client.client import EdgeClient
 
 
@@ -53,8 +54,8 @@ def step(session_id="s1", index=0, hidden=None, mask=None, positions=None):
     return Step(session_id, index, mask, positions, hidden_states=hidden)
 
 
-def assert_still_serving(artifact, address):
-    with EdgeClient(artifact, address) as client, client.session(1) as session:
+def assert_still_serving(artifact, address, secret=None, server_key=None):
+    with EdgeClient(artifact, address, curve_secret=secret, server_key=server_key) as client, client.session(1) as session:
         assert len(list(session.generate([[4, 5, 6]], 3))) == 3
 
 
@@ -192,3 +193,24 @@ def test_decoder_fuzz_raises_only_protocol_errors(frames):
     except ProtocolError:
         return
     assert decode([bytes(f) for f in encode(message)]) == message or message.kind in {"step", "result"}
+
+
+def test_curve_admits_only_allow_listed_ues(exported, tmp_path):
+    artifact = Artifact.open(exported("tiny-llama"))
+    allowed, keys = tmp_path / "allowed", tmp_path / "keys"
+    for directory, name in ((keys, "edge"), (allowed, "ue-known"), (keys, "ue-stranger")):
+        made = run_seam("keys", str(directory), "--name", name)
+        assert made.returncode == 0, made.stderr
+    assert (keys / "edge.key_secret").stat().st_mode & 0o077 == 0
+    again = run_seam("keys", str(keys), "--name", "edge")
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+    flags = ("--curve-secret", str(keys / "edge.key_secret"), "--allow", str(allowed))
+    with edge_server(artifact.root, *flags) as (_, address):
+        transport = TransportConfig(timeout_s=2, connect_attempts=2)
+        with pytest.raises(HandshakeRefused, match="refused this UE's key"):
+            EdgeClient(artifact, address, transport, curve_secret=keys / "ue-stranger.key_secret",
+                       server_key=keys / "edge.key")
+        with pytest.raises(HandshakeRefused, match="handshake failed"):
+            EdgeClient(artifact, address, transport)  # plain text to a CURVE server
+        assert_still_serving(artifact, address, secret=allowed / "ue-known.key_secret", server_key=keys / "edge.key")
