@@ -23,6 +23,8 @@ def parse(argv: list[str] | None) -> EdgeConfig:
     parser.add_argument("--kv-budget-mb", type=float, default=4096.0)
     parser.add_argument("--idle-timeout", type=float, default=300.0, help="seconds")
     parser.add_argument("--max-length", type=int, default=4096, help="tokens per sequence")
+    parser.add_argument("--max-batch", type=int, default=64, help="sequences per session and per batched decode run")
+    parser.add_argument("--no-batching", action="store_true", help="run each session's decode step on its own")
     parser.add_argument("--curve-secret", type=Path, default=None, help="server NAME.key_secret (enables CURVE)")
     parser.add_argument("--allow", type=Path, default=None, help="directory of allowed UE public keys")
     parser.add_argument("--log-messages", type=Path, default=None, help="append received message headers as JSON")
@@ -36,6 +38,8 @@ def parse(argv: list[str] | None) -> EdgeConfig:
         kv_budget_mb=args.kv_budget_mb,
         idle_timeout_s=args.idle_timeout,
         max_length=args.max_length,
+        max_batch=args.max_batch,
+        batch_decode=not args.no_batching,
         curve_secret=args.curve_secret,
         allowed_keys=args.allow,
         log_messages=args.log_messages,

@@ -17,7 +17,7 @@ import numpy as np
 from edge_server.sessions import EdgeSession, SessionTable
 from runtime.artifact import NUMPY_DTYPES, Artifact
 from runtime.errors import SeamError
-from runtime.executor import SessionPool
+from runtime.executor import SessionPool, run_together
 from runtime.protocol import (
     PROTOCOL_VERSION,
     Close,
@@ -51,7 +51,9 @@ class EdgeConfig:
     max_sessions: int = 64  # open sessions before the least recently used is evicted
     kv_budget_mb: float = 4096.0  # KV cache reserved across sessions, MiB
     idle_timeout_s: float = 300.0  # a session unused this long is closed
-    max_batch: int = 64  # sequences per session
+    max_batch: int = 64  # sequences per session, and per batched decode run
+    batch_decode: bool = True  # run the decode steps of sessions that are ready together as one batch
+    max_burst: int = 256  # queued requests taken at once
     max_length: int = 4096  # prompt plus generated tokens per sequence
     curve_secret: Path | None = None  # the server's NAME.key_secret; enables CURVE
     allowed_keys: Path | None = None  # directory of allowed UE public keys (*.key)
@@ -86,9 +88,15 @@ class EdgeServer:
                 received = self.socket.receive(timeout_s=0.2)
                 for session in self.table.idle(time.monotonic()):
                     self._log_close(session, "idle timeout")
-                if received is not None:
-                    peer, frames = received
-                    self.socket.send(peer, self.handle(peer, frames))
+                if received is None:
+                    continue
+                # Requests that queued up while the last step ran are handled together, so their decode steps
+                # can share one batched run.
+                burst = [received]
+                while len(burst) < self.config.max_burst and (more := self.socket.receive(timeout_s=0)) is not None:
+                    burst.append(more)
+                for peer, reply in self.handle_burst(burst):
+                    self.socket.send(peer, reply)
         finally:
             for session in list(self.table.sessions.values()):
                 self._log_close(self.table.remove(session.key), "server shutdown")
@@ -99,12 +107,25 @@ class EdgeServer:
     def stop(self, *_) -> None:
         self.running = False
 
-    def handle(self, peer: bytes, frames: list) -> Message:
-        try:
-            message = decode(frames, self.config.transport.max_message_bytes)
-        except ProtocolError as error:
-            return Error("bad_message", f"{error}")
-        self._audit(message)
+    def handle_burst(self, burst: list[tuple[bytes, list]]) -> list[tuple[bytes, Message]]:
+        """Replies to each (peer, frames) request, in order per session; ready decode steps run batched."""
+        replies, ready = [], []
+        for peer, frames in burst:
+            message = self._decode(frames)
+            session = self._ready_decode_step(peer, message) if isinstance(message, Step) else None
+            keys = {item[0].key for item in ready}
+            if session is None or session.key in keys or not self.config.batch_decode:
+                replies += self._run_ready(ready)  # earlier steps first: a close or a second step may depend on them
+                ready = []
+            if session is not None and self.config.batch_decode:
+                ready.append((session, message))
+            else:
+                replies.append((peer, self.handle(peer, message)))
+        return replies + self._run_ready(ready)
+
+    def handle(self, peer: bytes, message: Message | Error) -> Message:
+        if isinstance(message, Error):
+            return message
         session_id = getattr(message, "session_id", "")
         try:
             if isinstance(message, Hello):
@@ -127,6 +148,77 @@ class EdgeServer:
             if (peer, session_id) in self.table.sessions:
                 self.table.remove((peer, session_id), "closed after an internal error")
             return Error("internal", f"{type(error).__name__}: {error}; the session was closed", session_id)
+
+    def _decode(self, frames: list) -> Message | Error:
+        try:
+            message = decode(frames, self.config.transport.max_message_bytes)
+        except ProtocolError as error:
+            return Error("bad_message", f"{error}")
+        self._audit(message)
+        return message
+
+    def _ready_decode_step(self, peer: bytes, step: Step) -> EdgeSession | None:
+        """The session of a well-formed single-position step that may join a batch; None sends it the slow way."""
+        if peer not in self.welcomed:
+            return None
+        session = self.table.sessions.get((peer, step.session_id))
+        if session is None:
+            return None
+        try:
+            first = self._check_step(session, step)
+        except SeamError:
+            return None  # handled alone, which replies with the same check's error
+        return session if first.shape[1] == 1 else None
+
+    def _run_ready(self, ready: list[tuple[EdgeSession, Step]]) -> list[tuple[bytes, Message]]:
+        """Runs checked decode steps, one batched run per split, and replies to each."""
+        replies = []
+        by_split: dict[int, list[tuple[EdgeSession, Step]]] = {}
+        for session, step in ready:
+            by_split.setdefault(session.split, []).append((session, step))
+        for group in by_split.values():
+            chunk, rows = [], 0
+            for session, step in group:
+                if chunk and rows + session.batch > self.config.max_batch:
+                    replies += self._step_together(chunk)
+                    chunk, rows = [], 0
+                chunk.append((session, step))
+                rows += session.batch
+            if chunk:
+                replies += self._step_together(chunk)
+        return replies
+
+    def _step_together(self, group: list[tuple[EdgeSession, Step]]) -> list[tuple[bytes, Message]]:
+        if len(group) == 1:
+            session, step = group[0]
+            return [(session.key[0], self.handle(session.key[0], step))]
+        now = time.monotonic()
+        for session, _ in group:
+            self.table.get(session.key, now)  # marks it used
+        started = time.perf_counter()
+        try:
+            outputs = run_together(
+                [session.runner for session, _ in group],
+                [self._first_input(step) for _, step in group],
+                [step.attention_mask for _, step in group],
+                [step.position_ids for _, step in group],
+            )
+            tokens = [session.sampler(output[:, -1, :]) for (session, _), output in zip(group, outputs)]
+        except Exception as error:  # a fault in the batch closes its sessions, never the server
+            log.exception("internal error in a batch of %d sessions", len(group))
+            replies = []
+            for session, step in group:
+                self.table.remove(session.key, "closed after an internal error")
+                reply = Error("internal", f"{type(error).__name__}: {error}; the session was closed", step.session_id)
+                replies.append((session.key[0], reply))
+            return replies
+        compute = time.perf_counter() - started  # every session in the batch waited this long
+        for session, _ in group:
+            session.batched_steps += 1
+        return [
+            (session.key[0], self._advance(session, step, compute, session_tokens))
+            for (session, step), session_tokens in zip(group, tokens)
+        ]
 
     def _hello(self, peer: bytes, hello: Hello) -> Message:
         if hello.protocol_version != PROTOCOL_VERSION:
@@ -209,11 +301,18 @@ class EdgeServer:
         started = time.perf_counter()
         logits = session.runner.run(first, step.attention_mask, step.position_ids)[:, -1, :]  # [B, V]
         tokens = session.sampler(logits)
-        compute = time.perf_counter() - started
+        return self._advance(session, step, time.perf_counter() - started, tokens)
+
+    @staticmethod
+    def _first_input(step: Step) -> np.ndarray:
+        return step.input_ids if step.hidden_states is None else step.hidden_states
+
+    @staticmethod
+    def _advance(session: EdgeSession, step: Step, compute_s: float, tokens: np.ndarray) -> StepResult:
         session.next_step += 1
         session.tokens += session.batch
-        session.compute_s += compute
-        return StepResult(step.session_id, step.step, compute, tokens)
+        session.compute_s += compute_s
+        return StepResult(step.session_id, step.step, compute_s, tokens)
 
     def _close(self, peer: bytes, request: Close) -> Message:
         session = self.table.get((peer, request.session_id), time.monotonic())
@@ -225,6 +324,7 @@ class EdgeServer:
         stats = {
             "steps": session.next_step,
             "tokens": session.tokens,
+            "batched_steps": session.batched_steps,
             "edge_compute_s": round(session.compute_s, 4),
             "open_s": round(time.monotonic() - session.opened_at, 3),
         }

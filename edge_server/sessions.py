@@ -29,6 +29,7 @@ class EdgeSession:
     next_step: int = 0
     tokens: int = 0
     compute_s: float = 0.0
+    batched_steps: int = 0  # steps that ran in one batch with other sessions
 
 
 class SessionTable:

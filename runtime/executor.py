@@ -97,23 +97,63 @@ class SpanRunner:
         logits_to_keep: int = 1,
     ) -> np.ndarray:
         """Runs the span for one step and returns its output: hidden states [B, S, H] or logits [B, K, V]."""
+        output, self.cache = self._forward(first_input, attention_mask, position_ids, self.cache, logits_to_keep)
+        return output
+
+    def _forward(self, first_input, attention_mask, position_ids, cache, logits_to_keep=1):
+        """One step over ``cache``; returns the span's output and the grown cache (the input cache is untouched)."""
         if not self.blocks:
-            return first_input
+            return first_input, cache
         shared = {"attention_mask": attention_mask, "position_ids": position_ids}
         shared.update(zip(self.prelude_outputs, self.prelude.run(None, shared)))
         shared["logits_to_keep"] = np.array(logits_to_keep, dtype=np.int64)
+        grown = dict(cache)
         output = first_input
         for loaded in self.blocks:
             feed = {}
             for name in loaded.input_names:
                 if name in FIRST_INPUTS:
                     feed[name] = output
-                elif name in self.cache:
-                    feed[name] = self.cache[name]
+                elif name in cache:
+                    feed[name] = cache[name]
                 else:
                     feed[name] = shared[name]
             results = dict(zip(loaded.output_names, loaded.session.run(None, feed)))
             for present, past in loaded.cache_moves:
-                self.cache[past] = results[present]
+                grown[past] = results[present]
             output = results[loaded.output_names[0]]
-        return output
+        return output, grown
+
+
+def run_together(
+    runners: list[SpanRunner],
+    first_inputs: list[np.ndarray],
+    attention_masks: list[np.ndarray],
+    position_ids: list[np.ndarray],
+) -> list[np.ndarray]:
+    """One step for several runners of the same span as one batch; returns each runner's output.
+
+    Sequences of different past lengths are aligned by left-padding their caches and masks, which the attention
+    bias already treats as padding, so each sequence attends to exactly what it would alone. Afterwards each
+    runner keeps its own rows of the grown cache, without the padding.
+    """
+    lead = runners[0]
+    pasts = [runner.past_length for runner in runners]
+    longest = max(pasts)
+    rows = np.cumsum([0] + [len(first) for first in first_inputs])
+    new = first_inputs[0].shape[1]
+    mask = np.zeros((rows[-1], longest + new), dtype=np.int64)
+    cache = {
+        name: np.zeros((rows[-1], *lead.kv_shape[:1], longest, lead.kv_shape[1]), dtype=lead.kv_dtype)
+        for name in lead.cache
+    }
+    for index, (runner, past) in enumerate(zip(runners, pasts)):
+        span = slice(rows[index], rows[index + 1])
+        mask[span, longest - past:] = attention_masks[index]
+        for name, stacked in cache.items():
+            stacked[span, :, longest - past:] = runner.cache[name]
+    output, grown = lead._forward(np.concatenate(first_inputs), mask, np.concatenate(position_ids), cache)
+    for index, (runner, past) in enumerate(zip(runners, pasts)):
+        span = slice(rows[index], rows[index + 1])
+        runner.cache = {name: stacked[span, :, longest - past:] for name, stacked in grown.items()}
+    return [output[rows[index]:rows[index + 1]] for index in range(len(runners))]

@@ -50,10 +50,11 @@ def test_every_split_matches_local_generation(exported, preset):
 
 def test_eight_concurrent_ues_get_their_solo_tokens(exported):
     artifact = Artifact.open(exported("tiny-llama"))
-    prompts = [[[3 + ue, 40 + 2 * ue, 7, 100 + ue]] for ue in range(8)]
+    prompts = [[[3 + ue, 40 + 2 * ue, 7, 100 + ue][: 1 + ue % 4]] for ue in range(8)]  # batched steps need padding
     params = [SamplingParams(temperature=0.7, seed=ue) if ue % 2 else SamplingParams() for ue in range(8)]
     solo = [local_tokens(artifact, prompts[ue], params[ue]) for ue in range(8)]
     results: dict[int, np.ndarray] = {}
+    batched: dict[int, int] = {}
     errors: list[BaseException] = []
     barrier = threading.Barrier(8)
 
@@ -61,7 +62,9 @@ def test_eight_concurrent_ues_get_their_solo_tokens(exported):
         try:
             with EdgeClient(artifact, address) as client:
                 barrier.wait(timeout=30)
-                results[index] = remote_tokens(client, 1 + index % 3, prompts[index], params[index])
+                with client.session(1 + index % 3, params[index]) as session:
+                    results[index] = np.stack(list(session.generate(prompts[index], NEW_TOKENS)), axis=1)
+                batched[index] = session.edge_stats["batched_steps"]
         except BaseException as error:  # surfaced in the main thread
             errors.append(error)
 
@@ -74,6 +77,7 @@ def test_eight_concurrent_ues_get_their_solo_tokens(exported):
     assert not errors, errors
     for index in range(8):
         assert (results[index] == solo[index]).all(), f"UE {index}"
+    assert sum(batched.values()) > 0, "no decode steps were batched"
 
 
 def test_edge_never_receives_token_ids(exported, tmp_path):

@@ -27,6 +27,7 @@ from runtime.generation import left_pad, positions_from_mask
 from runtime.protocol import (
     PROTOCOL_VERSION,
     Close,
+    Closed,
     Error,
     Hello,
     Message,
@@ -126,6 +127,7 @@ class RemoteSession:
         self.head = client.pool.runner(Span(0, split))
         self.session_id = uuid.uuid4().hex
         self.stats = GenerationStats()
+        self.edge_stats: dict = {}  # the edge's own account of the session, filled in on close
         self.open = False
 
     def _request(self, message: Message, kind: type) -> Message:
@@ -175,7 +177,8 @@ class RemoteSession:
         if self.open:
             self.open = False
             try:
-                self.client.socket.request(Close(self.session_id), timeout_s=min(self.client.socket.config.timeout_s, 5))
+                closed = self.client.socket.request(Close(self.session_id), timeout_s=min(self.client.socket.config.timeout_s, 5))
+                self.edge_stats = closed.stats if isinstance(closed, Closed) else {}
             except SeamError:
                 pass  # the edge is gone or slow; its idle timeout reclaims the session
 
