@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Reinstall whenever the dependency list changes.
 INSTALLED := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install gpu clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,13 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 install: $(INSTALLED)
+
+# Swap onnxruntime for onnxruntime-gpu: both provide the same module, so the CPU package must go and the GPU
+# package's files be written again over what removing it took away.
+gpu: $(INSTALLED)
+	$(BIN)/python -m pip install --quiet -e ".[gpu]"
+	$(BIN)/python -m pip uninstall --quiet -y onnxruntime
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps "onnxruntime-gpu==1.31.*"
 
 demo: $(INSTALLED)
 	$(BIN)/seam demo

@@ -47,3 +47,12 @@ def report(name: str, result: dict) -> None:
     payload = {"benchmark": name, "host": host(), **result}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     print("RESULT " + json.dumps(result))
+
+
+def small_llama_every_layer():
+    """small-llama exported at every cut (shared by the benchmarks; a no-op once exported)."""
+    from export.exporter import ExportRequest, export
+
+    out = WORK / "small-llama-cuts-all"
+    export(ExportRequest(model="small-llama", out=out, cuts="all", validate=False, quiet=True))
+    return out
