@@ -1,0 +1,148 @@
+"""Profile files: what a device measured for an artifact's blocks, and what a link probe measured, as versioned JSON.
+
+A device profile is keyed by (artifact fingerprint, device, provider, threads, dtype), so profiles measured on
+different machines are portable: measure on the Jetson, copy the file to the edge, plan from both. Loading checks
+the schema and refuses anything else with one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from runtime.errors import SeamError
+
+SCHEMA = "seam.profile"
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Latency of one run shape: ``length`` is the prompt length (prefill) or the past length (decode)."""
+
+    batch: int
+    length: int
+    median_s: float
+    p90_s: float
+
+
+@dataclass
+class BlockProfile:
+    """One graph of the artifact: a block (``index`` >= 0) or the prelude (``index`` -1, layers [0, 0))."""
+
+    index: int
+    layers: tuple[int, int]  # half-open
+    variant: str
+    weight_bytes: int
+    load_s: float
+    load_rss_bytes: int  # resident memory the loaded session added
+    kv_bytes_per_token: int  # for the block's layers, batch 1
+    activation_bytes_per_token: int  # of the block's output hidden state, batch 1
+    prefill: list[Timing] = field(default_factory=list)
+    decode: list[Timing] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ProfileKey:
+    artifact_fingerprint: str
+    device: str
+    provider: str
+    threads: int
+    dtype: str
+
+    def file_name(self) -> str:
+        return f"{self.device}-{self.provider}-t{self.threads}-{self.dtype}-{self.artifact_fingerprint[:12]}.json"
+
+
+@dataclass
+class DeviceProfile:
+    key: ProfileKey
+    host: dict
+    settings: dict  # the measured grid: lengths, batches, repeats, warm-up
+    prelude: BlockProfile
+    blocks: list[BlockProfile]
+    num_layers: int
+    hidden_size: int
+    peak_rss_bytes: int
+    peak_cuda_bytes: int | None = None
+    created: str = ""
+    kind: str = "device"
+
+
+@dataclass(frozen=True)
+class LinkSample:
+    up_bytes: int
+    down_bytes: int
+    median_s: float
+
+
+@dataclass
+class LinkProfile:
+    server: str
+    host: dict
+    rtt_s: float
+    up_bytes_per_s: float
+    down_bytes_per_s: float
+    samples: list[LinkSample] = field(default_factory=list)
+    created: str = ""
+    kind: str = "link"
+
+
+def to_json(profile: DeviceProfile | LinkProfile) -> str:
+    return json.dumps({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **asdict(profile)}, indent=1) + "\n"
+
+
+def save(profile: DeviceProfile | LinkProfile, path: Path) -> Path:
+    """Writes through a temporary file and a rename, so a reader never sees half a profile."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(to_json(profile))
+        os.replace(scratch, path)
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _block(raw: dict) -> BlockProfile:
+    raw = dict(raw)
+    raw["layers"] = tuple(raw["layers"])
+    raw["prefill"] = [Timing(**timing) for timing in raw["prefill"]]
+    raw["decode"] = [Timing(**timing) for timing in raw["decode"]]
+    return BlockProfile(**raw)
+
+
+def from_dict(raw: dict) -> DeviceProfile | LinkProfile:
+    if raw.get("schema") != SCHEMA:
+        raise ValueError("not a Seam profile")
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"schema version {raw.get('schema_version')}, this Seam reads {SCHEMA_VERSION}")
+    body = {name: value for name, value in raw.items() if name not in ("schema", "schema_version")}
+    if body.get("kind") == "device":
+        body["key"] = ProfileKey(**body["key"])
+        body["prelude"] = _block(body["prelude"])
+        body["blocks"] = [_block(block) for block in body["blocks"]]
+        return DeviceProfile(**body)
+    if body.get("kind") == "link":
+        body["samples"] = [LinkSample(**sample) for sample in body["samples"]]
+        return LinkProfile(**body)
+    raise ValueError(f"unknown profile kind {body.get('kind')!r}")
+
+
+def load(path: Path, kind: type | None = None) -> DeviceProfile | LinkProfile:
+    """Reads a profile; ``kind`` (DeviceProfile or LinkProfile) also checks which one it is."""
+    try:
+        profile = from_dict(json.loads(Path(path).read_text()))
+    except OSError as error:
+        raise SeamError(f"cannot read profile {path}: {error.strerror}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise SeamError(f"{path} is not a valid profile ({error}); measure it again with 'seam profile'") from None
+    if kind is not None and not isinstance(profile, kind):
+        wanted = "device profile (seam profile)" if kind is DeviceProfile else "link profile (seam probe)"
+        raise SeamError(f"{path} is a {profile.kind} profile; a {wanted} is needed here")
+    return profile
