@@ -130,10 +130,10 @@ class EdgeServer:
         try:
             if isinstance(message, Hello):
                 return self._hello(peer, message)
+            if isinstance(message, Ping):  # needs no artifact, so a link can be probed before choosing one
+                return self._pong(message)
             if peer not in self.welcomed:
                 return Error("no_handshake", "send hello before anything else", session_id)
-            if isinstance(message, Ping):
-                return Pong(message.nonce)
             if isinstance(message, OpenSession):
                 return self._open(peer, message)
             if isinstance(message, Step):
@@ -240,6 +240,13 @@ class EdgeServer:
             self.config.transport.max_message_bytes,
             ["sampling"],
         )
+
+    def _pong(self, ping: Ping) -> Message:
+        limit = self.config.transport.max_message_bytes - (1 << 12)
+        if not 0 <= ping.reply_bytes <= limit:
+            raise SeamError(f"reply_bytes {ping.reply_bytes} is outside 0..{limit}")
+        payload = np.zeros(ping.reply_bytes, dtype=np.uint8) if ping.reply_bytes else None
+        return Pong(ping.nonce, payload)
 
     def _open(self, peer: bytes, request: OpenSession) -> Message:
         config = self.config

@@ -100,25 +100,35 @@ class SpanRunner:
         output, self.cache = self._forward(first_input, attention_mask, position_ids, self.cache, logits_to_keep)
         return output
 
+    def shared_inputs(self, attention_mask, position_ids, logits_to_keep: int = 1) -> dict[str, np.ndarray]:
+        """The inputs every block of one step shares: the prelude's bias and position features, and the mask."""
+        shared = {"attention_mask": attention_mask, "position_ids": position_ids}
+        shared.update(zip(self.prelude_outputs, self.prelude.run(None, shared)))
+        shared["logits_to_keep"] = np.array(logits_to_keep, dtype=np.int64)
+        return shared
+
+    @staticmethod
+    def feed(loaded: _LoadedBlock, first_input, cache: dict, shared: dict) -> dict[str, np.ndarray]:
+        """One block's feed, built from the inputs its session declares (an exporter may drop unused ones)."""
+        feed = {}
+        for name in loaded.input_names:
+            if name in FIRST_INPUTS:
+                feed[name] = first_input
+            elif name in cache:
+                feed[name] = cache[name]
+            else:
+                feed[name] = shared[name]
+        return feed
+
     def _forward(self, first_input, attention_mask, position_ids, cache, logits_to_keep=1):
         """One step over ``cache``; returns the span's output and the grown cache (the input cache is untouched)."""
         if not self.blocks:
             return first_input, cache
-        shared = {"attention_mask": attention_mask, "position_ids": position_ids}
-        shared.update(zip(self.prelude_outputs, self.prelude.run(None, shared)))
-        shared["logits_to_keep"] = np.array(logits_to_keep, dtype=np.int64)
+        shared = self.shared_inputs(attention_mask, position_ids, logits_to_keep)
         grown = dict(cache)
         output = first_input
         for loaded in self.blocks:
-            feed = {}
-            for name in loaded.input_names:
-                if name in FIRST_INPUTS:
-                    feed[name] = output
-                elif name in cache:
-                    feed[name] = cache[name]
-                else:
-                    feed[name] = shared[name]
-            results = dict(zip(loaded.output_names, loaded.session.run(None, feed)))
+            results = dict(zip(loaded.output_names, loaded.session.run(None, self.feed(loaded, output, cache, shared))))
             for present, past in loaded.cache_moves:
                 grown[past] = results[present]
             output = results[loaded.output_names[0]]

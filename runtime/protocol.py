@@ -120,14 +120,19 @@ class Error(Message):
 
 @dataclass
 class Ping(Message):
+    """A liveness check, and a link probe: ``payload`` measures the uplink, ``reply_bytes`` the downlink."""
+
     kind = "ping"
     nonce: int
+    reply_bytes: int = 0
+    payload: np.ndarray | None = None  # uint8
 
 
 @dataclass
 class Pong(Message):
     kind = "pong"
     nonce: int
+    payload: np.ndarray | None = None  # uint8, reply_bytes long
 
 
 def encode(message: Message) -> list:

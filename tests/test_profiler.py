@@ -1,0 +1,86 @@
+"""``seam profile`` and ``seam probe`` on real artifacts and a real edge_server; their bad-input paths."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnxruntime
+import pytest
+
+from conftest import run_seam
+from edge_server.process import edge_server
+from profiler.schema import DeviceProfile, LinkProfile, load
+from runtime.artifact import Artifact
+
+FAST = ("--repeats", "3", "--warmup", "1", "--prefill-lengths", "1,8,32", "--past-lengths", "0,16,64", "--quiet")
+
+
+def test_profile_measures_every_block_and_is_cached(exported, tmp_path):
+    artifact = Artifact.open(exported("tiny-llama"))
+    copy = tmp_path / "copy.json"
+    first = run_seam("profile", str(artifact.root), *FAST, "--force", "--out", str(copy))
+    assert first.returncode == 0, first.stderr
+    profile = load(copy, DeviceProfile)
+    assert profile.key.artifact_fingerprint == artifact.manifest.artifact_fingerprint
+    assert [block.layers for block in profile.blocks] == [(b.layers.start, b.layers.end) for b in artifact.manifest.blocks]
+    for block in [profile.prelude, *profile.blocks]:
+        assert [t.length for t in block.prefill] == [1, 8, 32]
+        assert [t.length for t in block.decode] == [0, 16, 64]
+        assert all(0 < t.median_s <= t.p90_s for t in block.prefill + block.decode)
+    assert all(block.weight_bytes > 0 and block.kv_bytes_per_token > 0 for block in profile.blocks)
+    assert profile.peak_rss_bytes > 0 and profile.host["onnxruntime"] == onnxruntime.__version__
+
+    cached = artifact.root / "profiles" / profile.key.file_name()
+    assert json.loads(cached.read_text()) == json.loads(copy.read_text())
+    again = run_seam("profile", str(artifact.root), *FAST)
+    assert again.returncode == 0 and "cached" in again.stdout
+
+
+def test_profile_emulates_a_weaker_device(exported):
+    artifact = exported("tiny-gpt2")
+    pinned = run_seam("profile", str(artifact), *FAST, "--cpus", "0", "--force")
+    assert pinned.returncode == 0, pinned.stderr
+    path = pinned.stdout.split("profile: ", 1)[1].split()[0]
+    profile = load(path, DeviceProfile)
+    assert profile.key.threads == 1 and profile.host["cpu_affinity"] == [0]
+
+
+def test_profile_bad_input(exported, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(exported("tiny-llama"), broken)
+    block = next(broken.glob("block*.onnx"))
+    block.write_bytes(block.read_bytes()[:-10] + b"0123456789")
+    cases = {
+        ("profile", str(broken)): "does not match its sha256",
+        ("profile", str(tmp_path / "missing")): "missing",
+        ("profile", str(exported("tiny-llama")), "--cpus", "9999"): "is not a subset",
+        ("profile", str(exported("tiny-llama")), "--variant", "int4"): "is not in this artifact",
+    }
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        cases[("profile", str(exported("tiny-llama")), "--device", "cuda")] = "CPUExecutionProvider"
+    for args, fragment in cases.items():
+        result = run_seam(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("seam profile: error:") and fragment in last, (args, last)
+
+
+def test_probe_measures_a_live_link(exported, tmp_path):
+    out = tmp_path / "link.json"
+    with edge_server(exported("tiny-llama")) as (_, address):
+        probed = run_seam("probe", address, "--out", str(out), "--sizes", "256,65536,1048576", "--repeats", "3")
+    assert probed.returncode == 0, probed.stderr
+    link = load(out, LinkProfile)
+    assert link.server == address and link.rtt_s > 0
+    assert link.up_bytes_per_s > 1e6 and link.down_bytes_per_s > 1e6  # loopback moves far more than 1 MB/s
+    assert {(s.up_bytes, s.down_bytes) for s in link.samples} >= {(1048576, 256), (256, 1048576)}
+    with pytest.raises(Exception, match="link profile"):
+        load(out, DeviceProfile)
+
+
+def test_probe_without_server_fails_within_its_timeout(tmp_path):
+    result = run_seam("probe", "tcp://127.0.0.1:9", "--timeout", "0.5", "--out", str(tmp_path / "x.json"), timeout=60)
+    assert result.returncode == 2
+    assert "no reply from the edge server" in result.stderr
+    assert not (tmp_path / "x.json").exists()
