@@ -65,18 +65,18 @@ def run_profile(args: argparse.Namespace) -> int:
     if args.cpus:
         _pin(args.cpus)
     threads = args.threads or (len(args.cpus) if args.cpus else default_threads())
+    grid = Grid(
+        prefill_lengths=args.prefill_lengths or DEFAULT_PREFILL_LENGTHS,
+        past_lengths=args.past_lengths or DEFAULT_PAST_LENGTHS,
+        batches=args.batches or ((1, 4, 16) if args.device == "cuda" else (1,)),
+        repeats=args.repeats,
+        warmup=args.warmup,
+    )
     cached = artifact.root / "profiles" / profile_key(artifact, args.device, threads, variant).file_name()
-    if cached.is_file() and not args.force:
-        profile = load(cached, DeviceProfile)
+    profile = load(cached, DeviceProfile) if cached.is_file() and not args.force else None
+    if profile is not None and profile.settings == grid.settings():
         print(f"profile: {cached} (cached; --force measures again)")
     else:
-        grid = Grid(
-            prefill_lengths=args.prefill_lengths or DEFAULT_PREFILL_LENGTHS,
-            past_lengths=args.past_lengths or DEFAULT_PAST_LENGTHS,
-            batches=args.batches or ((1, 4, 16) if args.device == "cuda" else (1,)),
-            repeats=args.repeats,
-            warmup=args.warmup,
-        )
         profile = profile_device(artifact, args.device, threads, variant, grid, progress=not args.quiet)
         save(profile, cached)
         print(f"profile: {cached}")

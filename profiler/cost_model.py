@@ -122,7 +122,8 @@ class DecodeFit:
 
 @dataclass(frozen=True)
 class PrefillFit:
-    """Prefill latency: piecewise linear in the prompt length per measured batch, interpolated across batches."""
+    """Prefill latency: piecewise linear in the prompt length per measured batch, interpolated across batches;
+    with one measured batch, other batches are scaled to the same number of tokens."""
 
     curves: tuple[tuple[int, tuple[tuple[int, float], ...]], ...]  # (batch, ((length, median_s), ...))
 
@@ -140,6 +141,11 @@ class PrefillFit:
         return cls(tuple(curves))
 
     def __call__(self, length: int, batch: int = 1) -> float:
+        if len(self.curves) == 1:
+            # One measured batch (what 'seam profile' records): prefill is compute-bound, so a batch costs about
+            # what one prompt of the same number of tokens costs.
+            measured, points = self.curves[0]
+            return _interpolate(points, length * batch / measured)
         return _interpolate([(b, _interpolate(points, length)) for b, points in self.curves], batch)
 
 
@@ -164,6 +170,7 @@ class DeviceModel:
     key: ProfileKey
     num_layers: int
     hidden_size: int
+    wire_dtype: str  # the export dtype, in which hidden states cross the link (key.dtype may name int8 blocks)
     prelude: BlockFit
     blocks: tuple[BlockFit, ...]  # by first layer, tiling [0, num_layers)
 
@@ -185,7 +192,11 @@ class DeviceModel:
         if [fit.layers[0] for fit in blocks] != ends[:-1] or ends[-1] != profile.num_layers:
             spans = ", ".join(f"[{a}, {b})" for a, b in sorted(chosen))
             raise SeamError(f"{name} has blocks {spans}, which do not tile layers [0, {profile.num_layers})")
-        return cls(profile.key, profile.num_layers, profile.hidden_size, prelude, blocks)
+        # The prelude is never quantised, so its variant is the export dtype even when the blocks are int8.
+        wire_dtype = profile.prelude.variant if profile.prelude.variant in DTYPE_BYTES else profile.key.dtype
+        if wire_dtype not in DTYPE_BYTES:
+            raise SeamError(f"{name} has dtype {wire_dtype!r}, not one of {sorted(DTYPE_BYTES)}")
+        return cls(profile.key, profile.num_layers, profile.hidden_size, wire_dtype, prelude, blocks)
 
     @property
     def split_points(self) -> list[int]:
@@ -278,7 +289,7 @@ def _step(ue: DeviceModel, edge: DeviceModel, link: Link, split: int, phase: str
     ue_s = ue.compute_s(0, split, phase, length, batch)
     if split == L:
         return StepCost(ue_s, 0, 0.0, 0.0, 0, 0.0, 0.0)
-    up = uplink_bytes(split, batch, new, past, ue.hidden_size, DTYPE_BYTES[ue.key.dtype])
+    up = uplink_bytes(split, batch, new, past, ue.hidden_size, DTYPE_BYTES[ue.wire_dtype])
     down = downlink_bytes(batch)
     return StepCost(
         ue_s=ue_s,
@@ -292,23 +303,22 @@ def _step(ue: DeviceModel, edge: DeviceModel, link: Link, split: int, phase: str
 
 
 def check_pair(ue: DeviceProfile | DeviceModel, edge: DeviceProfile | DeviceModel) -> None:
-    """Refuses two profiles that cannot describe one split: different artifacts, dtypes or blocks."""
+    """Refuses two profiles that cannot describe one split: different artifacts or dtypes on the wire."""
     if ue.key.artifact_fingerprint != edge.key.artifact_fingerprint:
         raise SeamError(
             f"profiles of different artifacts: UE profile {ue.key.artifact_fingerprint[:12]}, "
             f"edge profile {edge.key.artifact_fingerprint[:12]}; profile both devices with the same artifact"
         )
-    if ue.key.dtype != edge.key.dtype:
-        raise SeamError(f"profiles of different dtypes: UE profile {ue.key.dtype}, edge profile {edge.key.dtype}")
-    if ue.key.dtype not in DTYPE_BYTES:
-        raise SeamError(f"profile dtype {ue.key.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+    ue_dtype, edge_dtype = _model(ue).wire_dtype, _model(edge).wire_dtype
+    if ue_dtype != edge_dtype:
+        raise SeamError(f"profiles of different dtypes: UE profile {ue_dtype}, edge profile {edge_dtype}")
 
 
 def predict(ue: DeviceProfile | DeviceModel, edge: DeviceProfile | DeviceModel, link: Link, split: int,
             context: int, batch: int = 1) -> SplitCost:
     """The cost of ``split`` for prompts of ``context`` tokens: decode at past = context, and their prefill."""
-    check_pair(ue, edge)
     ue, edge = _model(ue), _model(edge)
+    check_pair(ue, edge)
     if ue.split_points != edge.split_points:
         raise SeamError(f"the UE profile splits at {ue.split_points} but the edge profile at {edge.split_points}")
     if split not in ue.split_points:
@@ -347,8 +357,8 @@ def best_split(costs: Sequence[SplitCost]) -> int:
 def plan(ue: DeviceProfile | DeviceModel, edge: DeviceProfile | DeviceModel,
          links: Mapping[str, Link] | Sequence[Link], context: int, batch: int = 1) -> list[LinkPlan]:
     """Each split's cost for each link (named by the mapping's keys, or by their bandwidth), with its best split."""
-    check_pair(ue, edge)
     ue, edge = _model(ue), _model(edge)
+    check_pair(ue, edge)
     named = links.items() if isinstance(links, Mapping) else [(link.label, link) for link in links]
     plans = []
     for name, link in named:

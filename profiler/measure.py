@@ -1,9 +1,9 @@
 """Measures every graph of an artifact on this device: prefill and decode latency over a grid, load time, memory.
 
 Blocks run through the runtime's own executor and session options, so what is measured is what the UE and the
-edge run. Each block is timed alone, with the prelude's outputs computed once per shape, and the prelude is timed
-as a graph of its own since each side of a split runs it once per step. Inputs are random: the cost of these
-graphs does not depend on the values.
+edge run. At each shape the prelude and every block run one after another, as in a split, and each is timed on
+its own; the prelude is a graph of its own since each side of a split runs it once per step. Inputs are random:
+the cost of these graphs does not depend on the values.
 """
 
 from __future__ import annotations
@@ -38,26 +38,21 @@ class Grid:
     repeats: int = 10
     warmup: int = 2
 
-    def runs(self, graphs: int) -> int:
-        """Timed shapes in all, for the progress bar: prefill at batch 1, decode at every batch."""
-        return graphs * (len(self.prefill_lengths) + len(self.past_lengths) * len(self.batches))
+    def settings(self) -> dict:
+        """As stored in a profile; a cached profile is reused only when they match."""
+        return {
+            "prefill_lengths": list(self.prefill_lengths), "past_lengths": list(self.past_lengths),
+            "batches": list(self.batches), "repeats": self.repeats, "warmup": self.warmup,
+        }
 
 
 def profile_key(artifact: Artifact, device: str, threads: int, variant: str) -> ProfileKey:
     return ProfileKey(artifact.manifest.artifact_fingerprint, device, PROVIDERS[device], threads, variant)
 
 
-def timed(run: Callable[[], object], repeats: int, warmup: int) -> tuple[float, float]:
-    """(median, p90) seconds of ``repeats`` runs after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        run()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - started)
-    samples.sort()
-    return statistics.median(samples), samples[min(len(samples) - 1, int(0.9 * len(samples)))]
+def _p90(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
 
 
 class _Inputs:
@@ -89,15 +84,20 @@ def _shapes(grid: Grid) -> list[tuple[str, int, int]]:
     return prefill + [("decode", batch, past) for batch in grid.batches for past in grid.past_lengths]
 
 
-def _measure_graph(make_run: Callable, grid: Grid, advance: Callable[[], None]) -> dict[str, list]:
-    """Times ``make_run(batch, past, new)()`` at every shape of the grid."""
-    timings = {"prefill": [], "decode": []}
-    for phase, batch, length in _shapes(grid):
-        past, new = (0, length) if phase == "prefill" else (length, 1)
-        median, p90 = timed(make_run(batch, past, new), grid.repeats, grid.warmup)
-        timings[phase].append(Timing(batch, length, median, p90))
-        advance()
-    return timings
+def _time_in_chain(runs: list[Callable[[], object]], repeats: int, warmup: int) -> list[tuple[float, float]]:
+    """(median, p90) seconds of each run, timed one after another as a chain of blocks runs.
+
+    Timing a block in a loop of its own would keep its weights in the CPU caches and report half the time it
+    takes inside a split, where each block finds the caches full of the previous block's weights.
+    """
+    samples: list[list[float]] = [[] for _ in runs]
+    for attempt in range(warmup + repeats):
+        for run, times in zip(runs, samples):
+            started = time.perf_counter()
+            run()
+            if attempt >= warmup:
+                times.append(time.perf_counter() - started)
+    return [(statistics.median(times), _p90(times)) for times in samples]
 
 
 def _block_run(runner: SpanRunner, inputs: _Inputs) -> Callable:
@@ -142,44 +142,44 @@ def profile_device(
 
     from tqdm import tqdm
 
-    bar = tqdm(total=grid.runs(len(manifest.blocks) + 1), desc="profiling", unit="shape", disable=not progress,
-               file=sys.stderr)
-    try:
-        before = _rss()
-        started = time.perf_counter()
-        prelude_session = pool.session(manifest.prelude)
-        prelude = BlockProfile(
-            index=-1, layers=(0, 0), variant=manifest.dtype, weight_bytes=manifest.prelude.weight_bytes,
-            load_s=time.perf_counter() - started, load_rss_bytes=max(_rss() - before, 0),
-            kv_bytes_per_token=0, activation_bytes_per_token=0,
-            **_measure_graph(_prelude_run(prelude_session, inputs), grid, bar.update),
+    graphs = [_prelude_run(pool.session(manifest.prelude), inputs)]
+    loads = [(0.0, 0)]  # the prelude is tiny; its load is not worth reporting apart
+    for block in manifest.blocks:
+        before, started = _rss(), time.perf_counter()
+        pool.session(block.variants[variant])
+        loads.append((time.perf_counter() - started, max(_rss() - before, 0)))
+        graphs.append(_block_run(pool.runner(block.layers, variant), inputs))
+
+    timings: list[dict[str, list[Timing]]] = [{"prefill": [], "decode": []} for _ in graphs]
+    shapes = _shapes(grid)
+    for phase, batch, length in tqdm(shapes, desc="profiling", unit="shape", disable=not progress, file=sys.stderr):
+        past, new = (0, length) if phase == "prefill" else (length, 1)
+        measured = _time_in_chain([make_run(batch, past, new) for make_run in graphs], grid.repeats, grid.warmup)
+        for graph, (median, p90) in zip(timings, measured):
+            graph[phase].append(Timing(batch, length, median, p90))
+
+    prelude = BlockProfile(
+        index=-1, layers=(0, 0), variant=manifest.dtype, weight_bytes=manifest.prelude.weight_bytes,
+        load_s=loads[0][0], load_rss_bytes=loads[0][1], kv_bytes_per_token=0, activation_bytes_per_token=0,
+        **timings[0],
+    )
+    blocks = [
+        BlockProfile(
+            index=block.index, layers=(block.layers.start, block.layers.end), variant=variant,
+            weight_bytes=block.variants[variant].weight_bytes, load_s=load_s, load_rss_bytes=load_rss,
+            kv_bytes_per_token=len(block.layers) * manifest.kv_bytes_per_token_per_layer,
+            # Only a sampled token id leaves the last block; the others hand on a hidden state.
+            activation_bytes_per_token=(
+                8 if block.layers.end == manifest.dims.num_layers else manifest.dims.hidden_size * dtype_bytes
+            ),
+            **graph_timings,
         )
-        blocks = []
-        for block in manifest.blocks:
-            onnx_file = block.variants[variant]
-            before = _rss()
-            started = time.perf_counter()
-            pool.session(onnx_file)
-            load_s, load_rss = time.perf_counter() - started, max(_rss() - before, 0)
-            runner = pool.runner(block.layers, variant)
-            last = block.layers.end == manifest.dims.num_layers
-            blocks.append(BlockProfile(
-                index=block.index, layers=(block.layers.start, block.layers.end), variant=variant,
-                weight_bytes=onnx_file.weight_bytes, load_s=load_s, load_rss_bytes=load_rss,
-                kv_bytes_per_token=len(block.layers) * manifest.kv_bytes_per_token_per_layer,
-                # Only a sampled token id leaves the last block; the others hand on a hidden state.
-                activation_bytes_per_token=(8 if last else manifest.dims.hidden_size * dtype_bytes),
-                **_measure_graph(_block_run(runner, inputs), grid, bar.update),
-            ))
-    finally:
-        bar.close()
+        for block, (load_s, load_rss), graph_timings in zip(manifest.blocks, loads[1:], timings[1:])
+    ]
     return DeviceProfile(
         key=profile_key(artifact, device, threads, variant),
         host=describe(threads=threads, provider=PROVIDERS[device]),
-        settings={
-            "prefill_lengths": list(grid.prefill_lengths), "past_lengths": list(grid.past_lengths),
-            "batches": list(grid.batches), "repeats": grid.repeats, "warmup": grid.warmup,
-        },
+        settings=grid.settings(),
         prelude=prelude,
         blocks=blocks,
         num_layers=manifest.dims.num_layers,

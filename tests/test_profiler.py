@@ -35,6 +35,8 @@ def test_profile_measures_every_block_and_is_cached(exported, tmp_path):
     assert json.loads(cached.read_text()) == json.loads(copy.read_text())
     again = run_seam("profile", str(artifact.root), *FAST)
     assert again.returncode == 0 and "cached" in again.stdout
+    other_grid = run_seam("profile", str(artifact.root), *FAST, "--past-lengths", "0,8")
+    assert other_grid.returncode == 0 and "cached" not in other_grid.stdout
 
 
 def test_profile_emulates_a_weaker_device(exported):
