@@ -109,16 +109,16 @@ class EdgeServer:
 
     def handle_burst(self, burst: list[tuple[bytes, list]]) -> list[tuple[bytes, Message]]:
         """Replies to each (peer, frames) request, in order per session; ready decode steps run batched."""
-        replies, ready = [], []
+        replies, ready, waiting = [], [], set()
         for peer, frames in burst:
             message = self._decode(frames)
             session = self._ready_decode_step(peer, message) if isinstance(message, Step) else None
-            keys = {item[0].key for item in ready}
-            if session is None or session.key in keys or not self.config.batch_decode:
+            if session is None or session.key in waiting or not self.config.batch_decode:
                 replies += self._run_ready(ready)  # earlier steps first: a close or a second step may depend on them
-                ready = []
+                ready, waiting = [], set()
             if session is not None and self.config.batch_decode:
                 ready.append((session, message))
+                waiting.add(session.key)
             else:
                 replies.append((peer, self.handle(peer, message)))
         return replies + self._run_ready(ready)
