@@ -8,14 +8,22 @@ from pathlib import Path
 from runtime.errors import SeamError
 
 
-def _numbers(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(value < 0 for value in values):
-        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
-    return values
+def comma_list(convert: type = int, positive: bool = False):
+    """An argparse type for comma-separated numbers, each at least 0 (above 0 when ``positive``)."""
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(convert(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {convert.__name__}s, got {text!r}") from None
+        if not values or any(value < 0 or (positive and value == 0) for value in values):
+            raise argparse.ArgumentTypeError(f"expected {'positive' if positive else 'non-negative'} numbers, got {text!r}")
+        return values
+
+    return parse
+
+
+_numbers = comma_list(int)
 
 
 def add_profile_parser(commands) -> None:

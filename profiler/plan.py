@@ -12,20 +12,13 @@ import tempfile
 from pathlib import Path
 
 from export.report import table
+from profiler.cli import comma_list
 from profiler.cost_model import DeviceModel, Link, LinkPlan, check_pair, plan
 from profiler.schema import DeviceProfile, LinkProfile, load
 from runtime.artifact import Artifact
 from runtime.errors import SeamError
 
-
-def _numbers(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    if not values or any(not value > 0 for value in values):
-        raise argparse.ArgumentTypeError(f"{text!r} must list positive numbers")
-    return values
+_positive = comma_list(float, positive=True)  # bandwidths in Mbit/s
 
 
 def add_plan_parser(commands) -> None:
@@ -33,9 +26,9 @@ def add_plan_parser(commands) -> None:
     parser.add_argument("directory", type=Path, help="the artifact both profiles were measured with")
     parser.add_argument("--ue-profile", type=Path, required=True, help="device profile of the UE (seam profile)")
     parser.add_argument("--edge-profile", type=Path, required=True, help="device profile of the edge")
-    parser.add_argument("--bandwidth", type=_numbers, default=[], metavar="MBIT[,MBIT...]",
+    parser.add_argument("--bandwidth", type=_positive, default=[], metavar="MBIT[,MBIT...]",
                         help="link bandwidths to plan for, Mbit/s (down, and up unless --uplink-bandwidth)")
-    parser.add_argument("--uplink-bandwidth", type=_numbers, metavar="MBIT[,MBIT...]",
+    parser.add_argument("--uplink-bandwidth", type=_positive, metavar="MBIT[,MBIT...]",
                         help="uplink Mbit/s: one value for every --bandwidth, or one per bandwidth")
     parser.add_argument("--rtt", type=float, metavar="MS", help="round-trip time in ms (with --bandwidth)")
     parser.add_argument("--link", type=Path, action="append", default=[], metavar="LINKPROFILE",
