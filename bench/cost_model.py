@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--contexts", default="48,200,400", help="prompt lengths inside the profile's range, off its grid")
     parser.add_argument("--splits", default="2,6,10")
     parser.add_argument("--new-tokens", type=int, default=9)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     splits = [int(s) for s in args.splits.split(",")]

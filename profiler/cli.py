@@ -26,6 +26,22 @@ def comma_list(convert: type = int, positive: bool = False):
 _numbers = comma_list(int)
 
 
+def _add_gap_option(parser) -> None:
+    parser.add_argument("--gap-ms", type=float, default=None,
+                        help="idle time before each measurement, as each side of a split idles between its steps "
+                             "(default 20)")
+
+
+def _gap_s(args: argparse.Namespace) -> float:
+    from profiler.measure import IDLE_GAP_S
+
+    if args.gap_ms is None:
+        return IDLE_GAP_S
+    if args.gap_ms < 0:
+        raise SeamError("--gap-ms must not be negative")
+    return args.gap_ms / 1e3
+
+
 def add_profile_parser(commands) -> None:
     parser = commands.add_parser("profile", help="measure every block of an artifact on this device")
     parser.add_argument("artifact", type=Path)
@@ -38,6 +54,7 @@ def add_profile_parser(commands) -> None:
     parser.add_argument("--past-lengths", type=_numbers, default=None, help="decode past lengths (default 0..2048)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    _add_gap_option(parser)
     parser.add_argument("--out", type=Path, default=None, help="also write the profile here")
     parser.add_argument("--force", action="store_true", help="measure again even when a cached profile exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -79,6 +96,8 @@ def run_profile(args: argparse.Namespace) -> int:
         batches=args.batches or ((1, 4, 16) if args.device == "cuda" else (1,)),
         repeats=args.repeats,
         warmup=args.warmup,
+        gap_s=_gap_s(args),
+        io_binding=args.device == "cuda",
     )
     cached = artifact.root / "profiles" / profile_key(artifact, args.device, threads, variant).file_name()
     profile = load(cached, DeviceProfile) if cached.is_file() and not args.force else None
@@ -122,6 +141,7 @@ def add_probe_parser(commands) -> None:
     parser.add_argument("--out", type=Path, default=Path("link-profile.json"))
     parser.add_argument("--sizes", type=_numbers, default=None, help="payload bytes, e.g. 256,4096,1048576")
     parser.add_argument("--repeats", type=int, default=7)
+    _add_gap_option(parser)
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply")
     parser.add_argument("--curve-secret", type=Path, default=None, help="this UE's NAME.key_secret")
     parser.add_argument("--server-key", type=Path, default=None, help="the server's public NAME.key")
@@ -140,7 +160,7 @@ def run_probe(args: argparse.Namespace) -> int:
         raise SeamError("--sizes needs at least two different sizes to fit a bandwidth")
     socket = UeSocket(args.server, TransportConfig(timeout_s=args.timeout), args.curve_secret, args.server_key)
     try:
-        link = probe_link(socket, sizes, args.repeats)
+        link = probe_link(socket, sizes, args.repeats, _gap_s(args))
     finally:
         socket.close()
     save(link, args.out)

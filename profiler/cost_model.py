@@ -173,6 +173,7 @@ class DeviceModel:
     wire_dtype: str  # the export dtype, in which hidden states cross the link (key.dtype may name int8 blocks)
     prelude: BlockFit
     blocks: tuple[BlockFit, ...]  # by first layer, tiling [0, num_layers)
+    measured: tuple[int, int, int] = (0, 0, 0)  # longest prompt, longest past, largest batch every graph measured
 
     @classmethod
     def from_profile(cls, profile: DeviceProfile) -> DeviceModel:
@@ -196,7 +197,25 @@ class DeviceModel:
         wire_dtype = profile.prelude.variant if profile.prelude.variant in DTYPE_BYTES else profile.key.dtype
         if wire_dtype not in DTYPE_BYTES:
             raise SeamError(f"{name} has dtype {wire_dtype!r}, not one of {sorted(DTYPE_BYTES)}")
-        return cls(profile.key, profile.num_layers, profile.hidden_size, wire_dtype, prelude, blocks)
+        graphs = [profile.prelude, *chosen.values()]
+        measured = (
+            min(max(t.length for t in graph.prefill) for graph in graphs),
+            min(max(t.length for t in graph.decode) for graph in graphs),
+            min(max(t.batch for t in graph.prefill + graph.decode) for graph in graphs),
+        )
+        return cls(profile.key, profile.num_layers, profile.hidden_size, wire_dtype, prelude, blocks, measured)
+
+    def beyond_measured(self, context: int, batch: int) -> list[str]:
+        """What a prediction at ``context`` and ``batch`` extrapolates past this profile's grid, one line each."""
+        longest_prompt, longest_past, largest_batch = self.measured
+        lines = []
+        if context > longest_prompt:
+            lines.append(f"prompts of {context} tokens: prefill was measured up to {longest_prompt}")
+        if context > longest_past:
+            lines.append(f"past length {context}: decode was measured up to {longest_past}")
+        if batch > largest_batch:
+            lines.append(f"batch {batch}: measured up to {largest_batch}")
+        return lines
 
     @property
     def split_points(self) -> list[int]:

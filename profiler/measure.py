@@ -4,12 +4,18 @@ Blocks run through the runtime's own executor and session options, so what is me
 edge run. At each shape the prelude and every block run one after another, as in a split, and each is timed on
 its own; the prelude is a graph of its own since each side of a split runs it once per step. Inputs are random:
 the cost of these graphs does not depend on the values.
+
+Each chain starts after an idle gap, because in a split each side idles while the other side and the link work:
+its threads have parked and its CPU has gone idle by the time the next step arrives. Timed back to back, a decode
+step of a few layers measured a third faster than it runs in a split.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
+import onnxruntime as ort
 import psutil
 
 from profiler.host import describe
@@ -28,6 +35,7 @@ from runtime.spans import Span
 
 DEFAULT_PREFILL_LENGTHS = (1, 4, 16, 64, 256, 512)
 DEFAULT_PAST_LENGTHS = (0, 32, 128, 512, 2048)
+IDLE_GAP_S = 0.02  # about one decode step of a small model: what each side of a split waits between its turns
 
 
 @dataclass
@@ -37,12 +45,15 @@ class Grid:
     batches: tuple[int, ...] = (1,)
     repeats: int = 10
     warmup: int = 2
+    gap_s: float = IDLE_GAP_S
+    io_binding: bool = False  # what 'seam profile' turns on for CUDA, where it keeps data on the GPU
 
     def settings(self) -> dict:
         """As stored in a profile; a cached profile is reused only when they match."""
         return {
             "prefill_lengths": list(self.prefill_lengths), "past_lengths": list(self.past_lengths),
-            "batches": list(self.batches), "repeats": self.repeats, "warmup": self.warmup,
+            "batches": list(self.batches), "repeats": self.repeats, "warmup": self.warmup, "gap_s": self.gap_s,
+            "io_binding": self.io_binding,
         }
 
 
@@ -84,43 +95,82 @@ def _shapes(grid: Grid) -> list[tuple[str, int, int]]:
     return prefill + [("decode", batch, past) for batch in grid.batches for past in grid.past_lengths]
 
 
-def _time_in_chain(runs: list[Callable[[], object]], repeats: int, warmup: int) -> list[tuple[float, float]]:
-    """(median, p90) seconds of each run, timed one after another as a chain of blocks runs.
+def _time_in_chain(runs: list[Callable[[], object]], grid: Grid) -> list[tuple[float, float]]:
+    """(median, p90) seconds of each run, timed one after another as a chain of blocks runs, after an idle gap.
 
     Timing a block in a loop of its own would keep its weights in the CPU caches and report half the time it
     takes inside a split, where each block finds the caches full of the previous block's weights.
     """
     samples: list[list[float]] = [[] for _ in runs]
-    for attempt in range(warmup + repeats):
+    for attempt in range(grid.warmup + grid.repeats):
+        time.sleep(grid.gap_s)
         for run, times in zip(runs, samples):
             started = time.perf_counter()
             run()
-            if attempt >= warmup:
+            if attempt >= grid.warmup:
                 times.append(time.perf_counter() - started)
     return [(statistics.median(times), _p90(times)) for times in samples]
 
 
-def _block_run(runner: SpanRunner, inputs: _Inputs) -> Callable:
+def _call(session, feed: dict[str, np.ndarray], device: str, bind: bool) -> Callable[[], object]:
+    """One run of ``session`` on ``feed``, as it will be timed.
+
+    With IO binding the inputs are placed on the device beforehand and the outputs stay there, so a GPU's time
+    is its compute rather than host copies of a KV cache that a serving runtime keeps on the device.
+    """
+    if not bind:
+        return lambda: session.run(None, feed)
+    binding = session.io_binding()
+    for name, value in feed.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))
+    for output in session.get_outputs():
+        binding.bind_output(output.name, device, 0)
+
+    def run() -> list:
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # CUDA runs asynchronously: the time must include the kernels
+        return binding.get_outputs()
+
+    return run
+
+
+def _block_run(runner: SpanRunner, inputs: _Inputs, device: str, bind: bool) -> Callable:
     def make_run(batch: int, past: int, new: int) -> Callable[[], object]:
         loaded = runner.blocks[0]
         shared = runner.shared_inputs(*inputs.positions(batch, past, new))
         feed = runner.feed(loaded, inputs.first(runner.span, batch, new), inputs.cache(runner.span, batch, past), shared)
-        return lambda: loaded.session.run(None, feed)
+        return _call(loaded.session, feed, device, bind)
 
     return make_run
 
 
-def _prelude_run(session, inputs: _Inputs) -> Callable:
+def _prelude_run(session, inputs: _Inputs, device: str, bind: bool) -> Callable:
     def make_run(batch: int, past: int, new: int) -> Callable[[], object]:
         mask, positions = inputs.positions(batch, past, new)
-        feed = {"attention_mask": mask, "position_ids": positions}
-        return lambda: session.run(None, feed)
+        return _call(session, {"attention_mask": mask, "position_ids": positions}, device, bind)
 
     return make_run
 
 
 def _rss() -> int:
     return psutil.Process().memory_info().rss
+
+
+def _cuda_bytes() -> int | None:
+    """GPU memory this process holds, as nvidia-smi reports it; None where there is no nvidia-smi to ask.
+
+    onnxruntime's CUDA arena never returns memory, so what the process holds after profiling is its peak.
+    """
+    try:
+        listing = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = [int(mib) for pid, mib in (line.split(", ") for line in listing.splitlines() if ", " in line)
+            if pid.strip() == str(os.getpid()) and mib.strip().isdigit()]
+    return sum(used) << 20 if used else None
 
 
 def profile_device(
@@ -142,19 +192,19 @@ def profile_device(
 
     from tqdm import tqdm
 
-    graphs = [_prelude_run(pool.session(manifest.prelude), inputs)]
+    graphs = [_prelude_run(pool.session(manifest.prelude), inputs, device, grid.io_binding)]
     loads = [(0.0, 0)]  # the prelude is tiny; its load is not worth reporting apart
     for block in manifest.blocks:
         before, started = _rss(), time.perf_counter()
         pool.session(block.variants[variant])
         loads.append((time.perf_counter() - started, max(_rss() - before, 0)))
-        graphs.append(_block_run(pool.runner(block.layers, variant), inputs))
+        graphs.append(_block_run(pool.runner(block.layers, variant), inputs, device, grid.io_binding))
 
     timings: list[dict[str, list[Timing]]] = [{"prefill": [], "decode": []} for _ in graphs]
     shapes = _shapes(grid)
     for phase, batch, length in tqdm(shapes, desc="profiling", unit="shape", disable=not progress, file=sys.stderr):
         past, new = (0, length) if phase == "prefill" else (length, 1)
-        measured = _time_in_chain([make_run(batch, past, new) for make_run in graphs], grid.repeats, grid.warmup)
+        measured = _time_in_chain([make_run(batch, past, new) for make_run in graphs], grid)
         for graph, (median, p90) in zip(timings, measured):
             graph[phase].append(Timing(batch, length, median, p90))
 
@@ -185,5 +235,6 @@ def profile_device(
         num_layers=manifest.dims.num_layers,
         hidden_size=manifest.dims.hidden_size,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_cuda_bytes=_cuda_bytes() if device == "cuda" else None,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -107,6 +108,11 @@ def run_plan(args: argparse.Namespace) -> int:
     ue = _device(args.ue_profile, fingerprint, artifact.split_points)
     edge = _device(args.edge_profile, fingerprint, artifact.split_points)
     check_pair(ue, edge)
+    for side, model, path in (("UE", ue, args.ue_profile), ("edge", edge, args.edge_profile)):
+        for line in model.beyond_measured(args.context, args.batch):
+            print(f"warning: {side} profile {path.name}: {line}; the prediction is extrapolated "
+                  "(profile with longer --prefill-lengths, --past-lengths or --batches to measure it)",
+                  file=sys.stderr)
     plans = plan(ue, edge, links, args.context, args.batch)
     print(f"UE {ue.key.device} ({ue.key.provider}), edge {edge.key.device} ({edge.key.provider}), "
           f"{artifact.num_layers} layers {ue.key.dtype}; context {args.context}, batch {args.batch}")

@@ -1,8 +1,12 @@
 """Measures the link to a running edge_server: round-trip time and uplink and downlink bandwidth.
 
 Pings carry payloads of the sizes the runtime sends (a decode step's hidden state up to a long prompt's), one way
-at a time; a least-squares line through time against size gives the rate as its inverse slope and the round trip
-as its intercept.
+at a time; a least-squares line through time against size gives the rate as its inverse slope. The round trip is
+the median time of the smallest ping.
+
+Pings are paced, one every ``gap_s``, because the runtime's messages come between computations, when both ends
+have gone idle (see profiler.measure): back-to-back pings find the processes and the link hot and report a round trip that no step sees
+(about half of it on loopback).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from profiler.host import describe
+from profiler.measure import IDLE_GAP_S
 from profiler.schema import LinkProfile, LinkSample
 from runtime.errors import SeamError
 from runtime.protocol import Error, Ping, Pong
@@ -42,7 +47,7 @@ def _rate(samples: list[LinkSample], size_of) -> float:
     return 1.0 / slope if slope > 0 else float("inf")
 
 
-def probe_link(socket: UeSocket, sizes=DEFAULT_SIZES, repeats: int = 7) -> LinkProfile:
+def probe_link(socket: UeSocket, sizes=DEFAULT_SIZES, repeats: int = 7, gap_s: float = IDLE_GAP_S) -> LinkProfile:
     smallest = min(sizes)
     nonce = 0
     shapes = [(size, smallest) for size in sizes] + [(smallest, size) for size in sizes if size != smallest]
@@ -51,6 +56,7 @@ def probe_link(socket: UeSocket, sizes=DEFAULT_SIZES, repeats: int = 7) -> LinkP
     for up, down in shapes:
         times = []
         for _ in range(repeats):
+            time.sleep(gap_s)
             nonce += 1
             times.append(_round_trip(socket, nonce, up, down))
         samples.append(LinkSample(up, down, statistics.median(times)))
@@ -64,5 +70,6 @@ def probe_link(socket: UeSocket, sizes=DEFAULT_SIZES, repeats: int = 7) -> LinkP
         up_bytes_per_s=_rate(uplink, lambda sample: sample.up_bytes),
         down_bytes_per_s=_rate(downlink, lambda sample: sample.down_bytes),
         samples=samples,
+        gap_s=gap_s,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

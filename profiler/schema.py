@@ -87,6 +87,7 @@ class LinkProfile:
     up_bytes_per_s: float
     down_bytes_per_s: float
     samples: list[LinkSample] = field(default_factory=list)
+    gap_s: float = 0.0  # idle time before each ping
     created: str = ""
     kind: str = "link"
 

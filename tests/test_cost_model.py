@@ -403,8 +403,9 @@ def test_plan_prints_a_table_per_bandwidth(tiny, capsys):
     code = run_plan(str(directory), "--ue-profile", str(paths["ue"]), "--edge-profile", str(paths["edge"]),
                     "--bandwidth", "5,20,100", "--rtt", "20", "--context", "128")
 
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0
+    assert err == ""  # context 128 and batch 1 lie inside both profiles' grids
     assert out.count("<- best") == 3
     assert "first token" in out and "per token" in out
     summary = [line for line in out.splitlines() if line.startswith("best split at")]
@@ -428,6 +429,22 @@ def test_plan_with_a_link_profile_and_a_plot(tiny, tmp_path, capsys):
     assert png.stat().st_size > 0
     assert png.read_bytes().startswith(b"\x89PNG")
     assert [p.name for p in png.parent.iterdir()] == ["plan.png"]  # no temporary file left behind
+
+
+def test_plan_warns_when_it_extrapolates_beyond_the_profiles(tiny, capsys):
+    directory, paths, _ = tiny
+
+    code = run_plan(str(directory), "--ue-profile", str(paths["ue"]), "--edge-profile", str(paths["edge"]),
+                    "--bandwidth", "10", "--rtt", "20", "--context", "300", "--batch", "8")
+
+    warnings = capsys.readouterr().err.splitlines()
+    assert code == 0
+    # 300 is past the longest prompt (256) but not the longest past (512); batch 8 is past the largest (4).
+    assert len(warnings) == 4
+    assert sum("UE profile" in line for line in warnings) == sum("edge profile" in line for line in warnings) == 2
+    assert sum("prefill was measured up to 256" in line for line in warnings) == 2
+    assert sum("batch 8: measured up to 4" in line for line in warnings) == 2
+    assert all("extrapolated" in line for line in warnings)
 
 
 def test_plan_refuses_a_profile_of_another_artifact(tiny, tmp_path):

@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import onnxruntime
 import pytest
 
 from conftest import run_seam
 from edge_server.process import edge_server
+from profiler.measure import Grid, _call, _Inputs, profile_device
 from profiler.schema import DeviceProfile, LinkProfile, load
 from runtime.artifact import Artifact
+from runtime.executor import SessionPool
+
+HAS_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 FAST = ("--repeats", "3", "--warmup", "1", "--prefill-lengths", "1,8,32", "--past-lengths", "0,16,64", "--quiet")
 
@@ -39,6 +44,45 @@ def test_profile_measures_every_block_and_is_cached(exported, tmp_path):
     assert other_grid.returncode == 0 and "cached" not in other_grid.stdout
 
 
+def test_io_binding_runs_what_a_plain_run_runs(exported):
+    artifact = Artifact.open(exported("tiny-llama"))
+    runner = SessionPool(artifact).runner(artifact.manifest.blocks[0].layers)
+    inputs = _Inputs(artifact)
+    shared = runner.shared_inputs(*inputs.positions(2, 5, 3))
+    loaded = runner.blocks[0]
+    feed = runner.feed(loaded, inputs.first(runner.span, 2, 3), inputs.cache(runner.span, 2, 5), shared)
+
+    plain = _call(loaded.session, feed, "cpu", bind=False)()
+    bound = _call(loaded.session, feed, "cpu", bind=True)()
+
+    assert len(bound) == len(plain) == len(loaded.output_names)
+    for got, want in zip(bound, plain):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_profile_with_io_binding(exported):
+    artifact = Artifact.open(exported("tiny-llama"))
+    grid = Grid(prefill_lengths=(1, 8), past_lengths=(0, 16), repeats=2, warmup=1, gap_s=0, io_binding=True)
+
+    profile = profile_device(artifact, "cpu", grid=grid, progress=False)
+
+    assert profile.settings["io_binding"] is True
+    assert all(t.median_s > 0 for block in profile.blocks for t in block.prefill + block.decode)
+    assert profile.peak_cuda_bytes is None  # only a CUDA profile asks the GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu ('make gpu') and a CUDA GPU")
+def test_profile_on_cuda(exported, tmp_path):
+    out = tmp_path / "cuda.json"
+    result = run_seam("profile", str(exported("tiny-llama")), *FAST, "--device", "cuda", "--force", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    profile = load(out, DeviceProfile)
+    assert profile.key.provider == "CUDAExecutionProvider" and profile.settings["io_binding"] is True
+    assert profile.peak_cuda_bytes and profile.peak_cuda_bytes > 0
+    assert all(0 < t.median_s <= t.p90_s for block in profile.blocks for t in block.prefill + block.decode)
+
+
 def test_profile_emulates_a_weaker_device(exported):
     artifact = exported("tiny-gpt2")
     pinned = run_seam("profile", str(artifact), *FAST, "--cpus", "0", "--force")
@@ -59,7 +103,7 @@ def test_profile_bad_input(exported, tmp_path):
         ("profile", str(exported("tiny-llama")), "--cpus", "9999"): "is not a subset",
         ("profile", str(exported("tiny-llama")), "--variant", "int4"): "is not in this artifact",
     }
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+    if not HAS_CUDA:
         cases[("profile", str(exported("tiny-llama")), "--device", "cuda")] = "CPUExecutionProvider"
     for args, fragment in cases.items():
         result = run_seam(*args)
