@@ -18,6 +18,7 @@ from edge_server.sessions import EdgeSession, SessionTable
 from runtime.artifact import NUMPY_DTYPES, Artifact
 from runtime.errors import SeamError
 from runtime.executor import SessionPool, run_together
+from runtime.migration import pack_kv, resplit, unpack_kv
 from runtime.protocol import (
     PROTOCOL_VERSION,
     Close,
@@ -29,6 +30,8 @@ from runtime.protocol import (
     Ping,
     Pong,
     ProtocolError,
+    Resplit,
+    Resplitted,
     SessionOpened,
     Step,
     StepResult,
@@ -138,6 +141,8 @@ class EdgeServer:
                 return self._open(peer, message)
             if isinstance(message, Step):
                 return self._step(peer, message)
+            if isinstance(message, Resplit):
+                return self._resplit(peer, message)
             if isinstance(message, Close):
                 return self._close(peer, message)
             return Error("bad_message", f"a UE does not send {message.kind!r} messages", session_id)
@@ -250,31 +255,75 @@ class EdgeServer:
 
     def _open(self, peer: bytes, request: OpenSession) -> Message:
         config = self.config
-        if request.split not in self.artifact.split_points:
-            raise SeamError(f"split {request.split} is not a split point; choose one of {self.artifact.split_points}")
+        self._check_split(request.split, request.allow_token_upload)
         if request.split == self.artifact.num_layers:
             raise SeamError(f"split {request.split} leaves the edge no layers; the UE should generate locally")
-        if request.split == 0 and not request.allow_token_upload:
-            raise SeamError("split 0 would send raw token ids to the edge; the UE must allow token upload explicitly")
         if not 1 <= request.batch <= config.max_batch:
             raise SeamError(f"batch {request.batch} is outside 1..{config.max_batch}")
         if not 1 <= request.max_length <= config.max_length:
             raise SeamError(f"max_length {request.max_length} is outside 1..{config.max_length}")
         sampler = Sampler(SamplingParams.from_dict(request.sampling))
+        if request.sampler_state:
+            sampler.state = request.sampler_state
         span = Span(request.split, self.artifact.num_layers)
-        kv_bytes = request.batch * request.max_length * len(span) * self.manifest.kv_bytes_per_token_per_layer
-        key = (peer, request.session_id)
-        for victim in self.table.admit(key, kv_bytes):
-            self._log_close(victim, "evicted for room")
         runner = self.pool.runner(span)
         runner.reset(request.batch)
+        if request.kv is not None:  # sequences the UE has been running alone until now
+            past = request.kv.shape[2] if request.kv.ndim == 4 else -1
+            if not 0 < past < request.max_length:
+                raise SeamError(f"the KV cache must hold between 1 and max_length - 1 positions, got {past}")
+            runner.cache = unpack_kv(request.kv, span, runner, request.batch, past)
+        key = (peer, request.session_id)
+        kv_bytes = self._kv_bytes(request.batch, request.max_length, request.split)
+        for victim in self.table.admit(key, kv_bytes):
+            self._log_close(victim, "evicted for room")
         now = time.monotonic()
         self.table.add(
-            EdgeSession(key, runner, sampler, request.split, request.batch, request.max_length, kv_bytes, now, now)
+            EdgeSession(key, runner, sampler, request.split, request.batch, request.max_length, kv_bytes, now, now,
+                        request.allow_token_upload)
         )
         log.info("open  %s peer=%s split=%d batch=%d max_length=%d sessions=%d", request.session_id, peer.hex()[:8],
                  request.split, request.batch, request.max_length, len(self.table.sessions))
         return SessionOpened(request.session_id)
+
+    def _kv_bytes(self, batch: int, max_length: int, split: int) -> int:
+        """KV reserved for a session: its full length on every edge layer, so admission never over-commits."""
+        return batch * max_length * (self.artifact.num_layers - split) * self.manifest.kv_bytes_per_token_per_layer
+
+    def _check_split(self, split: int, allow_token_upload: bool) -> None:
+        if split not in self.artifact.split_points:
+            raise SeamError(f"split {split} is not a split point; choose one of {self.artifact.split_points}")
+        if split == 0 and not allow_token_upload:
+            raise SeamError("split 0 would send raw token ids to the edge; the UE must allow token upload explicitly")
+
+    def _resplit(self, peer: bytes, request: Resplit) -> Message:
+        """Moves a session's split; the edge keeps serving it from the next step, or hands it over at split L."""
+        session = self.table.get((peer, request.session_id), time.monotonic())
+        old, new, last = session.split, request.split, self.artifact.num_layers
+        if request.step != session.next_step:
+            raise SeamError(f"a resplit before step {request.step} arrived, expected one before step {session.next_step}")
+        self._check_split(new, session.allow_token_upload)
+        if new == old:
+            raise SeamError(f"the session already runs at split {new}")
+        runner, past = session.runner, session.runner.past_length
+        if new < old:  # the edge takes layers [new, old) over, with their cache
+            incoming = unpack_kv(request.kv, Span(new, old), runner, session.batch, past)
+            self.table.reserve(session, self._kv_bytes(session.batch, session.max_length, new))
+            outgoing, sampler_state = None, {}
+        else:  # the UE takes layers [old, new) over
+            if request.kv is not None:
+                raise SeamError(f"moving the split from {old} to {new} sends KV from the edge, not to it")
+            incoming, outgoing = {}, pack_kv(runner.cache, Span(old, new))
+            sampler_state = session.sampler.state if new == last else {}
+            session.kv_bytes = self._kv_bytes(session.batch, session.max_length, new)
+        session.moves += 1
+        log.info("move  %s peer=%s split %d -> %d at past %d", request.session_id, peer.hex()[:8], old, new, past)
+        if new == last:  # nothing left to run here: the UE generates alone from now on
+            self._log_close(self.table.remove(session.key), "moved to the UE")
+        else:
+            session.runner = resplit(self.pool, runner, Span(new, last), incoming)
+            session.split = new
+        return Resplitted(request.session_id, new, sampler_state, outgoing)
 
     def _check_step(self, session: EdgeSession, step: Step) -> np.ndarray:
         batch, past = session.batch, session.runner.past_length
@@ -332,6 +381,7 @@ class EdgeServer:
             "steps": session.next_step,
             "tokens": session.tokens,
             "batched_steps": session.batched_steps,
+            "moves": session.moves,
             "edge_compute_s": round(session.compute_s, 4),
             "open_s": round(time.monotonic() - session.opened_at, 3),
         }

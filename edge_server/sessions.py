@@ -26,10 +26,12 @@ class EdgeSession:
     kv_bytes: int  # reserved for the full max_length, so admission never over-commits
     opened_at: float
     last_used: float
+    allow_token_upload: bool = False
     next_step: int = 0
     tokens: int = 0
     compute_s: float = 0.0
     batched_steps: int = 0  # steps that ran in one batch with other sessions
+    moves: int = 0  # times the split moved
 
 
 class SessionTable:
@@ -61,6 +63,17 @@ class SessionTable:
             victim = next(iter(self.sessions.values()))
             victims.append(self.remove(victim.key, "evicted to make room for a newer session (KV budget or session limit)"))
         return victims
+
+    def reserve(self, session: EdgeSession, kv_bytes: int) -> None:
+        """Changes an open session's KV reservation (its split moved); refuses growth beyond the budget rather
+        than evicting others for a session that already runs."""
+        others = self.kv_reserved - session.kv_bytes
+        if others + kv_bytes > self.kv_budget_bytes:
+            raise SeamError(
+                f"the edge's KV budget has {max(self.kv_budget_bytes - others, 0) / 2**20:.1f} MiB left for this "
+                f"session, which would need {kv_bytes / 2**20:.1f} MiB at the new split; keep more layers on the UE"
+            )
+        session.kv_bytes = kv_bytes
 
     def add(self, session: EdgeSession) -> None:
         self.sessions[session.key] = session

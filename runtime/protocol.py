@@ -67,6 +67,8 @@ class OpenSession(Message):
     sampling: dict  # temperature, top_k, top_p, seed
     max_length: int  # prompt plus generated tokens, bounds the KV the edge allocates
     allow_token_upload: bool = False
+    sampler_state: dict = field(default_factory=dict)  # continues the UE's sampler when it generated locally so far
+    kv: np.ndarray | None = None  # the cache of layers [split, L) when sequences are already running (see Resplit)
 
 
 @dataclass
@@ -95,6 +97,30 @@ class StepResult(Message):
     step: int
     edge_compute_s: float  # lets the UE separate network time from compute
     tokens: np.ndarray  # [B] int64
+
+
+@dataclass
+class Resplit(Message):
+    """Moves a running session's split between two steps; the layers that change side take their KV cache along.
+
+    When the edge gains layers the UE sends their cache here, packed as [2 * layers * B, kv_heads, past, head_dim]
+    (each layer's keys then values); when the UE gains layers the edge answers with theirs.
+    """
+
+    kind = "resplit"
+    session_id: str
+    step: int  # the next step: a split moves only between steps
+    split: int
+    kv: np.ndarray | None = None
+
+
+@dataclass
+class Resplitted(Message):
+    kind = "resplitted"
+    session_id: str
+    split: int
+    sampler_state: dict = field(default_factory=dict)  # at split L the edge hands its sampler over and closes
+    kv: np.ndarray | None = None
 
 
 @dataclass

@@ -39,6 +39,19 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
+    @property
+    def state(self) -> dict:
+        """The random generator's position, JSON-safe: a split that moves to the other side takes it along, so
+        the tokens sampled there continue the same sequence."""
+        return self.rng.bit_generator.state
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        try:
+            self.rng.bit_generator.state = state
+        except (TypeError, ValueError, KeyError, OverflowError) as error:
+            raise SeamError(f"invalid sampler state ({error})") from None
+
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         """logits [B, V] -> token ids [B] int64."""
         params = self.params

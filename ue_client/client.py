@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from runtime.artifact import Artifact
 from runtime.errors import SeamError
 from runtime.executor import SessionPool
 from runtime.generation import left_pad, positions_from_mask
+from runtime.migration import pack_kv, resplit, unpack_kv
 from runtime.protocol import (
     PROTOCOL_VERSION,
     Close,
@@ -32,12 +33,14 @@ from runtime.protocol import (
     Hello,
     Message,
     OpenSession,
+    Resplit,
+    Resplitted,
     SessionOpened,
     Step,
     StepResult,
     Welcome,
 )
-from runtime.sampling import SamplingParams
+from runtime.sampling import Sampler, SamplingParams
 from runtime.spans import Span
 from runtime.transport import TransportConfig, UeSocket
 
@@ -111,67 +114,136 @@ class EdgeClient:
         self.close()
 
 
+@dataclass(frozen=True)
+class Move:
+    """One move of the split during a generation."""
+
+    before_step: int
+    from_split: int
+    to_split: int
+    kv_bytes: int  # KV cache that crossed the link
+    seconds: float
+
+
+SplitPolicy = Callable[["RemoteSession", int], int]  # (session, next step) -> split for that step
+
+
 class RemoteSession:
+    """One generation's sequences, layers [0, split) on this device and the rest on the edge.
+
+    The split may move between steps (``move_split``, or a policy given to ``generate``); at split L this device
+    runs every layer and samples itself, and the edge holds nothing until the split moves back.
+    """
+
     def __init__(self, client: EdgeClient, split: int, sampling: SamplingParams, allow_token_upload: bool):
-        if split not in client.artifact.split_points:
-            raise SeamError(f"split {split} is not a split point; choose one of {client.artifact.split_points}")
-        if split == client.artifact.num_layers:
-            raise SeamError(f"split {split} keeps every layer on this device, leaving the edge nothing to run; "
-                            "choose a smaller split")
-        if split == 0 and not allow_token_upload:
-            raise SeamError("split 0 sends raw token ids to the edge; pass --allow-token-upload to permit it")
         self.client = client
+        self.num_layers = client.artifact.num_layers
+        self.allow_token_upload = allow_token_upload
+        self._check_split(split)
         self.split = split
         self.sampling = sampling
-        self.allow_token_upload = allow_token_upload
+        self.sampler = Sampler(sampling)  # samples while this device holds every layer; travels with the split
         self.head = client.pool.runner(Span(0, split))
         self.session_id = uuid.uuid4().hex
         self.stats = GenerationStats()
+        self.moves: list[Move] = []
         self.edge_stats: dict = {}  # the edge's own account of the session, filled in on close
         self.open = False
+        self.edge_step = 0
+        self.batch = self.past = self.max_length = 0
+
+    def _check_split(self, split: int) -> None:
+        if split not in self.client.artifact.split_points:
+            raise SeamError(f"split {split} is not a split point; choose one of {self.client.artifact.split_points}")
+        if split == 0 and not self.allow_token_upload:
+            raise SeamError("split 0 sends raw token ids to the edge; pass --allow-token-upload to permit it")
 
     def _request(self, message: Message, kind: type) -> Message:
         return expect(self.client.socket.request(message), kind)
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> Iterator[np.ndarray]:
-        """Yields the next token of every prompt [B], step by step."""
+    def _open(self, kv: np.ndarray | None = None) -> None:
+        opening = OpenSession(self.session_id, self.split, self.batch, vars(self.sampling), self.max_length,
+                              self.allow_token_upload, self.sampler.state, kv)
+        self._request(opening, SessionOpened)
+        self.open = True
+        self.edge_step = 0
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, policy: SplitPolicy | None = None
+    ) -> Iterator[np.ndarray]:
+        """Yields the next token of every prompt [B], step by step; ``policy`` may move the split between steps."""
         manifest = self.client.artifact.manifest
         ids, mask = left_pad(prompts, manifest.tokenizer["pad_token_id"])
         positions = positions_from_mask(mask)
-        self.head.reset(len(prompts))
+        self.batch, self.past, self.max_length = len(prompts), 0, ids.shape[1] + max_new_tokens
+        self.head.reset(self.batch)
         self.stats = GenerationStats(started=time.perf_counter())
-        self._request(
-            OpenSession(
-                self.session_id,
-                self.split,
-                len(prompts),
-                vars(self.sampling),
-                ids.shape[1] + max_new_tokens,
-                self.allow_token_upload,
-            ),
-            SessionOpened,
-        )
-        self.open = True
         try:
+            if self.split < self.num_layers:
+                self._open()
             first = ids
             for step in range(max_new_tokens):
-                began = time.perf_counter()
-                boundary = self.head.run(first, mask, positions)
-                sent = time.perf_counter()
-                carried = {"input_ids": boundary} if self.split == 0 else {"hidden_states": boundary}
-                result = self._request(Step(self.session_id, step, mask, positions, **carried), StepResult)
-                arrived = time.perf_counter()
-                self.stats.timings.append(
-                    StepTiming(sent - began, max(arrived - sent - result.edge_compute_s, 0.0), result.edge_compute_s)
-                )
-                self.stats.arrivals.append(arrived)
-                tokens = result.tokens.astype(np.int64)
+                if step and policy is not None:
+                    self.move_split(policy(self, step))
+                tokens = self._step(first, mask, positions)
                 yield tokens
-                mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
+                self.past = mask.shape[1]
+                mask = np.concatenate([mask, np.ones((self.batch, 1), dtype=np.int64)], axis=1)
                 positions = positions[:, -1:] + 1
                 first = tokens[:, None]
         finally:
             self.close()
+
+    def _step(self, first: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        began = time.perf_counter()
+        output = self.head.run(first, mask, positions)
+        if self.split == self.num_layers:
+            tokens = self.sampler(output[:, -1, :])
+            arrived = time.perf_counter()
+            timing = StepTiming(arrived - began, 0.0, 0.0)
+        else:
+            sent = time.perf_counter()
+            carried = {"input_ids": output} if self.split == 0 else {"hidden_states": output}
+            result = self._request(Step(self.session_id, self.edge_step, mask, positions, **carried), StepResult)
+            arrived = time.perf_counter()
+            self.edge_step += 1
+            timing = StepTiming(sent - began, max(arrived - sent - result.edge_compute_s, 0.0), result.edge_compute_s)
+            tokens = result.tokens.astype(np.int64)
+        self.stats.timings.append(timing)
+        self.stats.arrivals.append(arrived)
+        return tokens
+
+    def move_split(self, split: int) -> None:
+        """Moves the split between two steps; the layers that change side take their KV cache along, so the
+        tokens that follow are the ones the old split would have produced."""
+        old, last = self.split, self.num_layers
+        if split == old:
+            return
+        self._check_split(split)
+        started = time.perf_counter()
+        incoming: dict[str, np.ndarray] = {}
+        if split < old:  # the edge takes layers [split, old) over
+            kv = pack_kv(self.head.cache, Span(split, old))
+            if old == last:
+                self.split = split  # the session opens at its new split
+                try:
+                    self._open(kv)
+                except BaseException:
+                    self.split = old
+                    raise
+            else:
+                self._request(Resplit(self.session_id, self.edge_step, split, kv), Resplitted)
+            moved = kv.nbytes
+        else:  # this device takes layers [old, split) over
+            reply = self._request(Resplit(self.session_id, self.edge_step, split), Resplitted)
+            incoming = unpack_kv(reply.kv, Span(old, split), self.head, self.batch, self.past)
+            if split == last:
+                self.sampler.state = reply.sampler_state
+                self.open = False  # the edge closed the session when it handed the last layer over
+            moved = reply.kv.nbytes
+        self.head = resplit(self.client.pool, self.head, Span(0, split), incoming)
+        self.split = split
+        self.moves.append(Move(len(self.stats.timings), old, split, moved, time.perf_counter() - started))
 
     def close(self) -> None:
         if self.open:
