@@ -27,7 +27,7 @@ from runtime.transport import UeSocket
 DEFAULT_SIZES = (256, 4 << 10, 64 << 10, 1 << 20, 4 << 20)
 
 
-def _round_trip(socket: UeSocket, nonce: int, up: int, down: int) -> float:
+def round_trip(socket: UeSocket, nonce: int, up: int, down: int) -> float:
     payload = np.zeros(up, dtype=np.uint8) if up else None
     started = time.perf_counter()
     reply = socket.request(Ping(nonce, down, payload))
@@ -52,13 +52,13 @@ def probe_link(socket: UeSocket, sizes=DEFAULT_SIZES, repeats: int = 7, gap_s: f
     nonce = 0
     shapes = [(size, smallest) for size in sizes] + [(smallest, size) for size in sizes if size != smallest]
     samples = []
-    _round_trip(socket, nonce, smallest, smallest)  # connects and warms both ends up
+    round_trip(socket, nonce, smallest, smallest)  # connects and warms both ends up
     for up, down in shapes:
         times = []
         for _ in range(repeats):
             time.sleep(gap_s)
             nonce += 1
-            times.append(_round_trip(socket, nonce, up, down))
+            times.append(round_trip(socket, nonce, up, down))
         samples.append(LinkSample(up, down, statistics.median(times)))
     uplink = [sample for sample in samples if sample.down_bytes == smallest]
     downlink = [sample for sample in samples if sample.up_bytes == smallest]

@@ -20,7 +20,7 @@ from ue_client.client import EdgeClient
 
 def scheduled(schedule: dict[int, int]):
     """A policy that moves the split to ``schedule[step]`` before that step."""
-    return lambda session, step: schedule.get(step, session.split)
+    return lambda session, step: session.move_split(schedule[step]) if step in schedule else None
 
 
 def moving_tokens(client: EdgeClient, start: int, schedule: dict[int, int], sampling: SamplingParams):

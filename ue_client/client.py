@@ -40,9 +40,12 @@ from runtime.protocol import (
     StepResult,
     Welcome,
 )
+from profiler.cost_model import Link
+from profiler.probe import round_trip
 from runtime.sampling import Sampler, SamplingParams
 from runtime.spans import Span
 from runtime.transport import TransportConfig, UeSocket
+from ue_client.link_estimate import LinkEstimator, Sample
 
 
 def expect(reply: Message, kind: type) -> Message:
@@ -90,16 +93,22 @@ class EdgeClient:
         threads: int | None = None,
         curve_secret: Path | None = None,
         server_key: Path | None = None,
+        link: Link | None = None,
     ):
         self.artifact = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
         self.pool = SessionPool(self.artifact, threads)
         self.socket = UeSocket(server, transport or TransportConfig(), curve_secret, server_key)
         try:
             hello = Hello(PROTOCOL_VERSION, self.artifact.manifest.artifact_fingerprint, ["sampling"])
+            started = time.perf_counter()
             self.welcome = expect(self.socket.request_with_retries(hello), Welcome)
+            handshake_s = time.perf_counter() - started
         except BaseException:
             self.socket.close()
             raise
+        # What sessions start from until their own traffic says better: a probed link profile, else the
+        # handshake's round trip and a modest bandwidth that the first probes replace.
+        self.link = link or Link(handshake_s, PRIOR_BYTES_PER_S, PRIOR_BYTES_PER_S)
 
     def session(self, split: int, sampling: SamplingParams | None = None, allow_token_upload: bool = False):
         return RemoteSession(self, split, sampling or SamplingParams(), allow_token_upload)
@@ -123,9 +132,11 @@ class Move:
     to_split: int
     kv_bytes: int  # KV cache that crossed the link
     seconds: float
+    reason: str = ""
 
 
-SplitPolicy = Callable[["RemoteSession", int], int]  # (session, next step) -> split for that step
+SplitPolicy = Callable[["RemoteSession", int], None]  # called before each step after the first; may move the split
+PRIOR_BYTES_PER_S = 10e6 / 8  # 10 Mbit/s
 
 
 class RemoteSession:
@@ -151,6 +162,8 @@ class RemoteSession:
         self.open = False
         self.edge_step = 0
         self.batch = self.past = self.max_length = 0
+        self.link = LinkEstimator(client.link)
+        self.probes = 0
 
     def _check_split(self, split: int) -> None:
         if split not in self.client.artifact.split_points:
@@ -159,7 +172,25 @@ class RemoteSession:
             raise SeamError("split 0 sends raw token ids to the edge; pass --allow-token-upload to permit it")
 
     def _request(self, message: Message, kind: type) -> Message:
-        return expect(self.client.socket.request(message), kind)
+        """One exchange with the edge; its bytes and network time feed the link estimate."""
+        socket = self.client.socket
+        sent, received, started = socket.bytes_sent, socket.bytes_received, time.perf_counter()
+        reply = expect(socket.request(message), kind)
+        elapsed = time.perf_counter() - started
+        compute = reply.edge_compute_s if isinstance(reply, StepResult) else 0.0
+        self.link.observe(Sample(started, socket.bytes_sent - sent, socket.bytes_received - received, elapsed - compute))
+        return reply
+
+    def probe_link(self) -> None:
+        """Measures the directions whose bandwidth estimate is stale with one ping each, sized to measure it."""
+        socket = self.client.socket
+        for direction in self.link.stale(time.perf_counter()):
+            size = self.link.probe_bytes()
+            up, down = (size, 0) if direction == "up" else (0, size)
+            sent, received, started = socket.bytes_sent, socket.bytes_received, time.perf_counter()
+            self.probes += 1
+            elapsed = round_trip(socket, self.probes, up, down)
+            self.link.observe(Sample(started, socket.bytes_sent - sent, socket.bytes_received - received, elapsed))
 
     def _open(self, kv: np.ndarray | None = None) -> None:
         opening = OpenSession(self.session_id, self.split, self.batch, vars(self.sampling), self.max_length,
@@ -171,7 +202,8 @@ class RemoteSession:
     def generate(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, policy: SplitPolicy | None = None
     ) -> Iterator[np.ndarray]:
-        """Yields the next token of every prompt [B], step by step; ``policy`` may move the split between steps."""
+        """Yields the next token of every prompt [B], step by step; ``policy(session, step)`` runs before every
+        step after the first and may move the split."""
         manifest = self.client.artifact.manifest
         ids, mask = left_pad(prompts, manifest.tokenizer["pad_token_id"])
         positions = positions_from_mask(mask)
@@ -184,7 +216,7 @@ class RemoteSession:
             first = ids
             for step in range(max_new_tokens):
                 if step and policy is not None:
-                    self.move_split(policy(self, step))
+                    policy(self, step)
                 tokens = self._step(first, mask, positions)
                 yield tokens
                 self.past = mask.shape[1]
@@ -213,7 +245,7 @@ class RemoteSession:
         self.stats.arrivals.append(arrived)
         return tokens
 
-    def move_split(self, split: int) -> None:
+    def move_split(self, split: int, reason: str = "") -> None:
         """Moves the split between two steps; the layers that change side take their KV cache along, so the
         tokens that follow are the ones the old split would have produced."""
         old, last = self.split, self.num_layers
@@ -243,7 +275,7 @@ class RemoteSession:
             moved = reply.kv.nbytes
         self.head = resplit(self.client.pool, self.head, Span(0, split), incoming)
         self.split = split
-        self.moves.append(Move(len(self.stats.timings), old, split, moved, time.perf_counter() - started))
+        self.moves.append(Move(len(self.stats.timings), old, split, moved, time.perf_counter() - started, reason))
 
     def close(self) -> None:
         if self.open:

@@ -1,0 +1,170 @@
+"""The UE's link estimate and the split policy: pure functions on synthetic traffic and profiles, then the
+cost-model policy driving a real generation against a real edge_server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_server.process import edge_server
+from profiler.cost_model import DeviceModel, Link
+from runtime.artifact import Artifact
+from runtime.errors import SeamError
+from runtime.sampling import SamplingParams
+from test_cost_model import device
+from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
+from ue_client.client import EdgeClient
+from ue_client.link_estimate import LinkEstimator, Sample, harmonic_mean
+from ue_client.policy import Constraints, CostModelPolicy, calibration, candidate_splits, choose_split
+
+MBIT = 1e6 / 8
+
+
+def traffic(link: Link, sizes, start_s: float = 0.0, jitter: float = 0.0, seed: int = 0) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i, (up, down) in enumerate(sizes):
+        seconds = link.rtt_s + up / link.up_bytes_per_s + down / link.down_bytes_per_s
+        samples.append(Sample(start_s + 0.1 * i, up, down, seconds * (1 + jitter * rng.standard_normal())))
+    return samples
+
+
+def steps_and_probes(n: int) -> list[tuple[int, int]]:
+    """Decode steps (3 kB up, 200 B down) with an upload and a download probe of 64 kB every fifth step."""
+    sizes = []
+    for i in range(n):
+        sizes.append((3000, 200))
+        if i % 5 == 0:
+            sizes += [(64_000, 100), (100, 64_000)]
+    return sizes
+
+
+# --- link estimate ------------------------------------------------------------------------------------------
+
+
+def test_the_estimate_finds_the_link_from_steps_and_probes():
+    truth = Link(0.02, 5 * MBIT, 20 * MBIT)
+    estimator = LinkEstimator(prior=Link(0.001, 100 * MBIT, 100 * MBIT))
+
+    for sample in traffic(truth, steps_and_probes(20), jitter=0.02):
+        estimator.observe(sample)
+
+    assert estimator.rtt_s == pytest.approx(truth.rtt_s, rel=0.15)
+    assert estimator.up_bytes_per_s == pytest.approx(truth.up_bytes_per_s, rel=0.15)
+    assert estimator.down_bytes_per_s == pytest.approx(truth.down_bytes_per_s, rel=0.15)
+
+
+def test_a_bandwidth_drop_shows_within_a_few_samples_and_a_spike_does_not():
+    fast, slow = Link(0.02, 20 * MBIT, 20 * MBIT), Link(0.02, 2 * MBIT, 20 * MBIT)
+    estimator = LinkEstimator(prior=fast)
+    for sample in traffic(fast, [(64_000, 100)] * 5):
+        estimator.observe(sample)
+    for sample in traffic(slow, [(64_000, 100)] * 2, start_s=1.0):
+        estimator.observe(sample)
+    assert estimator.up_bytes_per_s < 5 * MBIT  # two slow samples of five pull the harmonic mean down hard
+
+    steady = LinkEstimator(prior=slow)
+    for sample in traffic(slow, [(64_000, 100)] * 5):
+        steady.observe(sample)
+    steady.observe(traffic(Link(0.02, 200 * MBIT, 20 * MBIT), [(64_000, 100)], start_s=1.0)[0])
+    assert steady.up_bytes_per_s < 2.5 * MBIT  # one lucky burst barely moves it
+
+
+def test_stale_directions_and_probe_size():
+    estimator = LinkEstimator(prior=Link(0.02, 10 * MBIT, 10 * MBIT), stale_s=2.0)
+    assert estimator.stale(0.0) == ["up", "down"]
+    for sample in traffic(estimator.prior, [(64_000, 100)]):
+        estimator.observe(sample)
+    assert estimator.stale(1.0) == ["down"]
+    assert estimator.stale(5.0) == ["up", "down"]
+    assert 16 << 10 <= estimator.probe_bytes() <= 1 << 20
+    assert estimator.probe_bytes() == pytest.approx(2 * 0.02 * 10 * MBIT, rel=0.2)
+
+
+def test_harmonic_mean_weighs_the_slow_samples():
+    assert harmonic_mean([1.0, 1.0]) == 1.0
+    assert harmonic_mean([1.0, 100.0]) < 2.0
+
+
+# --- policy -------------------------------------------------------------------------------------------------
+
+KV_PER_LAYER = 2 * 4 * 16 * 4  # bytes per token per layer, as for 4 KV heads of 16 dims in fp32
+
+
+def models(ue_scale: float = 4.0, edge_scale: float = 0.2) -> tuple[DeviceModel, DeviceModel]:
+    return DeviceModel.from_profile(device(ue_scale, name="ue")), DeviceModel.from_profile(device(edge_scale, name="edge"))
+
+
+def decide(link: Link, current: int, remaining: int = 100, **options):
+    ue, edge = models()
+    candidates = options.pop("candidates", ue.split_points)
+    return choose_split(ue, edge, link, current=current, candidates=candidates, context=64, remaining=remaining,
+                        batch=1, kv_bytes_per_token_per_layer=KV_PER_LAYER, **options)
+
+
+def test_a_fast_link_sends_the_layers_to_the_edge_and_a_slow_one_keeps_them():
+    fast, slow = Link.from_mbit(1000, 1), Link.from_mbit(0.05, 200)
+
+    assert decide(fast, current=4).split == 0  # the edge is 20x faster: everything goes there
+    assert decide(slow, current=1).split == 4  # a 200 ms round trip costs more than the UE's compute
+
+
+def test_the_policy_respects_privacy_and_allowed_splits():
+    fast = Link.from_mbit(1000, 1)
+
+    assert decide(fast, current=4, candidates=[2, 3, 4]).split == 2
+
+
+def test_no_move_when_the_gain_is_within_the_margin_or_cannot_pay_for_itself():
+    ue, edge = models(ue_scale=1.0, edge_scale=1.0)  # both sides alike: every offloading split costs the same
+    link = Link.from_mbit(1000, 1)
+    even = choose_split(ue, edge, link, current=2, candidates=[0, 1, 2, 3], context=64, remaining=1000, batch=1,
+                        kv_bytes_per_token_per_layer=KV_PER_LAYER)
+    assert even.split == 2 and "stays" in even.reason
+
+    slow_move = Link.from_mbit(0.01, 1)  # the KV cache of a move would take seconds to cross
+    assert decide(slow_move, current=4, remaining=2).split == 4
+    moved = decide(Link.from_mbit(1000, 1), current=4, remaining=100)
+    assert moved.split != 4 and "->" in moved.reason and "saves" in moved.reason
+
+
+def test_calibration_scales_a_side_by_its_median_and_is_bounded():
+    assert calibration([0.02, 0.02, 0.5], 0.01) == pytest.approx(2.0)
+    assert calibration([10.0], 0.01) == 4.0
+    assert calibration([], 0.01) == 1.0
+
+
+def test_candidates_leave_out_what_the_ue_cannot_hold():
+    ue, _ = models()
+    weights, kv = [1000] * 4, [100] * 4
+
+    assert candidate_splits(ue, Constraints(), kv, 1, 10, weights) == [0, 1, 2, 3, 4]
+    assert candidate_splits(ue, Constraints(ue_memory_bytes=4500), kv, 1, 10, weights) == [0, 1, 2]  # 2000 B a block
+    assert candidate_splits(ue, Constraints(min_ue_layers=1, allowed=(1, 3)), kv, 1, 10, weights) == [1, 3]
+    with pytest.raises(SeamError, match="no split satisfies"):
+        candidate_splits(ue, Constraints(min_ue_layers=9), kv, 1, 10, weights)
+
+
+# --- the policy in a real generation ------------------------------------------------------------------------
+
+
+def test_the_cost_model_policy_moves_a_local_start_to_the_edge_without_changing_the_tokens(exported):
+    artifact = Artifact.open(exported("tiny-llama"))
+    manifest = artifact.manifest
+    spans = tuple((b.layers.start, b.layers.end) for b in manifest.blocks)
+    profile = {
+        name: DeviceModel.from_profile(device(scale, spans, manifest.artifact_fingerprint, manifest.dtype, name,
+                                              manifest.dims.hidden_size))
+        for name, scale in (("ue", 50.0), ("edge", 0.1))  # a hopeless UE and a fast edge
+    }
+    policy = CostModelPolicy(profile["ue"], profile["edge"], Constraints(min_ue_layers=1))
+    params = SamplingParams(temperature=0.8, seed=3)
+    with edge_server(artifact.root) as (_, address), EdgeClient(artifact, address) as client:
+        with client.session(artifact.num_layers, params) as session:
+            tokens = np.stack(list(session.generate(PROMPTS, NEW_TOKENS, policy)), axis=1)
+
+    assert (tokens == local_tokens(artifact, PROMPTS, params)).all()
+    assert session.moves and session.moves[0].before_step == 1 and session.moves[0].to_split == 1
+    assert session.split == 1  # the privacy floor: one layer stays on the UE
+    assert len(policy.decisions) == NEW_TOKENS - 1
+    assert session.probes >= 2  # the estimate started stale in both directions

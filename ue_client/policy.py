@@ -1,0 +1,146 @@
+"""Split policies: which split the next step should run at, from the cost model, the link estimate and the
+generation's state.
+
+``choose_split`` is a pure function. It predicts every allowed split's per-token latency at the current context,
+scales each side's compute by what the running session measured against its profile (an edge busy with other
+UEs, a UE warmer than when it was profiled), and moves only when the time saved over the tokens still to come
+pays for carrying the moved layers' KV cache across, and the new split is faster by a margin, so that noise in
+the estimate never makes the split flap. Policies: ``static`` (never moves) and ``cost-model``; a learned policy
+plugs in as another ``SplitPolicy``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from profiler.cost_model import DeviceModel, Link, predict
+from runtime.errors import SeamError
+
+POLICIES = ("static", "cost-model")
+
+
+@dataclass(frozen=True)
+class Constraints:
+    min_ue_layers: int = 0  # privacy: layers that always run on the UE
+    ue_memory_bytes: int | None = None  # the UE's budget for weights and KV cache
+    allowed: tuple[int, ...] | None = None  # split points the policy may choose; None = all
+
+
+@dataclass(frozen=True)
+class Decision:
+    split: int
+    per_token_s: dict[int, float]  # predicted decode latency of each candidate
+    reason: str
+
+
+def candidate_splits(ue: DeviceModel, constraints: Constraints, kv_bytes_per_token: Sequence[int], batch: int,
+                     max_length: int, weight_bytes: Sequence[int]) -> list[int]:
+    """Split points the constraints allow: ``weight_bytes[i]`` and ``kv_bytes_per_token[i]`` describe block i."""
+    splits = []
+    for split in ue.split_points:
+        if split < constraints.min_ue_layers or (constraints.allowed is not None and split not in constraints.allowed):
+            continue
+        inside = [i for i, fit in enumerate(ue.blocks) if fit.layers[1] <= split]
+        needed = sum(weight_bytes[i] + kv_bytes_per_token[i] * batch * max_length for i in inside)
+        if constraints.ue_memory_bytes is None or needed <= constraints.ue_memory_bytes:
+            splits.append(split)
+    if not splits:
+        raise SeamError("no split satisfies the constraints (minimum UE layers, UE memory, allowed splits)")
+    return splits
+
+
+def per_token_s(ue: DeviceModel, edge: DeviceModel, link: Link, split: int, context: int, batch: int,
+                ue_scale: float = 1.0, edge_scale: float = 1.0) -> float:
+    step = predict(ue, edge, link, split, context, batch).decode
+    return step.ue_s * ue_scale + step.edge_s * edge_scale + step.uplink_s + step.downlink_s + step.rtt_s
+
+
+def move_s(link: Link, current: int, split: int, kv_bytes_per_token_per_layer: int, batch: int, context: int) -> float:
+    """Time to carry the cache of the layers between ``current`` and ``split`` across the link."""
+    moved = abs(split - current) * kv_bytes_per_token_per_layer * batch * context
+    rate = link.up_bytes_per_s if split < current else link.down_bytes_per_s
+    return link.rtt_s + moved / rate
+
+
+def choose_split(
+    ue: DeviceModel,
+    edge: DeviceModel,
+    link: Link,
+    *,
+    current: int,
+    candidates: Sequence[int],
+    context: int,
+    remaining: int,
+    batch: int,
+    kv_bytes_per_token_per_layer: int,
+    margin: float = 0.1,
+    ue_scale: float = 1.0,
+    edge_scale: float = 1.0,
+) -> Decision:
+    """The split for the next step: the candidate with the largest net saving over the ``remaining`` tokens."""
+    costs = {
+        split: per_token_s(ue, edge, link, split, context, batch, ue_scale, edge_scale)
+        for split in sorted({*candidates, current})
+    }
+    now = costs[current]
+    best, best_gain = current, 0.0
+    for split in candidates:
+        gain = (now - costs[split]) * remaining - move_s(link, current, split, kv_bytes_per_token_per_layer, batch,
+                                                          context)
+        if gain > best_gain and costs[split] < now * (1 - margin):
+            best, best_gain = split, gain
+    label = f"{link.label}, rtt {link.rtt_s * 1e3:.0f} ms"
+    if best == current:
+        return Decision(current, costs, f"{label}: split {current} stays ({1e3 * now:.1f} ms/token)")
+    return Decision(
+        best,
+        costs,
+        f"{label}: split {current} -> {best}, {1e3 * now:.1f} -> {1e3 * costs[best]:.1f} ms/token, "
+        f"saves {best_gain:.2f} s over {remaining} tokens after the move",
+    )
+
+
+def calibration(measured_s: Sequence[float], predicted_s: float) -> float:
+    """How much slower (> 1) or faster a side runs than its profile predicts, from recent measured steps;
+    bounded to [0.25, 4] so that one stall cannot make the policy believe a device is useless."""
+    if not measured_s or predicted_s <= 0:
+        return 1.0
+    ordered = sorted(measured_s)
+    return min(max(ordered[len(ordered) // 2] / predicted_s, 0.25), 4.0)
+
+
+class CostModelPolicy:
+    """The ``cost-model`` policy for ``RemoteSession.generate``: before each step it probes the link if the
+    estimate is stale, calibrates both sides' compute against the session's steps since its last move, and
+    moves the split when ``choose_split`` says so."""
+
+    def __init__(self, ue: DeviceModel, edge: DeviceModel, constraints: Constraints = Constraints(),
+                 margin: float = 0.1, window: int = 5):
+        self.ue, self.edge = ue, edge
+        self.constraints = constraints
+        self.margin = margin
+        self.window = window
+        self.decisions: list[Decision] = []
+
+    def __call__(self, session, step: int) -> None:
+        session.probe_link()
+        manifest = session.client.artifact.manifest
+        per_layer = manifest.kv_bytes_per_token_per_layer
+        blocks = manifest.blocks
+        candidates = candidate_splits(
+            self.ue, self.constraints, [len(b.layers) * per_layer for b in blocks], session.batch,
+            session.max_length, [b.variants[session.head.variant].weight_bytes for b in blocks],
+        )
+        link = session.link.link()
+        since_move = session.moves[-1].before_step if session.moves else 1  # the prefill is no decode step
+        recent = session.stats.timings[max(since_move, 1):][-self.window:]
+        predicted = predict(self.ue, self.edge, link, session.split, session.past, session.batch).decode
+        decision = choose_split(
+            self.ue, self.edge, link, current=session.split, candidates=candidates, context=session.past,
+            remaining=session.max_length - session.past - 1, batch=session.batch, kv_bytes_per_token_per_layer=per_layer,
+            margin=self.margin, ue_scale=calibration([t.ue_s for t in recent], predicted.ue_s),
+            edge_scale=calibration([t.edge_s for t in recent], predicted.edge_s),
+        )
+        self.decisions.append(decision)
+        session.move_split(decision.split, decision.reason)
