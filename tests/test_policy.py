@@ -3,11 +3,15 @@ cost-model policy driving a real generation against a real edge_server."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from edge_server.process import edge_server
 from profiler.cost_model import DeviceModel, Link
+from profiler.schema import save
 from runtime.artifact import Artifact
 from runtime.errors import SeamError
 from runtime.sampling import SamplingParams
@@ -125,7 +129,7 @@ def test_no_move_when_the_gain_is_within_the_margin_or_cannot_pay_for_itself():
     slow_move = Link.from_mbit(0.01, 1)  # the KV cache of a move would take seconds to cross
     assert decide(slow_move, current=4, remaining=2).split == 4
     moved = decide(Link.from_mbit(1000, 1), current=4, remaining=100)
-    assert moved.split != 4 and "->" in moved.reason and "saves" in moved.reason
+    assert moved.split != 4 and "ms/token" in moved.reason and "saves" in moved.reason
 
 
 def test_calibration_scales_a_side_by_its_median_and_is_bounded():
@@ -168,3 +172,50 @@ def test_the_cost_model_policy_moves_a_local_start_to_the_edge_without_changing_
     assert session.split == 1  # the privacy floor: one layer stays on the UE
     assert len(policy.decisions) == NEW_TOKENS - 1
     assert session.probes >= 2  # the estimate started stale in both directions
+
+
+def synthetic_profiles(artifact: Artifact, tmp_path, ue_scale: float, edge_scale: float) -> dict[str, str]:
+    manifest = artifact.manifest
+    spans = tuple((b.layers.start, b.layers.end) for b in manifest.blocks)
+    paths = {}
+    for name, scale in (("ue", ue_scale), ("edge", edge_scale)):
+        profile = device(scale, spans, manifest.artifact_fingerprint, manifest.dtype, name, manifest.dims.hidden_size)
+        paths[name] = str(save(profile, tmp_path / f"{name}.json"))
+    return paths
+
+
+def ue_client(artifact: Artifact, address: str, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ue_client.cli", str(artifact.root), "--server", address, "--prompt", "hello edge",
+         "--max-new-tokens", "6", *options],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_ue_client_moves_the_split_with_the_cost_model_and_says_why(exported, tmp_path):
+    artifact = Artifact.open(exported("tiny-llama"))
+    paths = synthetic_profiles(artifact, tmp_path, ue_scale=50.0, edge_scale=0.1)
+    with edge_server(artifact.root) as (_, address):
+        static = ue_client(artifact, address, "--split", str(artifact.num_layers), "--policy", "static")
+        adaptive = ue_client(artifact, address, "--split", str(artifact.num_layers),
+                             "--ue-profile", paths["ue"], "--edge-profile", paths["edge"])
+
+    assert static.returncode == 0 and adaptive.returncode == 0, adaptive.stderr
+    assert adaptive.stdout == static.stdout  # the same text, whichever side ran the layers
+    assert f"split {artifact.num_layers} -> 1" in adaptive.stderr and "ms/token" in adaptive.stderr
+    assert "moves, ended at split 1" in adaptive.stderr
+
+
+def test_ue_client_refuses_half_a_cost_model(exported, tmp_path):
+    artifact = Artifact.open(exported("tiny-llama"))
+    paths = synthetic_profiles(artifact, tmp_path, 1.0, 1.0)
+    cases = {
+        ("--policy", "cost-model", "--ue-profile", paths["ue"]): "needs both device profiles; give --edge-profile",
+        ("--ue-profile", paths["ue"], "--edge-profile", paths["edge"], "--min-ue-layers", "0"): "--allow-token-upload",
+        ("--ue-profile", paths["ue"], "--edge-profile", str(tmp_path / "none.json")): "cannot read profile",
+    }
+    for options, fragment in cases.items():
+        result = ue_client(artifact, "tcp://127.0.0.1:9", "--timeout", "1", *options)
+        assert result.returncode == 2, (options, result.stderr)
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("ue_client: error:") and fragment in last, (options, last)

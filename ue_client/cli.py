@@ -26,6 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--fallback-local", action="store_true", help="generate on this device if the edge is down")
     parser.add_argument("--allow-token-upload", action="store_true", help="permit --split 0 (sends token ids)")
+    parser.add_argument("--policy", choices=["static", "cost-model"], default=None,
+                        help="how the split moves during a generation (default: cost-model when both profiles are "
+                             "found, else static)")
+    parser.add_argument("--ue-profile", type=Path, default=None,
+                        help="this device's profile (default: its cached 'seam profile' in the artifact)")
+    parser.add_argument("--edge-profile", type=Path, default=None, help="the edge's profile, copied from the edge")
+    parser.add_argument("--link-profile", type=Path, default=None, help="a 'seam probe' profile to start the link estimate from")
+    parser.add_argument("--min-ue-layers", type=int, default=1,
+                        help="layers that always stay on this device (default 1; 0 needs --allow-token-upload)")
+    parser.add_argument("--ue-memory-mb", type=float, default=None, help="memory budget for weights and KV on this device")
     parser.add_argument("--curve-secret", type=Path, default=None, help="this UE's NAME.key_secret")
     parser.add_argument("--server-key", type=Path, default=None, help="the server's public NAME.key")
     return parser
@@ -59,9 +69,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         return True
 
+    policy, prior = choose_policy(args, artifact)
     transport = TransportConfig(timeout_s=args.timeout)
     try:
-        client = EdgeClient(artifact, args.server, transport, args.threads, args.curve_secret, args.server_key)
+        client = EdgeClient(artifact, args.server, transport, args.threads, args.curve_secret, args.server_key, prior)
     except TransportTimeout:
         if not args.fallback_local:
             raise
@@ -74,15 +85,19 @@ def run(args: argparse.Namespace) -> int:
                 break
         print()
         return 0
+    status = StatusLine(sys.stderr, artifact.num_layers)
     with client, client.session(split, sampling, args.allow_token_upload) as session:
-        for tokens in session.generate([prompt_ids], args.max_new_tokens):
+        for tokens in session.generate([prompt_ids], args.max_new_tokens, policy):
+            status.update(session)
             if not stream(tokens):
                 break
         print()
+        status.finish()
         stats = session.stats
         medians = stats.decode_medians_ms()
+        moves = f"; {len(session.moves)} moves, ended at split {session.split}" if session.moves else ""
         print(
-            f"ue_client: split {split}/{artifact.num_layers}; {len(stats.arrivals)} tokens; "
+            f"ue_client: split {split}/{artifact.num_layers}{moves}; {len(stats.arrivals)} tokens; "
             f"time to first token {1e3 * stats.time_to_first_token_s:.1f} ms; {stats.tokens_per_second:.1f} tokens/s\n"
             f"ue_client: per token (median): UE {medians['ue_s']:.2f} ms, network {medians['network_s']:.2f} ms, "
             f"edge {medians['edge_s']:.2f} ms; sent {client.socket.bytes_sent} B, "
@@ -90,6 +105,70 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def choose_policy(args: argparse.Namespace, artifact):
+    """The split policy (None = static) and the link prior the arguments ask for, refusing half a cost model."""
+    from profiler.cost_model import DeviceModel, Link, check_pair
+    from profiler.measure import profile_key
+    from profiler.schema import DeviceProfile, LinkProfile, load
+    from runtime.ort_options import default_threads
+    from ue_client.policy import Constraints, CostModelPolicy
+
+    prior = Link.from_profile(load(args.link_profile, LinkProfile)) if args.link_profile else None
+    if args.policy == "static":
+        return None, prior
+    ue_path = args.ue_profile
+    if ue_path is None:
+        key = profile_key(artifact, "cpu", args.threads or default_threads(), artifact.manifest.dtype)
+        cached = artifact.root / "profiles" / key.file_name()
+        ue_path = cached if cached.is_file() else None
+    if ue_path is None or args.edge_profile is None:
+        if args.policy == "cost-model":
+            missing = "--edge-profile" if ue_path else "--ue-profile (or run 'seam profile' on this device)"
+            raise SeamError(f"--policy cost-model needs both device profiles; give {missing}")
+        return None, prior
+    if args.min_ue_layers < 0 or (args.min_ue_layers == 0 and not args.allow_token_upload):
+        raise SeamError("--min-ue-layers 0 lets the policy send token ids; it needs --allow-token-upload")
+    ue, edge = (DeviceModel.from_profile(load(path, DeviceProfile)) for path in (ue_path, args.edge_profile))
+    check_pair(ue, edge)
+    if ue.key.artifact_fingerprint != artifact.manifest.artifact_fingerprint:
+        raise SeamError(f"the profiles were measured with another artifact than {artifact.root}; profile it again")
+    memory = None if args.ue_memory_mb is None else int(args.ue_memory_mb * 2**20)
+    return CostModelPolicy(ue, edge, Constraints(args.min_ue_layers, memory)), prior
+
+
+class StatusLine:
+    """A line of its own for every move, and a live line (split, link estimate) on a terminal whose text is
+    not streaming there too (stdout redirected), since redrawing the line would wipe the text."""
+
+    def __init__(self, stream, num_layers: int):
+        self.stream = stream
+        self.live = stream.isatty() and not sys.stdout.isatty()
+        self.num_layers = num_layers
+        self.moves_shown = 0
+
+    def update(self, session) -> None:
+        for move in session.moves[self.moves_shown:]:
+            self._clear()
+            why = f": {move.reason}" if move.reason else ""
+            self.stream.write(f"ue_client: before token {move.before_step + 1}, split {move.from_split} -> "
+                              f"{move.to_split} ({move.kv_bytes / 1e6:.2f} MB of KV in {1e3 * move.seconds:.0f} ms){why}\n")
+        self.moves_shown = len(session.moves)
+        if self.live:
+            link = session.link.link()
+            self.stream.write(f"\r\x1b[2Kue_client: token {len(session.stats.arrivals)}, split {session.split}/"
+                              f"{self.num_layers}, link up {link.up_mbit:.1f} down {link.down_mbit:.1f} Mbit/s, "
+                              f"rtt {1e3 * link.rtt_s:.1f} ms")
+        self.stream.flush()
+
+    def _clear(self) -> None:
+        if self.live:
+            self.stream.write("\r\x1b[2K")
+
+    def finish(self) -> None:
+        self._clear()
+        self.stream.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

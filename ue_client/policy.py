@@ -90,13 +90,13 @@ def choose_split(
                                                           context)
         if gain > best_gain and costs[split] < now * (1 - margin):
             best, best_gain = split, gain
-    label = f"{link.label}, rtt {link.rtt_s * 1e3:.0f} ms"
+    label = f"link up {link.up_mbit:.1f}, down {link.down_mbit:.1f} Mbit/s, rtt {link.rtt_s * 1e3:.1f} ms"
     if best == current:
         return Decision(current, costs, f"{label}: split {current} stays ({1e3 * now:.1f} ms/token)")
     return Decision(
         best,
         costs,
-        f"{label}: split {current} -> {best}, {1e3 * now:.1f} -> {1e3 * costs[best]:.1f} ms/token, "
+        f"{label}: {1e3 * now:.1f} -> {1e3 * costs[best]:.1f} ms/token, "
         f"saves {best_gain:.2f} s over {remaining} tokens after the move",
     )
 
