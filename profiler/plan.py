@@ -7,9 +7,7 @@ downlink time), marks the best split, and can plot the breakdown and the best sp
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from export.report import table
@@ -18,6 +16,7 @@ from profiler.cost_model import DeviceModel, Link, LinkPlan, check_pair, plan
 from profiler.schema import DeviceProfile, LinkProfile, load
 from runtime.artifact import Artifact
 from runtime.errors import SeamError
+from runtime.files import write_atomically
 
 _positive = comma_list(float, positive=True)  # bandwidths in Mbit/s
 
@@ -161,13 +160,4 @@ def plot(plans: list[LinkPlan], path: Path) -> None:
         right.set_xscale("log")
     right.set_xticks(rates, [f"{rate:g}" for rate in rates], minor=False)
     right.minorticks_off()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            figure.savefig(out, format="png", dpi=120)
-        os.replace(scratch, path)
-    except BaseException:
-        Path(scratch).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=120), binary=True)

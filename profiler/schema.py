@@ -8,12 +8,11 @@ the schema and refuses anything else with one clear line.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runtime.errors import SeamError
+from runtime.files import write_atomically
 
 SCHEMA = "seam.profile"
 SCHEMA_VERSION = 1
@@ -97,17 +96,8 @@ def to_json(profile: DeviceProfile | LinkProfile) -> str:
 
 
 def save(profile: DeviceProfile | LinkProfile, path: Path) -> Path:
-    """Writes through a temporary file and a rename, so a reader never sees half a profile."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(to_json(profile))
-        os.replace(scratch, path)
-    except BaseException:
-        Path(scratch).unlink(missing_ok=True)
-        raise
-    return path
+    """Writes atomically, so a reader never sees half a profile."""
+    return write_atomically(path, lambda out: out.write(to_json(profile)))
 
 
 def _block(raw: dict) -> BlockProfile:

@@ -21,6 +21,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from runtime.errors import SeamError
 from runtime.protocol import DEFAULT_MAX_MESSAGE_BYTES, Message, decode, encode
+from runtime.traces import LinkState, Trace
 
 
 class TransportTimeout(SeamError):
@@ -142,6 +143,28 @@ class EdgeSocket:
         self.context.term()
 
 
+class EmulatedLink:
+    """Delays each request as a link following ``trace`` would: before sending, half the round trip and the
+    upload at the trace's uplink rate; after the reply, the other half and the download. For demos and runs
+    without root; ``tc`` on a network namespace shapes a real link."""
+
+    def __init__(self, trace: Trace, clock=time.monotonic):
+        self.trace = trace
+        self.clock = clock
+        self.started = clock()
+
+    def state(self) -> LinkState:
+        return self.trace.at(self.clock() - self.started)
+
+    def send_delay_s(self, size: int) -> float:
+        state = self.state()
+        return state.rtt_ms / 2e3 + size * 8 / (state.up_mbit * 1e6)
+
+    def receive_delay_s(self, size: int) -> float:
+        state = self.state()
+        return state.rtt_ms / 2e3 + size * 8 / (state.down_mbit * 1e6)
+
+
 class UeSocket:
     """The UE end: one request, one reply, each bounded by the timeout."""
 
@@ -151,9 +174,11 @@ class UeSocket:
         config: TransportConfig,
         curve_secret: Path | None = None,
         server_key: Path | None = None,
+        emulated: EmulatedLink | None = None,
     ):
         self.address = address
         self.config = config
+        self.emulated = emulated
         self.curve = (_load_secret(curve_secret), _load_public(server_key)) if curve_secret else None
         self.context = zmq.Context()
         self.socket = None
@@ -188,8 +213,11 @@ class UeSocket:
 
     def request(self, message: Message, timeout_s: float | None = None) -> Message:
         frames = encode(message)
+        size = sum(len(frame) for frame in frames)
+        if self.emulated:
+            time.sleep(self.emulated.send_delay_s(size))
         self.socket.send_multipart(frames, copy=False)
-        self.bytes_sent += sum(len(frame) for frame in frames)
+        self.bytes_sent += size
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
         if not self.socket.poll(int(timeout * 1000)):
             refused = self._handshake_failure()
@@ -201,7 +229,10 @@ class UeSocket:
                 "check that edge_server is running and reachable, or raise --timeout"
             )
         reply = self.socket.recv_multipart(copy=False)
-        self.bytes_received += sum(len(frame.buffer) for frame in reply)
+        size = sum(len(frame.buffer) for frame in reply)
+        if self.emulated:
+            time.sleep(self.emulated.receive_delay_s(size))
+        self.bytes_received += size
         return decode([frame.buffer for frame in reply], self.config.max_message_bytes)
 
     def request_with_retries(self, message: Message) -> Message:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from runtime.errors import SeamError
 from runtime.sampling import SamplingParams
-from runtime.transport import TransportConfig, TransportTimeout
+from runtime.traces import load_trace
+from runtime.transport import EmulatedLink, TransportConfig, TransportTimeout
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-ue-layers", type=int, default=1,
                         help="layers that always stay on this device (default 1; 0 needs --allow-token-upload)")
     parser.add_argument("--ue-memory-mb", type=float, default=None, help="memory budget for weights and KV on this device")
+    parser.add_argument("--link-trace", type=Path, default=None,
+                        help="emulate a link following this CSV trace (t_s,up_mbit,down_mbit,rtt_ms) on top of the real one")
     parser.add_argument("--curve-secret", type=Path, default=None, help="this UE's NAME.key_secret")
     parser.add_argument("--server-key", type=Path, default=None, help="the server's public NAME.key")
     return parser
@@ -70,9 +73,11 @@ def run(args: argparse.Namespace) -> int:
         return True
 
     policy, prior = choose_policy(args, artifact)
+    emulated = EmulatedLink(load_trace(args.link_trace)) if args.link_trace else None
     transport = TransportConfig(timeout_s=args.timeout)
     try:
-        client = EdgeClient(artifact, args.server, transport, args.threads, args.curve_secret, args.server_key, prior)
+        client = EdgeClient(artifact, args.server, transport, args.threads, args.curve_secret, args.server_key, prior,
+                            emulated)
     except TransportTimeout:
         if not args.fallback_local:
             raise

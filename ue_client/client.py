@@ -44,7 +44,7 @@ from profiler.cost_model import Link
 from profiler.probe import round_trip
 from runtime.sampling import Sampler, SamplingParams
 from runtime.spans import Span
-from runtime.transport import TransportConfig, UeSocket
+from runtime.transport import EmulatedLink, TransportConfig, UeSocket
 from ue_client.link_estimate import LinkEstimator, Sample
 
 
@@ -94,10 +94,11 @@ class EdgeClient:
         curve_secret: Path | None = None,
         server_key: Path | None = None,
         link: Link | None = None,
+        emulated: EmulatedLink | None = None,
     ):
         self.artifact = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
         self.pool = SessionPool(self.artifact, threads)
-        self.socket = UeSocket(server, transport or TransportConfig(), curve_secret, server_key)
+        self.socket = UeSocket(server, transport or TransportConfig(), curve_secret, server_key, emulated)
         try:
             hello = Hello(PROTOCOL_VERSION, self.artifact.manifest.artifact_fingerprint, ["sampling"])
             started = time.perf_counter()
