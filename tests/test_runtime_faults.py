@@ -21,6 +21,7 @@ from runtime.protocol import (
 from runtime.sampling import SamplingParams
 from runtime.transport import HandshakeRefused, TransportConfig, TransportTimeout, UeSocket
 from conftest import run_seam
+from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
 from ue_client.client import EdgeClient
 
 
@@ -152,6 +153,25 @@ def test_killed_edge_gives_a_clear_error_within_the_timeout(exported):
             list(tokens)
         assert time.monotonic() - started < 10
         client.close()
+
+
+def test_a_killed_edge_with_fallback_finishes_on_the_ue_with_the_same_tokens(exported):
+    artifact = Artifact.open(exported("tiny-llama"))
+    with edge_server(artifact.root) as (process, address):
+        with EdgeClient(artifact, address, TransportConfig(timeout_s=1)) as client:
+            session = client.session(2, fallback_local=True)
+            steps = session.generate(PROMPTS, NEW_TOKENS)
+            produced = [next(steps), next(steps), next(steps)]
+            process.kill()
+            process.wait()
+            started = time.monotonic()
+            produced += list(steps)
+            assert time.monotonic() - started < 10
+
+    assert (np.stack(produced, axis=1) == local_tokens(artifact, PROMPTS, SamplingParams())).all()
+    (move,) = session.moves
+    assert (move.before_step, move.from_split, move.to_split) == (3, 2, artifact.num_layers)
+    assert "stopped answering" in move.reason and session.split == artifact.num_layers
 
 
 def test_ue_client_without_server(exported):

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for any reply")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--fallback-local", action="store_true", help="generate on this device if the edge is down")
+    parser.add_argument("--fallback-local", action="store_true",
+                        help="generate on this device if the edge is down, or finish here if it stops answering")
     parser.add_argument("--allow-token-upload", action="store_true", help="permit --split 0 (sends token ids)")
     parser.add_argument("--policy", choices=["static", "cost-model"], default=None,
                         help="how the split moves during a generation (default: cost-model when both profiles are "
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         print()
         return 0
     status = StatusLine(sys.stderr, artifact.num_layers)
-    with client, client.session(split, sampling, args.allow_token_upload) as session:
+    with client, client.session(split, sampling, args.allow_token_upload, args.fallback_local) as session:
         for tokens in session.generate([prompt_ids], args.max_new_tokens, policy):
             status.update(session)
             if not stream(tokens):

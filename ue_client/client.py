@@ -44,7 +44,7 @@ from profiler.cost_model import Link
 from profiler.probe import round_trip
 from runtime.sampling import Sampler, SamplingParams
 from runtime.spans import Span
-from runtime.transport import EmulatedLink, TransportConfig, UeSocket
+from runtime.transport import EmulatedLink, TransportConfig, TransportTimeout, UeSocket
 from ue_client.link_estimate import LinkEstimator, Sample
 
 
@@ -111,8 +111,9 @@ class EdgeClient:
         # handshake's round trip and a modest bandwidth that the first probes replace.
         self.link = link or Link(handshake_s, PRIOR_BYTES_PER_S, PRIOR_BYTES_PER_S)
 
-    def session(self, split: int, sampling: SamplingParams | None = None, allow_token_upload: bool = False):
-        return RemoteSession(self, split, sampling or SamplingParams(), allow_token_upload)
+    def session(self, split: int, sampling: SamplingParams | None = None, allow_token_upload: bool = False,
+                fallback_local: bool = False):
+        return RemoteSession(self, split, sampling or SamplingParams(), allow_token_upload, fallback_local)
 
     def close(self) -> None:
         self.socket.close()
@@ -147,8 +148,10 @@ class RemoteSession:
     runs every layer and samples itself, and the edge holds nothing until the split moves back.
     """
 
-    def __init__(self, client: EdgeClient, split: int, sampling: SamplingParams, allow_token_upload: bool):
+    def __init__(self, client: EdgeClient, split: int, sampling: SamplingParams, allow_token_upload: bool,
+                 fallback_local: bool = False):
         self.client = client
+        self.fallback_local = fallback_local  # if the edge stops answering, finish on this device
         self.num_layers = client.artifact.num_layers
         self.allow_token_upload = allow_token_upload
         self._check_split(split)
@@ -214,18 +217,44 @@ class RemoteSession:
         try:
             if self.split < self.num_layers:
                 self._open()
-            first = ids
+            first, sequence = ids, ids
             for step in range(max_new_tokens):
                 if step and policy is not None:
                     policy(self, step)
-                tokens = self._step(first, mask, positions)
+                try:
+                    tokens = self._step(first, mask, positions)
+                except TransportTimeout as lost:
+                    if not self.fallback_local:
+                        raise
+                    tokens = self._finish_locally(sequence, mask, lost)
                 yield tokens
                 self.past = mask.shape[1]
                 mask = np.concatenate([mask, np.ones((self.batch, 1), dtype=np.int64)], axis=1)
                 positions = positions[:, -1:] + 1
                 first = tokens[:, None]
+                sequence = np.concatenate([sequence, first], axis=1)
         finally:
             self.close()
+
+    def _finish_locally(self, sequence: np.ndarray, mask: np.ndarray, lost: TransportTimeout) -> np.ndarray:
+        """The edge stopped answering and its layers' cache went with it: this device takes every layer, rebuilds
+        their cache from the whole sequence so far in one pass, and samples the step that was lost.
+
+        Greedy output continues as before; a sampled one continues with this device's generator, since the edge's
+        went down with it."""
+        started, old = time.perf_counter(), self.split
+        self.open = False
+        self.head = self.client.pool.runner(Span(0, self.num_layers))
+        self.head.reset(self.batch)
+        logits = self.head.run(sequence, mask, positions_from_mask(mask))[:, -1, :]
+        tokens = self.sampler(logits)
+        arrived = time.perf_counter()
+        self.split = self.num_layers
+        self.stats.timings.append(StepTiming(arrived - started, 0.0, 0.0))
+        self.stats.arrivals.append(arrived)
+        self.moves.append(Move(len(self.stats.timings) - 1, old, self.split, 0, arrived - started,
+                               f"the edge stopped answering ({lost}); finishing on this device"))
+        return tokens
 
     def _step(self, first: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         began = time.perf_counter()
