@@ -1,4 +1,4 @@
-"""Runs edge_server as a child process on a free loopback port; used by the demo, the benchmarks and the tests."""
+"""Runs edge_server as a child process on a free port; used by the demo, the benchmarks and the tests."""
 
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ LISTENING = re.compile(r"listening on (tcp://\S+)")  # the line edge_server.cli 
 
 
 @contextmanager
-def edge_server(artifact, *flags: str, log=sys.stderr, startup_timeout: float = 60):
+def edge_server(artifact, *flags: str, log=sys.stderr, startup_timeout: float = 60, bind: str = "tcp://127.0.0.1:0",
+                launcher: tuple[str, ...] = ()):
     """Yields (process, address) once the server listens; terminates it on exit, also on Ctrl-C.
 
-    The server's log lines go to ``log``, a text stream.
+    The server's log lines go to ``log``, a text stream. ``launcher`` prefixes the command, e.g. to run the
+    server in another network namespace.
     """
     process = subprocess.Popen(
-        [sys.executable, "-m", "edge_server.cli", str(artifact), "--bind", "tcp://127.0.0.1:0", *flags],
+        [*launcher, sys.executable, "-m", "edge_server.cli", str(artifact), "--bind", bind, *flags],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},

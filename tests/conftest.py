@@ -48,3 +48,18 @@ def run_seam(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         timeout=timeout,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
+
+
+@pytest.fixture
+def shaped_link():
+    """The edge's own network namespace behind a veth pair shaped with tc; skipped where that cannot be built."""
+    from shaping import ShapedLink, available
+
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    link = ShapedLink()
+    try:
+        yield link
+    finally:
+        link.close()

@@ -81,8 +81,8 @@ def test_stale_directions_and_probe_size():
         estimator.observe(sample)
     assert estimator.stale(1.0) == ["down"]
     assert estimator.stale(5.0) == ["up", "down"]
-    assert 16 << 10 <= estimator.probe_bytes() <= 1 << 20
-    assert estimator.probe_bytes() == pytest.approx(2 * 0.02 * 10 * MBIT, rel=0.2)
+    assert 32 << 10 <= estimator.probe_bytes() <= 1 << 20
+    assert estimator.probe_bytes() == pytest.approx(4 * 0.02 * 10 * MBIT, rel=0.2)
 
 
 def test_harmonic_mean_weighs_the_slow_samples():

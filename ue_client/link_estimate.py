@@ -92,8 +92,8 @@ class LinkEstimator:
         return stale
 
     def probe_bytes(self) -> int:
-        """A probe payload whose transfer takes about twice the round trip at the current estimate, so that it
-        measures bandwidth rather than latency; at least 16 KiB, at most 1 MiB."""
+        """A probe payload whose transfer takes about four round trips at the current estimate, so that it
+        measures bandwidth rather than latency or a token bucket's burst; 32 KiB to 1 MiB."""
         link = self.link()
         rate = min(link.up_bytes_per_s, link.down_bytes_per_s)
-        return int(min(max(2 * link.rtt_s * rate, 16 << 10), 1 << 20))
+        return int(min(max(4 * link.rtt_s * rate, 32 << 10), 1 << 20))

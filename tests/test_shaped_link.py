@@ -1,0 +1,64 @@
+"""edge_server in a network namespace of its own behind a tc-shaped veth link: real bandwidth limits, a schedule
+that changes them, and the UE's estimate and split moves over it."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from edge_server.process import edge_server
+from profiler.probe import round_trip
+from runtime.artifact import Artifact
+from runtime.traces import LinkState, Trace
+from runtime.transport import EmulatedLink, TransportConfig, UeSocket
+from test_resplit import scheduled
+from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
+from ue_client.client import EdgeClient
+
+pytestmark = pytest.mark.netns
+
+
+def timed_ping(socket: UeSocket, up: int, down: int) -> float:
+    started = time.perf_counter()
+    round_trip(socket, 1, up, down)
+    return time.perf_counter() - started
+
+
+def test_tc_limits_each_direction_and_a_schedule_changes_it(exported, shaped_link):
+    artifact = Artifact.open(exported("tiny-llama"))
+    shaped_link.shape(up_mbit=1, down_mbit=10)
+    with edge_server(artifact.root, bind=f"tcp://{shaped_link.edge_address}:0", launcher=shaped_link.launcher) as (_, address):
+        socket = UeSocket(address, TransportConfig(timeout_s=20))
+        timed_ping(socket, 100, 100)  # connects
+        slow_up = timed_ping(socket, 100_000, 100)
+        fast_down = timed_ping(socket, 100, 100_000)
+        assert slow_up >= 0.7  # 800 kbit at 1 Mbit/s
+        assert fast_down < slow_up / 3
+
+        delays = shaped_link.follow(Trace((0.0, 1.0), (LinkState(1, 10, 10), LinkState(20, 20, 10))))
+        time.sleep(1.5)
+        assert timed_ping(socket, 100_000, 100) < 0.3  # the schedule raised the uplink to 20 Mbit/s
+        socket.close()
+    assert delays.at(0).rtt_ms == 10 and delays.at(0).up_mbit > 1000
+
+
+def test_the_estimate_and_split_moves_over_a_shaped_link(exported, shaped_link):
+    artifact = Artifact.open(exported("tiny-llama"))
+    delays = shaped_link.follow(Trace((0.0,), (LinkState(up_mbit=2, down_mbit=8, rtt_ms=20),)))
+    schedule = {2: 1, 4: artifact.num_layers, 6: 2}
+    with edge_server(artifact.root, bind=f"tcp://{shaped_link.edge_address}:0", launcher=shaped_link.launcher) as (_, address):
+        with EdgeClient(artifact, address, TransportConfig(timeout_s=20), emulated=EmulatedLink(delays)) as client:
+            with client.session(3) as session:
+                tokens = []
+                for produced in session.generate(PROMPTS, NEW_TOKENS, scheduled(schedule)):
+                    tokens.append(produced)
+                    session.link.stale_s = 0
+                    session.probe_link()
+    assert (np.stack(tokens, axis=1) == local_tokens(artifact, PROMPTS, session.sampling)).all()
+    assert [move.to_split for move in session.moves] == list(schedule.values())
+    link = session.link.link()
+    assert link.up_mbit == pytest.approx(2, rel=0.35)
+    assert link.down_mbit == pytest.approx(8, rel=0.35)
+    assert link.rtt_s == pytest.approx(0.02, abs=0.015)
