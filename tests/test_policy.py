@@ -19,7 +19,7 @@ from test_cost_model import device
 from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
 from ue_client.client import EdgeClient
 from ue_client.link_estimate import LinkEstimator, Sample, harmonic_mean
-from ue_client.policy import Constraints, CostModelPolicy, calibration, candidate_splits, choose_split
+from ue_client.policy import Constraints, CostModelPolicy, Scales, calibration, candidate_splits, choose_split
 
 MBIT = 1e6 / 8
 
@@ -135,7 +135,16 @@ def test_no_move_when_the_gain_is_within_the_margin_or_cannot_pay_for_itself():
 def test_calibration_scales_a_side_by_its_median_and_is_bounded():
     assert calibration([0.02, 0.02, 0.5], 0.01) == pytest.approx(2.0)
     assert calibration([10.0], 0.01) == 4.0
+    assert calibration([10.0], 0.01, (0.05, 50.0)) == 50.0
     assert calibration([], 0.01) == 1.0
+
+
+def test_a_slow_network_seen_by_the_steps_brings_the_layers_home():
+    link = Link.from_mbit(1000, 1)  # what the estimate still says
+
+    assert decide(link, current=1, candidates=[1, 2, 3, 4]).split == 1
+    slow_steps = Scales(network=40.0)  # the steps spend 40 ms on the network
+    assert decide(link, current=1, candidates=[1, 2, 3, 4], scales=slow_steps).split == 4
 
 
 def test_candidates_leave_out_what_the_ue_cannot_hold():
@@ -171,7 +180,6 @@ def test_the_cost_model_policy_moves_a_local_start_to_the_edge_without_changing_
     assert session.moves and session.moves[0].before_step == 1 and session.moves[0].to_split == 1
     assert session.split == 1  # the privacy floor: one layer stays on the UE
     assert len(policy.decisions) == NEW_TOKENS - 1
-    assert session.probes >= 2  # the estimate started stale in both directions
 
 
 def synthetic_profiles(artifact: Artifact, tmp_path, ue_scale: float, edge_scale: float) -> dict[str, str]:

@@ -47,15 +47,17 @@ def test_tc_limits_each_direction_and_a_schedule_changes_it(exported, shaped_lin
 def test_the_estimate_and_split_moves_over_a_shaped_link(exported, shaped_link):
     artifact = Artifact.open(exported("tiny-llama"))
     delays = shaped_link.follow(Trace((0.0,), (LinkState(up_mbit=2, down_mbit=8, rtt_ms=20),)))
-    schedule = {2: 1, 4: artifact.num_layers, 6: 2}
+    schedule = {2: 1, 3: artifact.num_layers, 8: 2}  # five steps alone, in which the background probes measure
+    move = scheduled(schedule)
+
+    def policy(session, step):  # moves on schedule, slowly enough for the probes to run
+        time.sleep(0.1)
+        move(session, step)
+
     with edge_server(artifact.root, bind=f"tcp://{shaped_link.edge_address}:0", launcher=shaped_link.launcher) as (_, address):
         with EdgeClient(artifact, address, TransportConfig(timeout_s=20), emulated=EmulatedLink(delays)) as client:
             with client.session(3) as session:
-                tokens = []
-                for produced in session.generate(PROMPTS, NEW_TOKENS, scheduled(schedule)):
-                    tokens.append(produced)
-                    session.link.stale_s = 0
-                    session.probe_link()
+                tokens = list(session.generate(PROMPTS, NEW_TOKENS, policy))
     assert (np.stack(tokens, axis=1) == local_tokens(artifact, PROMPTS, session.sampling)).all()
     assert [move.to_split for move in session.moves] == list(schedule.values())
     link = session.link.link()

@@ -79,12 +79,26 @@ def test_the_link_estimate_measures_an_emulated_link(exported):
 
         with EdgeClient(artifact, address, emulated=EmulatedLink(trace)) as client, client.session(2) as session:
             for _ in session.generate(PROMPTS, 8):
-                session.link.stale_s = 0  # probe both directions before every step
+                session.link.stale_s = 0  # probe both directions after every step
                 session.probe_link()
     link = session.link.link()
     assert link.up_mbit == pytest.approx(4.0, rel=0.25)
     assert link.down_mbit == pytest.approx(16.0, rel=0.25)
     assert link.rtt_s == pytest.approx(0.03, abs=0.01)
+
+
+def test_a_ue_generating_alone_keeps_measuring_the_link_in_the_background(exported):
+    artifact = Artifact.open(exported("tiny-llama"))
+    trace = Trace((0.0,), (LinkState(up_mbit=4.0, down_mbit=16.0, rtt_ms=30.0),))
+    slow_steps = lambda session, step: time.sleep(0.1)  # noqa: E731  (a policy that never moves)
+    with edge_server(artifact.root) as (_, address):
+        with EdgeClient(artifact, address, emulated=EmulatedLink(trace)) as client:
+            with client.session(artifact.num_layers) as session:
+                list(session.generate(PROMPTS, 12, slow_steps))
+    assert session.probes >= 2 and not session.moves
+    link = session.link.link()
+    assert link.up_mbit == pytest.approx(4.0, rel=0.25)
+    assert link.down_mbit == pytest.approx(16.0, rel=0.25)
 
 
 def test_ue_client_refuses_a_malformed_trace(exported, tmp_path):

@@ -12,10 +12,11 @@ split 0 is explicitly allowed); the edge runs the rest, samples, and returns the
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,8 @@ class EdgeClient:
     ):
         self.artifact = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
         self.pool = SessionPool(self.artifact, threads)
-        self.socket = UeSocket(server, transport or TransportConfig(), curve_secret, server_key, emulated)
+        self._connection = (server, transport or TransportConfig(), curve_secret, server_key, emulated)
+        self.socket = UeSocket(*self._connection)
         try:
             hello = Hello(PROTOCOL_VERSION, self.artifact.manifest.artifact_fingerprint, ["sampling"])
             started = time.perf_counter()
@@ -114,6 +116,11 @@ class EdgeClient:
     def session(self, split: int, sampling: SamplingParams | None = None, allow_token_upload: bool = False,
                 fallback_local: bool = False):
         return RemoteSession(self, split, sampling or SamplingParams(), allow_token_upload, fallback_local)
+
+    def connect_again(self, timeout_s: float) -> UeSocket:
+        """A second connection to the same edge, for a thread of its own (a socket serves one thread)."""
+        server, transport, curve_secret, server_key, emulated = self._connection
+        return UeSocket(server, replace(transport, timeout_s=timeout_s), curve_secret, server_key, emulated)
 
     def close(self) -> None:
         self.socket.close()
@@ -185,12 +192,16 @@ class RemoteSession:
         self.link.observe(Sample(started, socket.bytes_sent - sent, socket.bytes_received - received, elapsed - compute))
         return reply
 
-    def probe_link(self) -> None:
-        """Measures the directions whose bandwidth estimate is stale with one ping each, sized to measure it."""
-        socket = self.client.socket
-        for direction in self.link.stale(time.perf_counter()):
+    def probe_link(self, socket: UeSocket | None = None) -> None:
+        """Measures the directions whose bandwidth estimate is stale with one ping each, sized to measure it,
+        after an empty ping that pins the round trip the rates are measured against."""
+        socket = socket or self.client.socket
+        stale = self.link.stale(time.perf_counter())
+        sizes = [(0, 0)] if stale else []
+        for direction in stale:
             size = self.link.probe_bytes()
-            up, down = (size, 0) if direction == "up" else (0, size)
+            sizes.append((size, 0) if direction == "up" else (0, size))
+        for up, down in sizes:
             sent, received, started = socket.bytes_sent, socket.bytes_received, time.perf_counter()
             self.probes += 1
             elapsed = round_trip(socket, self.probes, up, down)
@@ -214,6 +225,7 @@ class RemoteSession:
         self.batch, self.past, self.max_length = len(prompts), 0, ids.shape[1] + max_new_tokens
         self.head.reset(self.batch)
         self.stats = GenerationStats(started=time.perf_counter())
+        prober = BackgroundProber(self) if policy is not None else None
         try:
             if self.split < self.num_layers:
                 self._open()
@@ -234,6 +246,8 @@ class RemoteSession:
                 first = tokens[:, None]
                 sequence = np.concatenate([sequence, first], axis=1)
         finally:
+            if prober is not None:
+                prober.close()
             self.close()
 
     def _finish_locally(self, sequence: np.ndarray, mask: np.ndarray, lost: TransportTimeout) -> np.ndarray:
@@ -321,3 +335,35 @@ class RemoteSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class BackgroundProber:
+    """Keeps the link estimate fresh while the UE generates alone and sends nothing else, so that it sees the
+    link come back; from a thread with a connection of its own, so that a probe never holds up a step.
+
+    It stays quiet while the edge has layers: a probe sharing the link with steps would queue them behind it,
+    and both would measure less than the link gives. Steps measure the link themselves then."""
+
+    def __init__(self, session: RemoteSession, period_s: float = 0.25, timeout_s: float = 5.0):
+        self.session = session
+        self.period_s = period_s
+        self.timeout_s = timeout_s
+        self.socket = session.client.connect_again(timeout_s)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="seam-link-prober", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                if self.session.split == self.session.num_layers:
+                    self.session.probe_link(self.socket)
+            except SeamError:
+                pass  # a lost edge shows in the steps themselves; the estimate just stays as it was
+            self.stopping.wait(self.period_s)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(self.timeout_s + 1)
+        if not self.thread.is_alive():  # a socket still in use by a stuck probe is left to the process exit
+            self.socket.close()

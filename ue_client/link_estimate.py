@@ -1,17 +1,18 @@
 """Online estimate of the link to the edge from the UE's own traffic: round-trip time and bandwidth each way.
 
 Every request gives one sample: bytes up, bytes down, and its network time (round trip minus the compute the
-edge reports). A sample whose bytes dominate one direction and whose transfer takes a fair share of its time
-measures that direction's bandwidth; the estimate is the harmonic mean of the last few, as adaptive-bitrate video
+edge reports). A sample of a few KiB or more whose bytes dominate one direction and whose transfer takes a fair
+share of its time measures that direction's bandwidth; the estimate is the harmonic mean of the last few, as adaptive-bitrate video
 players do, so one lucky burst cannot inflate it while a real drop shows at once. The round trip is the median
 of what the samples leave once their transfer time is taken out. Decode steps alone are small and alike, so a
 direction whose last bandwidth sample is old is marked stale, and the client then sends a probe sized to
-measure it. Pure bookkeeping: no I/O, clocks are passed in.
+measure it. Bookkeeping only, no I/O, clocks passed in; safe to feed from a probing thread while steps read it.
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 from collections import deque
 from dataclasses import dataclass
 
@@ -33,40 +34,49 @@ def harmonic_mean(values) -> float:
 
 class LinkEstimator:
     def __init__(self, prior: Link, window: int = 32, rates: int = 5, stale_s: float = 2.0, dominance: float = 0.8,
-                 transfer_share: float = 0.3):
+                 transfer_share: float = 0.3, min_rate_bytes: int = 4096):
         self.samples: deque[Sample] = deque(maxlen=window)
+        self.lock = threading.Lock()
         self.prior = prior
         self.rates = rates  # bandwidth samples per direction in the harmonic mean
         self.stale_s = stale_s
         self.dominance = dominance  # share of a sample's bytes that makes it measure one direction
         self.transfer_share = transfer_share  # share of its time a transfer must take to measure a rate
+        self.min_rate_bytes = min_rate_bytes  # below this, a message's time is round trip and jitter
 
     def observe(self, sample: Sample) -> None:
         if sample.seconds > 0:
-            self.samples.append(sample)
+            with self.lock:
+                self.samples.append(sample)
 
-    def _rate_samples(self, direction: str, rtt_s: float) -> list[tuple[float, float]]:
+    def _snapshot(self) -> list[Sample]:
+        with self.lock:
+            return sorted(self.samples, key=lambda sample: sample.at_s)
+
+    def _rate_samples(self, samples: list[Sample], direction: str, rtt_s: float) -> list[tuple[float, float]]:
         """(at_s, bytes per second) of the recent samples that measure ``direction``, newest last."""
         found = []
-        for sample in self.samples:
+        for sample in samples:
             moved = sample.up_bytes if direction == "up" else sample.down_bytes
             transfer = sample.seconds - rtt_s
-            if moved >= self.dominance * (sample.up_bytes + sample.down_bytes) and transfer >= self.transfer_share * sample.seconds:
+            dominant = moved >= max(self.dominance * (sample.up_bytes + sample.down_bytes), self.min_rate_bytes)
+            if dominant and transfer >= self.transfer_share * sample.seconds:
                 found.append((sample.at_s, moved / transfer))
         return found[-self.rates:]
 
     def link(self) -> Link:
         """The current estimate. The round trip and the rates depend on each other (a rate is bytes over the time
         left once the round trip is taken out), so a few rounds settle them, starting from the quickest sample."""
-        if not self.samples:
+        samples = self._snapshot()
+        if not samples:
             return self.prior
-        rtt = min(sample.seconds for sample in self.samples)
+        rtt = min(sample.seconds for sample in samples)
         up, down = self.prior.up_bytes_per_s, self.prior.down_bytes_per_s
         for _ in range(4):
-            up_rates, down_rates = self._rate_samples("up", rtt), self._rate_samples("down", rtt)
+            up_rates, down_rates = self._rate_samples(samples, "up", rtt), self._rate_samples(samples, "down", rtt)
             up = harmonic_mean(rate for _, rate in up_rates) if up_rates else self.prior.up_bytes_per_s
             down = harmonic_mean(rate for _, rate in down_rates) if down_rates else self.prior.down_bytes_per_s
-            rtt = max(statistics.median(s.seconds - s.up_bytes / up - s.down_bytes / down for s in self.samples), 0.0)
+            rtt = max(statistics.median(s.seconds - s.up_bytes / up - s.down_bytes / down for s in samples), 0.0)
         return Link(rtt, up, down)
 
     @property
@@ -83,10 +93,10 @@ class LinkEstimator:
 
     def stale(self, now_s: float) -> list[str]:
         """The directions ('up', 'down') with no bandwidth sample in the last ``stale_s`` seconds."""
-        rtt = self.rtt_s
+        rtt, samples = self.rtt_s, self._snapshot()
         stale = []
         for direction in ("up", "down"):
-            rates = self._rate_samples(direction, rtt)
+            rates = self._rate_samples(samples, direction, rtt)
             if not rates or now_s - rates[-1][0] > self.stale_s:
                 stale.append(direction)
         return stale

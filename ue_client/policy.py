@@ -5,7 +5,8 @@ generation's state.
 scales each side's compute by what the running session measured against its profile (an edge busy with other
 UEs, a UE warmer than when it was profiled), and moves only when the time saved over the tokens still to come
 pays for carrying the moved layers' KV cache across, and the new split is faster by a margin, so that noise in
-the estimate never makes the split flap. Policies: ``static`` (never moves) and ``cost-model``; a learned policy
+the estimate never makes the split flap. The network part is scaled the same way by the steps' own network
+times, which see a collapsed link before any bandwidth sample does. Policies: ``static`` (never moves) and ``cost-model``; a learned policy
 plugs in as another ``SplitPolicy``.
 """
 
@@ -50,10 +51,20 @@ def candidate_splits(ue: DeviceModel, constraints: Constraints, kv_bytes_per_tok
     return splits
 
 
+@dataclass(frozen=True)
+class Scales:
+    """Measured over predicted, per part of a step, from the running session (1 = as predicted)."""
+
+    ue: float = 1.0
+    edge: float = 1.0
+    network: float = 1.0
+
+
 def per_token_s(ue: DeviceModel, edge: DeviceModel, link: Link, split: int, context: int, batch: int,
-                ue_scale: float = 1.0, edge_scale: float = 1.0) -> float:
+                scales: Scales = Scales()) -> float:
     step = predict(ue, edge, link, split, context, batch).decode
-    return step.ue_s * ue_scale + step.edge_s * edge_scale + step.uplink_s + step.downlink_s + step.rtt_s
+    network = step.uplink_s + step.downlink_s + step.rtt_s
+    return step.ue_s * scales.ue + step.edge_s * scales.edge + network * scales.network
 
 
 def move_s(link: Link, current: int, split: int, kv_bytes_per_token_per_layer: int, batch: int, context: int) -> float:
@@ -75,12 +86,11 @@ def choose_split(
     batch: int,
     kv_bytes_per_token_per_layer: int,
     margin: float = 0.1,
-    ue_scale: float = 1.0,
-    edge_scale: float = 1.0,
+    scales: Scales = Scales(),
 ) -> Decision:
     """The split for the next step: the candidate with the largest net saving over the ``remaining`` tokens."""
     costs = {
-        split: per_token_s(ue, edge, link, split, context, batch, ue_scale, edge_scale)
+        split: per_token_s(ue, edge, link, split, context, batch, scales)
         for split in sorted({*candidates, current})
     }
     now = costs[current]
@@ -101,22 +111,22 @@ def choose_split(
     )
 
 
-def calibration(measured_s: Sequence[float], predicted_s: float) -> float:
-    """How much slower (> 1) or faster a side runs than its profile predicts, from recent measured steps;
-    bounded to [0.25, 4] so that one stall cannot make the policy believe a device is useless."""
+def calibration(measured_s: Sequence[float], predicted_s: float, bounds: tuple[float, float] = (0.25, 4.0)) -> float:
+    """How much slower (> 1) or faster a part of a step runs than predicted, from recent measured steps;
+    bounded so that one stall cannot make the policy believe a device is useless."""
     if not measured_s or predicted_s <= 0:
         return 1.0
     ordered = sorted(measured_s)
-    return min(max(ordered[len(ordered) // 2] / predicted_s, 0.25), 4.0)
+    return min(max(ordered[len(ordered) // 2] / predicted_s, bounds[0]), bounds[1])
 
 
 class CostModelPolicy:
-    """The ``cost-model`` policy for ``RemoteSession.generate``: before each step it probes the link if the
-    estimate is stale, calibrates both sides' compute against the session's steps since its last move, and
-    moves the split when ``choose_split`` says so."""
+    """The ``cost-model`` policy for ``RemoteSession.generate``: before each step it calibrates both sides'
+    compute against the session's steps since its last move and moves the split when ``choose_split`` says so,
+    over the link as the session estimates it (kept fresh by the session's background probes)."""
 
     def __init__(self, ue: DeviceModel, edge: DeviceModel, constraints: Constraints = Constraints(),
-                 margin: float = 0.1, window: int = 5):
+                 margin: float = 0.1, window: int = 3):
         self.ue, self.edge = ue, edge
         self.constraints = constraints
         self.margin = margin
@@ -124,7 +134,6 @@ class CostModelPolicy:
         self.decisions: list[Decision] = []
 
     def __call__(self, session, step: int) -> None:
-        session.probe_link()
         manifest = session.client.artifact.manifest
         per_layer = manifest.kv_bytes_per_token_per_layer
         blocks = manifest.blocks
@@ -136,11 +145,18 @@ class CostModelPolicy:
         since_move = session.moves[-1].before_step if session.moves else 1  # the prefill is no decode step
         recent = session.stats.timings[max(since_move, 1):][-self.window:]
         predicted = predict(self.ue, self.edge, link, session.split, session.past, session.batch).decode
+        scales = Scales(
+            ue=calibration([t.ue_s for t in recent], predicted.ue_s),
+            edge=calibration([t.edge_s for t in recent], predicted.edge_s),
+            # Steps measure the network exactly where the link estimate is weakest: small messages on a link
+            # whose rate has not been sampled lately. The wide bounds let a collapsed link show in full.
+            network=calibration([t.network_s for t in recent],
+                                predicted.uplink_s + predicted.downlink_s + predicted.rtt_s, (0.05, 50.0)),
+        )
         decision = choose_split(
             self.ue, self.edge, link, current=session.split, candidates=candidates, context=session.past,
             remaining=session.max_length - session.past - 1, batch=session.batch, kv_bytes_per_token_per_layer=per_layer,
-            margin=self.margin, ue_scale=calibration([t.ue_s for t in recent], predicted.ue_s),
-            edge_scale=calibration([t.edge_s for t in recent], predicted.edge_s),
+            margin=self.margin, scales=scales,
         )
         self.decisions.append(decision)
         session.move_split(decision.split, decision.reason)
