@@ -313,7 +313,8 @@ class EdgeServer:
         else:  # the UE takes layers [old, new) over
             if request.kv is not None:
                 raise SeamError(f"moving the split from {old} to {new} sends KV from the edge, not to it")
-            incoming, outgoing = {}, pack_kv(runner.cache, Span(old, new))
+            incoming = {}
+            outgoing = pack_kv(runner.cache, Span(old, new)) if request.send_kv else None
             sampler_state = session.sampler.state if new == last else {}
             session.kv_bytes = self._kv_bytes(session.batch, session.max_length, new)
         session.moves += 1

@@ -111,6 +111,7 @@ class Resplit(Message):
     session_id: str
     step: int  # the next step: a split moves only between steps
     split: int
+    send_kv: bool = True  # False: the UE rebuilds the layers it takes over itself, so the edge just drops them
     kv: np.ndarray | None = None
 
 

@@ -1,6 +1,7 @@
 """Link traces: bandwidth each way and round-trip time over time, as CSV rows ``t_s,up_mbit,down_mbit,rtt_ms``.
 
-A trace is piecewise constant: each row holds from its time until the next row's, and the last row holds on.
+A trace is piecewise constant: each row holds from its time until the next row's; the last row holds on, and a
+replay ends at its time.
 Loading checks every line and names the first bad one. The shipped traces come from ``generate_traces``, seeded,
 so they can be made again byte for byte: a step down and back up, a random walk, and 4G-like and Wi-Fi-like
 traces (rates drawn around typical means with the burstiness and dropouts of each kind of link).
@@ -90,10 +91,11 @@ def load_trace(path: Path) -> Trace:
 # --- the shipped traces -------------------------------------------------------------------------------------
 
 
-def step_trace(high: float = 50.0, low: float = 1.0, rtt_ms: float = 20.0, period_s: float = 10.0) -> Trace:
-    """High bandwidth, a drop for one period, then recovery."""
-    times = (0.0, period_s, 2 * period_s)
-    rates = (high, low, high)
+def step_trace(high: float = 50.0, low: float = 0.1, rtt_ms: float = 20.0, drop_s: float = 10.0,
+               recover_s: float = 35.0, end_s: float = 50.0) -> Trace:
+    """High bandwidth, a long drop, then recovery; the last row marks the end."""
+    times = (0.0, drop_s, recover_s, end_s)
+    rates = (high, low, high, high)
     return Trace(times, tuple(LinkState(rate, rate, rtt_ms) for rate in rates))
 
 

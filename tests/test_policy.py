@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -81,8 +82,10 @@ def test_stale_directions_and_probe_size():
         estimator.observe(sample)
     assert estimator.stale(1.0) == ["down"]
     assert estimator.stale(5.0) == ["up", "down"]
-    assert 32 << 10 <= estimator.probe_bytes() <= 1 << 20
-    assert estimator.probe_bytes() == pytest.approx(4 * 0.02 * 10 * MBIT, rel=0.2)
+    assert estimator.probe_bytes("up") == pytest.approx(4 * 0.02 * 10 * MBIT, rel=0.2)
+    estimator.observe(Sample(1.9, 100, 100, 0.02))  # a ping: the round trip
+    estimator.observe(Sample(2.0, 20_000, 100, 0.0202))  # crossed a 10 Mbit/s estimate in a fraction of a ms
+    assert estimator.probe_bytes("up") >= 160_000  # the link got faster: the next probe is eight times larger
 
 
 def test_harmonic_mean_weighs_the_slow_samples():
@@ -171,15 +174,19 @@ def test_the_cost_model_policy_moves_a_local_start_to_the_edge_without_changing_
         for name, scale in (("ue", 50.0), ("edge", 0.1))  # a hopeless UE and a fast edge
     }
     policy = CostModelPolicy(profile["ue"], profile["edge"], Constraints(min_ue_layers=1))
+
+    def slow_policy(session, step):  # steps as slow as the hopeless UE's, so that the probes measure the link
+        time.sleep(0.05)
+        policy(session, step)
+
     params = SamplingParams(temperature=0.8, seed=3)
     with edge_server(artifact.root) as (_, address), EdgeClient(artifact, address) as client:
         with client.session(artifact.num_layers, params) as session:
-            tokens = np.stack(list(session.generate(PROMPTS, NEW_TOKENS, policy)), axis=1)
+            tokens = np.stack(list(session.generate(PROMPTS, NEW_TOKENS, slow_policy)), axis=1)
 
     assert (tokens == local_tokens(artifact, PROMPTS, params)).all()
-    assert session.moves and session.moves[0].before_step == 1 and session.moves[0].to_split == 1
-    assert session.split == 1  # the privacy floor: one layer stays on the UE
-    assert len(policy.decisions) == NEW_TOKENS - 1
+    assert [move.to_split for move in session.moves] == [1]  # the privacy floor: one layer stays on the UE
+    assert policy.decisions and session.probes >= 2  # it moved once the probes had measured the link
 
 
 def synthetic_profiles(artifact: Artifact, tmp_path, ue_scale: float, edge_scale: float) -> dict[str, str]:
@@ -204,13 +211,12 @@ def test_ue_client_moves_the_split_with_the_cost_model_and_says_why(exported, tm
     artifact = Artifact.open(exported("tiny-llama"))
     paths = synthetic_profiles(artifact, tmp_path, ue_scale=50.0, edge_scale=0.1)
     with edge_server(artifact.root) as (_, address):
-        static = ue_client(artifact, address, "--split", str(artifact.num_layers), "--policy", "static")
-        adaptive = ue_client(artifact, address, "--split", str(artifact.num_layers),
-                             "--ue-profile", paths["ue"], "--edge-profile", paths["edge"])
+        static = ue_client(artifact, address, "--split", "3", "--policy", "static")
+        adaptive = ue_client(artifact, address, "--split", "3", "--ue-profile", paths["ue"], "--edge-profile", paths["edge"])
 
     assert static.returncode == 0 and adaptive.returncode == 0, adaptive.stderr
     assert adaptive.stdout == static.stdout  # the same text, whichever side ran the layers
-    assert f"split {artifact.num_layers} -> 1" in adaptive.stderr and "ms/token" in adaptive.stderr
+    assert "split 3 -> 1" in adaptive.stderr and "ms/token" in adaptive.stderr
     assert "moves, ended at split 1" in adaptive.stderr
 
 

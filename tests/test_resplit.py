@@ -48,6 +48,24 @@ def test_moving_the_split_both_ways_never_changes_the_tokens(exported, preset):
             assert session.split == points[1] and not session.open  # closed after the generation
 
 
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+def test_rebuilding_the_cache_instead_of_downloading_it_keeps_the_tokens(exported, preset):
+    artifact = Artifact.open(exported(preset))
+    last = artifact.num_layers
+    params = SamplingParams(temperature=0.9, top_k=40, seed=7)
+    moves = {2: (2, True), 4: (1, False), 5: (last, True), 7: (1, False), 8: (3, True)}
+
+    def policy(session, step):
+        if step in moves:
+            session.move_split(*moves[step][:1], rebuild=moves[step][1])
+
+    with edge_server(artifact.root) as (_, address), EdgeClient(artifact, address) as client:
+        with client.session(1, params) as session:
+            tokens = np.stack(list(session.generate(PROMPTS, NEW_TOKENS, policy)), axis=1)
+    assert (tokens == local_tokens(artifact, PROMPTS, params)).all()
+    assert [move.kv_bytes == 0 for move in session.moves] == [rebuild for _, rebuild in moves.values()]
+
+
 def test_a_generation_can_start_on_the_ue_alone(exported):
     artifact = Artifact.open(exported("tiny-llama"))
     last = artifact.num_layers
@@ -71,7 +89,7 @@ def test_the_edge_refuses_bad_moves_and_keeps_the_session(exported):
             # A cache of the wrong length is refused by the edge, which goes on serving the session.
             wrong = pack_kv(session.head.cache, Span(1, 2))[:, :, :-1]
             with pytest.raises(SeamError, match="KV cache of layers \\[1, 2\\) must be"):
-                session._request(Resplit(session.session_id, session.edge_step, 1, wrong), Resplitted)
+                session._request(Resplit(session.session_id, session.edge_step, 1, kv=wrong), Resplitted)
             produced += list(steps)
     expected = local_tokens(artifact, PROMPTS, SamplingParams())
     assert (np.stack(produced, axis=1) == expected).all()

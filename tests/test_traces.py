@@ -41,9 +41,10 @@ def test_a_malformed_trace_names_its_line(text, error):
 
 
 def test_a_trace_is_piecewise_constant_and_round_trips(tmp_path):
-    trace = step_trace(high=40, low=2, rtt_ms=10, period_s=5)
+    trace = step_trace(high=40, low=2, rtt_ms=10, drop_s=5, recover_s=10, end_s=20)
 
     assert [trace.at(t).up_mbit for t in (0, 4.9, 5, 9.9, 10, 99)] == [40, 40, 2, 2, 40, 40]
+    assert trace.duration_s == 20
     assert load_trace(trace.save(tmp_path / "step.csv")) == trace
     assert [p.name for p in tmp_path.iterdir()] == ["step.csv"]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import threading
+from collections import deque
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +24,7 @@ import numpy as np
 
 from runtime.artifact import Artifact
 from runtime.errors import SeamError
-from runtime.executor import SessionPool
+from runtime.executor import SessionPool, past_names
 from runtime.generation import left_pad, positions_from_mask
 from runtime.migration import pack_kv, resplit, unpack_kv
 from runtime.protocol import (
@@ -41,7 +42,7 @@ from runtime.protocol import (
     StepResult,
     Welcome,
 )
-from profiler.cost_model import Link
+from profiler.cost_model import Link, downlink_bytes, uplink_bytes
 from profiler.probe import round_trip
 from runtime.sampling import Sampler, SamplingParams
 from runtime.spans import Span
@@ -96,7 +97,11 @@ class EdgeClient:
         server_key: Path | None = None,
         link: Link | None = None,
         emulated: EmulatedLink | None = None,
+        ue_slowdown: float = 1.0,
     ):
+        if ue_slowdown < 1:
+            raise SeamError(f"a UE slowdown of {ue_slowdown:g} would make this device faster; use 1 or more")
+        self.ue_slowdown = ue_slowdown  # emulates a device this many times slower (bench and demo on one machine)
         self.artifact = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
         self.pool = SessionPool(self.artifact, threads)
         self._connection = (server, transport or TransportConfig(), curve_secret, server_key, emulated)
@@ -175,6 +180,7 @@ class RemoteSession:
         self.batch = self.past = self.max_length = 0
         self.link = LinkEstimator(client.link)
         self.probes = 0
+        self.step_probes: deque[tuple[float, float]] = deque(maxlen=5)  # (at, seconds) of step-sized pings
 
     def _check_split(self, split: int) -> None:
         if split not in self.client.artifact.split_points:
@@ -192,20 +198,29 @@ class RemoteSession:
         self.link.observe(Sample(started, socket.bytes_sent - sent, socket.bytes_received - received, elapsed - compute))
         return reply
 
-    def probe_link(self, socket: UeSocket | None = None) -> None:
-        """Measures the directions whose bandwidth estimate is stale with one ping each, sized to measure it,
-        after an empty ping that pins the round trip the rates are measured against."""
+    def probe_link(self, socket: UeSocket | None = None, every_direction: bool = False) -> None:
+        """Measures the directions whose bandwidth estimate is stale (or all) with one ping each, sized to
+        measure it, after an empty ping that pins the round trip the rates are measured against."""
         socket = socket or self.client.socket
-        stale = self.link.stale(time.perf_counter())
-        sizes = [(0, 0)] if stale else []
+        stale = ["up", "down"] if every_direction else self.link.stale(time.perf_counter())
+        if stale:
+            self._ping(socket, 0, 0)
+        if every_direction:
+            # What a decode step would see on the network right now, if the edge ran the tail.
+            dims = self.client.artifact.manifest.dims
+            up = uplink_bytes(1, self.batch, 1, self.past, dims.hidden_size, self.head.kv_dtype.itemsize)
+            started = time.perf_counter()
+            self.step_probes.append((started, self._ping(socket, up, downlink_bytes(self.batch))))
         for direction in stale:
-            size = self.link.probe_bytes()
-            sizes.append((size, 0) if direction == "up" else (0, size))
-        for up, down in sizes:
-            sent, received, started = socket.bytes_sent, socket.bytes_received, time.perf_counter()
-            self.probes += 1
-            elapsed = round_trip(socket, self.probes, up, down)
-            self.link.observe(Sample(started, socket.bytes_sent - sent, socket.bytes_received - received, elapsed))
+            size = self.link.probe_bytes(direction)
+            self._ping(socket, *((size, 0) if direction == "up" else (0, size)))
+
+    def _ping(self, socket: UeSocket, up: int, down: int) -> float:
+        sent, received, started = socket.bytes_sent, socket.bytes_received, time.perf_counter()
+        self.probes += 1
+        elapsed = round_trip(socket, self.probes, up, down)
+        self.link.observe(Sample(started, socket.bytes_sent - sent, socket.bytes_received - received, elapsed))
+        return elapsed
 
     def _open(self, kv: np.ndarray | None = None) -> None:
         opening = OpenSession(self.session_id, self.split, self.batch, vars(self.sampling), self.max_length,
@@ -229,7 +244,7 @@ class RemoteSession:
         try:
             if self.split < self.num_layers:
                 self._open()
-            first, sequence = ids, ids
+            first, self.sequence, self.mask = ids, ids, mask
             for step in range(max_new_tokens):
                 if step and policy is not None:
                     policy(self, step)
@@ -238,17 +253,25 @@ class RemoteSession:
                 except TransportTimeout as lost:
                     if not self.fallback_local:
                         raise
-                    tokens = self._finish_locally(sequence, mask, lost)
+                    tokens = self._finish_locally(self.sequence, mask, lost)
                 yield tokens
                 self.past = mask.shape[1]
                 mask = np.concatenate([mask, np.ones((self.batch, 1), dtype=np.int64)], axis=1)
                 positions = positions[:, -1:] + 1
                 first = tokens[:, None]
-                sequence = np.concatenate([sequence, first], axis=1)
+                self.sequence, self.mask = np.concatenate([self.sequence, first], axis=1), mask
         finally:
             if prober is not None:
                 prober.close()
             self.close()
+
+    def _rebuild(self, layers: Span) -> dict[str, np.ndarray]:
+        """The cache of ``layers`` for every position so far, recomputed here from the tokens in one pass."""
+        runner = self.client.pool.runner(Span(0, layers.end))
+        runner.reset(self.batch)
+        mask = self.mask[:, : self.past]
+        self._compute(lambda: runner.run(self.sequence[:, : self.past], mask, positions_from_mask(mask)))
+        return {name: runner.cache[name] for layer in layers for name in past_names(layer)}
 
     def _finish_locally(self, sequence: np.ndarray, mask: np.ndarray, lost: TransportTimeout) -> np.ndarray:
         """The edge stopped answering and its layers' cache went with it: this device takes every layer, rebuilds
@@ -260,7 +283,7 @@ class RemoteSession:
         self.open = False
         self.head = self.client.pool.runner(Span(0, self.num_layers))
         self.head.reset(self.batch)
-        logits = self.head.run(sequence, mask, positions_from_mask(mask))[:, -1, :]
+        logits = self._compute(lambda: self.head.run(sequence, mask, positions_from_mask(mask)))[:, -1, :]
         tokens = self.sampler(logits)
         arrived = time.perf_counter()
         self.split = self.num_layers
@@ -270,9 +293,17 @@ class RemoteSession:
                                f"the edge stopped answering ({lost}); finishing on this device"))
         return tokens
 
+    def _compute(self, run: Callable[[], np.ndarray]) -> np.ndarray:
+        """Runs UE compute; an emulated slower UE then idles for the extra time it would have taken."""
+        started = time.perf_counter()
+        output = run()
+        if self.client.ue_slowdown > 1:
+            time.sleep((self.client.ue_slowdown - 1) * (time.perf_counter() - started))
+        return output
+
     def _step(self, first: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         began = time.perf_counter()
-        output = self.head.run(first, mask, positions)
+        output = self._compute(lambda: self.head.run(first, mask, positions))
         if self.split == self.num_layers:
             tokens = self.sampler(output[:, -1, :])
             arrived = time.perf_counter()
@@ -289,9 +320,12 @@ class RemoteSession:
         self.stats.arrivals.append(arrived)
         return tokens
 
-    def move_split(self, split: int, reason: str = "") -> None:
+    def move_split(self, split: int, reason: str = "", rebuild: bool = False) -> None:
         """Moves the split between two steps; the layers that change side take their KV cache along, so the
-        tokens that follow are the ones the old split would have produced."""
+        tokens that follow are the ones the old split would have produced.
+
+        With ``rebuild``, layers this device takes over are not downloaded: it recomputes their cache from the
+        tokens so far, which beats the download on a slow link (a cache is far larger than its tokens)."""
         old, last = self.split, self.num_layers
         if split == old:
             return
@@ -308,15 +342,18 @@ class RemoteSession:
                     self.split = old
                     raise
             else:
-                self._request(Resplit(self.session_id, self.edge_step, split, kv), Resplitted)
+                self._request(Resplit(self.session_id, self.edge_step, split, kv=kv), Resplitted)
             moved = kv.nbytes
         else:  # this device takes layers [old, split) over
-            reply = self._request(Resplit(self.session_id, self.edge_step, split), Resplitted)
-            incoming = unpack_kv(reply.kv, Span(old, split), self.head, self.batch, self.past)
+            reply = self._request(Resplit(self.session_id, self.edge_step, split, send_kv=not rebuild), Resplitted)
+            if rebuild:
+                incoming, moved = self._rebuild(Span(old, split)), 0
+            else:
+                incoming = unpack_kv(reply.kv, Span(old, split), self.head, self.batch, self.past)
+                moved = reply.kv.nbytes
             if split == last:
                 self.sampler.state = reply.sampler_state
                 self.open = False  # the edge closed the session when it handed the last layer over
-            moved = reply.kv.nbytes
         self.head = resplit(self.client.pool, self.head, Span(0, split), incoming)
         self.split = split
         self.moves.append(Move(len(self.stats.timings), old, split, moved, time.perf_counter() - started, reason))
@@ -357,7 +394,8 @@ class BackgroundProber:
         while not self.stopping.is_set():
             try:
                 if self.session.split == self.session.num_layers:
-                    self.session.probe_link(self.socket)
+                    # Nothing else uses the link now, and the sooner a recovery shows, the sooner the edge helps.
+                    self.session.probe_link(self.socket, every_direction=True)
             except SeamError:
                 pass  # a lost edge shows in the steps themselves; the estimate just stays as it was
             self.stopping.wait(self.period_s)

@@ -1,7 +1,7 @@
 """Online estimate of the link to the edge from the UE's own traffic: round-trip time and bandwidth each way.
 
 Every request gives one sample: bytes up, bytes down, and its network time (round trip minus the compute the
-edge reports). A sample of a few KiB or more whose bytes dominate one direction and whose transfer takes a fair
+edge reports). A sample of a KiB or more whose bytes dominate one direction and whose transfer takes a fair
 share of its time measures that direction's bandwidth; the estimate is the harmonic mean of the last few, as adaptive-bitrate video
 players do, so one lucky burst cannot inflate it while a real drop shows at once. The round trip is the median
 of what the samples leave once their transfer time is taken out. Decode steps alone are small and alike, so a
@@ -34,7 +34,7 @@ def harmonic_mean(values) -> float:
 
 class LinkEstimator:
     def __init__(self, prior: Link, window: int = 32, rates: int = 5, stale_s: float = 2.0, dominance: float = 0.8,
-                 transfer_share: float = 0.3, min_rate_bytes: int = 4096):
+                 transfer_share: float = 0.3, min_rate_bytes: int = 1024, rate_window_s: float = 1.0):
         self.samples: deque[Sample] = deque(maxlen=window)
         self.lock = threading.Lock()
         self.prior = prior
@@ -43,6 +43,7 @@ class LinkEstimator:
         self.dominance = dominance  # share of a sample's bytes that makes it measure one direction
         self.transfer_share = transfer_share  # share of its time a transfer must take to measure a rate
         self.min_rate_bytes = min_rate_bytes  # below this, a message's time is round trip and jitter
+        self.rate_window_s = rate_window_s  # rate samples older than this before the newest are dropped
 
     def observe(self, sample: Sample) -> None:
         if sample.seconds > 0:
@@ -53,16 +54,21 @@ class LinkEstimator:
         with self.lock:
             return sorted(self.samples, key=lambda sample: sample.at_s)
 
+    def _measures(self, sample: Sample, direction: str) -> int:
+        """The bytes ``sample`` moved in ``direction`` if they dominate it, else 0."""
+        moved = sample.up_bytes if direction == "up" else sample.down_bytes
+        return moved if moved >= max(self.dominance * (sample.up_bytes + sample.down_bytes), self.min_rate_bytes) else 0
+
     def _rate_samples(self, samples: list[Sample], direction: str, rtt_s: float) -> list[tuple[float, float]]:
-        """(at_s, bytes per second) of the recent samples that measure ``direction``, newest last."""
+        """(at_s, bytes per second) of the recent samples that measure ``direction``, newest last: at most
+        ``rates`` of them, none older than ``rate_window_s`` before the newest, so that a recovered link is not
+        held down for long by samples from before."""
         found = []
         for sample in samples:
-            moved = sample.up_bytes if direction == "up" else sample.down_bytes
-            transfer = sample.seconds - rtt_s
-            dominant = moved >= max(self.dominance * (sample.up_bytes + sample.down_bytes), self.min_rate_bytes)
-            if dominant and transfer >= self.transfer_share * sample.seconds:
+            moved, transfer = self._measures(sample, direction), sample.seconds - rtt_s
+            if moved and transfer >= self.transfer_share * sample.seconds:
                 found.append((sample.at_s, moved / transfer))
-        return found[-self.rates:]
+        return [(at, rate) for at, rate in found[-self.rates:] if at >= found[-1][0] - self.rate_window_s]
 
     def link(self) -> Link:
         """The current estimate. The round trip and the rates depend on each other (a rate is bytes over the time
@@ -70,13 +76,15 @@ class LinkEstimator:
         samples = self._snapshot()
         if not samples:
             return self.prior
+        # Messages too small to measure a rate (pings, most requests) measure the round trip nearly directly.
+        small = [s for s in samples if s.up_bytes + s.down_bytes < self.min_rate_bytes] or samples
         rtt = min(sample.seconds for sample in samples)
         up, down = self.prior.up_bytes_per_s, self.prior.down_bytes_per_s
         for _ in range(4):
             up_rates, down_rates = self._rate_samples(samples, "up", rtt), self._rate_samples(samples, "down", rtt)
             up = harmonic_mean(rate for _, rate in up_rates) if up_rates else self.prior.up_bytes_per_s
             down = harmonic_mean(rate for _, rate in down_rates) if down_rates else self.prior.down_bytes_per_s
-            rtt = max(statistics.median(s.seconds - s.up_bytes / up - s.down_bytes / down for s in samples), 0.0)
+            rtt = max(statistics.median(s.seconds - s.up_bytes / up - s.down_bytes / down for s in small), 0.0)
         return Link(rtt, up, down)
 
     @property
@@ -101,9 +109,17 @@ class LinkEstimator:
                 stale.append(direction)
         return stale
 
-    def probe_bytes(self) -> int:
+    def probe_bytes(self, direction: str) -> int:
         """A probe payload whose transfer takes about four round trips at the current estimate, so that it
-        measures bandwidth rather than latency or a token bucket's burst; 32 KiB to 1 MiB."""
-        link = self.link()
-        rate = min(link.up_bytes_per_s, link.down_bytes_per_s)
-        return int(min(max(4 * link.rtt_s * rate, 32 << 10), 1 << 20))
+        measures bandwidth rather than latency or a token bucket's burst; 8 KiB to 1 MiB, the floor kept small
+        because a probe sized for a link that has since collapsed takes that much longer; the floor too while the
+        direction has no measurement. When the last probe that way crossed too quickly to measure anything, the
+        link got faster: eight times that probe."""
+        link, samples = self.link(), self._snapshot()
+        measured = self._rate_samples(samples, direction, link.rtt_s)
+        rate = link.up_bytes_per_s if direction == "up" else link.down_bytes_per_s
+        size = 4 * link.rtt_s * rate if measured else 0  # the prior alone could size a probe for minutes
+        last = next((s for s in reversed(samples) if self._measures(s, direction)), None)
+        if last is not None and last.seconds - link.rtt_s < self.transfer_share * last.seconds:
+            size = max(size, 8 * self._measures(last, direction))
+        return int(min(max(size, 8 << 10), 1 << 20))

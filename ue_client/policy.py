@@ -4,21 +4,25 @@ generation's state.
 ``choose_split`` is a pure function. It predicts every allowed split's per-token latency at the current context,
 scales each side's compute by what the running session measured against its profile (an edge busy with other
 UEs, a UE warmer than when it was profiled), and moves only when the time saved over the tokens still to come
-pays for carrying the moved layers' KV cache across, and the new split is faster by a margin, so that noise in
-the estimate never makes the split flap. The network part is scaled the same way by the steps' own network
+pays for the move, and the new split is faster by a margin, so that noise in the estimate never makes the split
+flap. A move carries the moved layers' KV cache across, or, for layers the UE takes over, lets the UE recompute
+them from the tokens, whichever the model says is quicker: on a slow link, recomputing wins by far. The network part is scaled the same way by the steps' own network
 times, which see a collapsed link before any bandwidth sample does. Policies: ``static`` (never moves) and ``cost-model``; a learned policy
 plugs in as another ``SplitPolicy``.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from profiler.cost_model import DeviceModel, Link, predict
 from runtime.errors import SeamError
+from runtime.spans import Span
 
-POLICIES = ("static", "cost-model")
+STEP_PROBE_AGE_S = 2.0  # step-sized probes older than this no longer describe the link
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class Decision:
     split: int
     per_token_s: dict[int, float]  # predicted decode latency of each candidate
     reason: str
+    rebuild: bool = False  # the UE recomputes the cache of the layers it takes over instead of downloading it
 
 
 def candidate_splits(ue: DeviceModel, constraints: Constraints, kv_bytes_per_token: Sequence[int], batch: int,
@@ -74,6 +79,12 @@ def move_s(link: Link, current: int, split: int, kv_bytes_per_token_per_layer: i
     return link.rtt_s + moved / rate
 
 
+def rebuild_s(ue: DeviceModel, link: Link, split: int, batch: int, context: int, scales: Scales) -> float:
+    """Time for the UE to recompute the cache of layers [0, split) over the context, plus the message that tells
+    the edge to drop its copy."""
+    return ue.compute_s(0, split, "prefill", context, batch) * scales.ue + link.rtt_s * scales.network
+
+
 def choose_split(
     ue: DeviceModel,
     edge: DeviceModel,
@@ -94,20 +105,23 @@ def choose_split(
         for split in sorted({*candidates, current})
     }
     now = costs[current]
-    best, best_gain = current, 0.0
+    best, best_gain, best_rebuild = current, 0.0, False
     for split in candidates:
-        gain = (now - costs[split]) * remaining - move_s(link, current, split, kv_bytes_per_token_per_layer, batch,
-                                                          context)
+        moving = move_s(link, current, split, kv_bytes_per_token_per_layer, batch, context)
+        rebuilding = rebuild_s(ue, link, split, batch, context, scales) if split > current else math.inf
+        gain = (now - costs[split]) * remaining - min(moving, rebuilding)
         if gain > best_gain and costs[split] < now * (1 - margin):
-            best, best_gain = split, gain
+            best, best_gain, best_rebuild = split, gain, rebuilding < moving
     label = f"link up {link.up_mbit:.1f}, down {link.down_mbit:.1f} Mbit/s, rtt {link.rtt_s * 1e3:.1f} ms"
     if best == current:
         return Decision(current, costs, f"{label}: split {current} stays ({1e3 * now:.1f} ms/token)")
+    how = "rebuilding the cache here" if best_rebuild else "moving the cache"
     return Decision(
         best,
         costs,
         f"{label}: {1e3 * now:.1f} -> {1e3 * costs[best]:.1f} ms/token, "
-        f"saves {best_gain:.2f} s over {remaining} tokens after the move",
+        f"saves {best_gain:.2f} s over the next {remaining} tokens after {how}",
+        best_rebuild,
     )
 
 
@@ -126,12 +140,14 @@ class CostModelPolicy:
     over the link as the session estimates it (kept fresh by the session's background probes)."""
 
     def __init__(self, ue: DeviceModel, edge: DeviceModel, constraints: Constraints = Constraints(),
-                 margin: float = 0.1, window: int = 3):
+                 margin: float = 0.1, window: int = 3, horizon: int = 128):
         self.ue, self.edge = ue, edge
         self.constraints = constraints
         self.margin = margin
         self.window = window
+        self.horizon = horizon  # tokens a move must pay back within: links rarely hold still for much longer
         self.decisions: list[Decision] = []
+        self.loaded = 0  # layers [0, loaded) have their sessions open on the UE
 
     def __call__(self, session, step: int) -> None:
         manifest = session.client.artifact.manifest
@@ -141,22 +157,37 @@ class CostModelPolicy:
             self.ue, self.constraints, [len(b.layers) * per_layer for b in blocks], session.batch,
             session.max_length, [b.variants[session.head.variant].weight_bytes for b in blocks],
         )
+        if max(candidates) > self.loaded:  # so that a move never waits for a block's session to load
+            session.client.pool.preload(Span(0, max(candidates)), session.head.variant)
+            self.loaded = max(candidates)
+        now = time.perf_counter()
+        probed = [seconds for at, seconds in session.step_probes if now - at < STEP_PROBE_AGE_S][-self.window:]
+        if session.split == session.num_layers and not probed:
+            # Alone on the UE, nothing measures the link but the background probes: offloading without them
+            # could push a whole cache into a link that has collapsed.
+            return
         link = session.link.link()
         since_move = session.moves[-1].before_step if session.moves else 1  # the prefill is no decode step
         recent = session.stats.timings[max(since_move, 1):][-self.window:]
         predicted = predict(self.ue, self.edge, link, session.split, session.past, session.batch).decode
+        # Steps, or alone on the UE step-sized probes, measure the network exactly where the link estimate is
+        # weakest: small messages on a link whose rate has not been sampled lately. The wide bounds let a
+        # collapsed link show in full.
+        if session.split < session.num_layers:
+            network, offloaded = [t.network_s for t in recent], predicted
+        else:
+            network = probed
+            offloaded = predict(self.ue, self.edge, link, min(candidates), session.past, session.batch).decode
         scales = Scales(
             ue=calibration([t.ue_s for t in recent], predicted.ue_s),
             edge=calibration([t.edge_s for t in recent], predicted.edge_s),
-            # Steps measure the network exactly where the link estimate is weakest: small messages on a link
-            # whose rate has not been sampled lately. The wide bounds let a collapsed link show in full.
-            network=calibration([t.network_s for t in recent],
-                                predicted.uplink_s + predicted.downlink_s + predicted.rtt_s, (0.05, 50.0)),
+            network=calibration(network, offloaded.uplink_s + offloaded.downlink_s + offloaded.rtt_s, (0.05, 50.0)),
         )
         decision = choose_split(
             self.ue, self.edge, link, current=session.split, candidates=candidates, context=session.past,
-            remaining=session.max_length - session.past - 1, batch=session.batch, kv_bytes_per_token_per_layer=per_layer,
+            remaining=min(session.max_length - session.past - 1, self.horizon), batch=session.batch,
+            kv_bytes_per_token_per_layer=per_layer,
             margin=self.margin, scales=scales,
         )
         self.decisions.append(decision)
-        session.move_split(decision.split, decision.reason)
+        session.move_split(decision.split, decision.reason, decision.rebuild)

@@ -1,0 +1,216 @@
+"""Online split selection against every static split and the hindsight oracle, on each shipped link trace.
+
+small-llama cut at a few layers; the edge_server runs with two threads, the UE in this process pinned to one CPU
+with one thread and slowed down ``--slowdown`` times (a phone next to an edge box; on one machine the two would
+otherwise be equally fast and offloading could never pay), and the link follows
+each trace through the transport's emulator, the trace's time compressed so that each run takes ``--seconds``.
+Every run generates as fast as it can until the trace ends: the adaptive policy (cost model, starting from the
+UE's default split) and each static split, all in one process, one after another.
+
+The oracle picks the best split for each interval of the trace in hindsight from the same run's measurements:
+each static run's per-token latency in that interval, minus the tokens it loses to moving the KV cache when it
+changes split (at that interval's bandwidth). Reports mean and p95 per-token latency and the number of moves,
+and draws, per trace, the split and bandwidth over time and the per-token latency over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import psutil
+
+from _common import RESULTS, WORK, report
+
+from edge_server.process import edge_server
+from export.exporter import ExportRequest, export
+from export.report import table
+from profiler.cost_model import DeviceModel
+from profiler.measure import profile_key
+from profiler.schema import DeviceProfile, load
+from runtime.artifact import Artifact
+from runtime.traces import Trace, load_trace
+from runtime.transport import EmulatedLink, TransportConfig
+from ue_client.client import EdgeClient
+from ue_client.policy import Constraints, CostModelPolicy
+
+TRACES = RESULTS.parent.parent / "traces"
+PROMPT_LENGTH = 32
+
+
+@dataclass
+class Run:
+    name: str
+    arrivals: list[float] = field(default_factory=list)  # seconds since the trace started
+    splits: list[int] = field(default_factory=list)  # the split each token was produced at
+    moves: list = field(default_factory=list)  # (at_s, from, to, seconds, reason)
+
+    @property
+    def gaps(self) -> list[float]:
+        return list(np.diff(self.arrivals))
+
+    @property
+    def mean_ms(self) -> float:
+        return 1e3 * (self.arrivals[-1] - self.arrivals[0]) / (len(self.arrivals) - 1)
+
+    @property
+    def p95_ms(self) -> float:
+        return 1e3 * float(np.percentile(self.gaps, 95))
+
+
+def compressed(trace: Trace, seconds: float) -> Trace:
+    scale = seconds / trace.duration_s
+    return Trace(tuple(t * scale for t in trace.times_s), trace.states)
+
+
+def slowed(profile: DeviceProfile, factor: float) -> DeviceProfile:
+    """The profile the slowed-down UE would have measured."""
+
+    def block(graph):
+        times = {phase: [replace(t, median_s=t.median_s * factor, p90_s=t.p90_s * factor) for t in getattr(graph, phase)]
+                 for phase in ("prefill", "decode")}
+        return replace(graph, **times)
+
+    return replace(profile, prelude=block(profile.prelude), blocks=[block(b) for b in profile.blocks])
+
+
+def run_once(name: str, artifact: Artifact, address: str, trace: Trace, seconds: float, split: int, slowdown: float,
+             policy=None) -> Run:
+    prompt = list(np.random.default_rng(0).integers(0, artifact.manifest.dims.vocab_size, PROMPT_LENGTH))
+    emulated = EmulatedLink(trace)
+    run = Run(name)
+    with EdgeClient(artifact, address, TransportConfig(timeout_s=60), threads=1, emulated=emulated,
+                    ue_slowdown=slowdown) as client:
+        with client.session(split) as session:
+            emulated.started = time.monotonic()  # the trace starts with the generation
+            for _ in session.generate([prompt], 3000, policy):
+                run.arrivals.append(time.monotonic() - emulated.started)
+                run.splits.append(session.split)
+                if run.arrivals[-1] >= seconds:
+                    break
+            run.moves = [(round(run.arrivals[m.before_step - 1], 2), m.from_split, m.to_split, round(m.seconds, 3),
+                          m.reason) for m in session.moves]
+    return run
+
+
+def interval_latency(run: Run, start: float, end: float) -> float | None:
+    gaps = [gap for arrival, gap in zip(run.arrivals[1:], run.gaps) if start <= arrival < end]
+    return statistics.median(gaps) if gaps else None
+
+
+def oracle(statics: dict[int, Run], trace: Trace, seconds: float, kv_bytes_per_token_layer: int,
+           ue: DeviceModel) -> tuple[float, list[int]]:
+    """The most tokens any schedule of static splits over the trace's intervals could produce, moves included
+    (the cache carried over the interval's link, or rebuilt on the UE as the UE's profile predicts, whichever is
+    quicker): returns its mean per-token latency and its split per interval."""
+    bounds = list(trace.times_s)
+    splits = sorted(statics)
+    best: dict[int, tuple[float, list[int]]] = {s: (0.0, []) for s in splits}  # tokens so far, path
+    for index, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        state = trace.states[index]
+        context = PROMPT_LENGTH + max(tokens for tokens, _ in best.values())
+        step: dict[int, tuple[float, list[int]]] = {}
+        for split in splits:
+            latency = interval_latency(statics[split], start, end) or (end - start)
+            options = []
+            for previous, (tokens, path) in best.items():
+                moving = 0.0
+                if path and previous != split:
+                    moved = abs(split - previous) * kv_bytes_per_token_layer * context * 8 / 1e6  # Mbit
+                    rate = state.up_mbit if split < previous else state.down_mbit
+                    moving = state.rtt_ms / 1e3 + moved / rate
+                    if split > previous:
+                        moving = min(moving, state.rtt_ms / 1e3 + ue.compute_s(0, split, "prefill", context, 1))
+                options.append((tokens + max(end - start - moving, 0.0) / latency, path + [split]))
+            step[split] = max(options, key=lambda option: option[0])
+        best = step
+    tokens, path = max(best.values(), key=lambda option: option[0])
+    return 1e3 * seconds / tokens, path
+
+
+def plot(name: str, trace: Trace, runs: list[Run], oracle_ms: float, path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 6), layout="constrained")
+    FigureCanvasAgg(figure)
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    for label, values in (("up", [s.up_mbit for s in trace.states]), ("down", [s.down_mbit for s in trace.states])):
+        top.step(trace.times_s, values, where="post", label=f"{label} Mbit/s", alpha=0.6)
+    top.set(ylabel="Mbit/s", yscale="log", title=f"{name}: bandwidth and the adaptive split")
+    split_axis = top.twinx()
+    adaptive = runs[0]
+    split_axis.step(adaptive.arrivals, adaptive.splits, where="post", color="black", label="split")
+    split_axis.set_ylabel("split (layers on the UE)")
+    top.legend(loc="upper left", fontsize="small")
+    for run in runs:
+        bottom.plot(run.arrivals[1:], [1e3 * g for g in run.gaps], label=run.name, lw=1 if run is adaptive else 0.6)
+    bottom.axhline(oracle_ms, color="black", ls="--", label="oracle mean")
+    bottom.set(xlabel="seconds", ylabel="ms per token", yscale="log")
+    bottom.legend(fontsize="small", ncols=3)
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--traces", default="step,random-walk,4g,wifi")
+    parser.add_argument("--seconds", type=float, default=20.0, help="wall time of each run (the trace is compressed)")
+    parser.add_argument("--cuts", default="1,4,8")
+    parser.add_argument("--slowdown", type=float, default=4.0,
+                        help="the UE runs this many times slower than this machine (a phone next to an edge box)")
+    args = parser.parse_args()
+
+    out = WORK / f"small-llama-cuts-{args.cuts.replace(',', '_')}"
+    export(ExportRequest(model="small-llama", out=out, cuts=args.cuts, validate=False, quiet=True))
+    artifact = Artifact.open(out)
+    profiles = {}
+    for side, options in (("edge", ["--threads", "2"]), ("ue", ["--threads", "1", "--cpus", "0"])):
+        subprocess.run([sys.executable, "-m", "seam.cli", "profile", str(out), "--quiet", *options], check=True,
+                       capture_output=True)
+        key = profile_key(artifact, "cpu", int(options[1]), artifact.manifest.dtype)
+        measured = load(out / "profiles" / key.file_name(), DeviceProfile)
+        profiles[side] = DeviceModel.from_profile(slowed(measured, args.slowdown) if side == "ue" else measured)
+    statics = [split for split in artifact.split_points if split > 0]
+    rows, results = [], {}
+    with open("/dev/null", "w") as quiet, edge_server(out, "--threads", "2", log=quiet) as (_, address):
+        psutil.Process().cpu_affinity([0])  # after the server started: it keeps both CPUs
+        for name in args.traces.split(","):
+            trace = compressed(load_trace(TRACES / f"{name}.csv"), args.seconds)
+            policy = CostModelPolicy(profiles["ue"], profiles["edge"], Constraints(min_ue_layers=1))
+            runs = [run_once("adaptive", artifact, address, trace, args.seconds, artifact.default_split, args.slowdown,
+                             policy)]
+            runs += [run_once(f"static {s}", artifact, address, trace, args.seconds, s, args.slowdown) for s in statics]
+            by_split = {s: run for s, run in zip(statics, runs[1:])}
+            oracle_ms, oracle_path = oracle(by_split, trace, args.seconds, artifact.manifest.kv_bytes_per_token_per_layer,
+                                            profiles["ue"])
+            best_static = min(runs[1:], key=lambda run: run.mean_ms)
+            adaptive = runs[0]
+            for run in runs:
+                rows.append([name, run.name, f"{run.mean_ms:.1f}", f"{run.p95_ms:.1f}", str(len(run.moves)),
+                             str(len(run.arrivals))])
+            rows.append([name, "oracle", f"{oracle_ms:.1f}", "-", str(sum(a != b for a, b in zip(oracle_path, oracle_path[1:]))), "-"])
+            results[name] = {
+                "adaptive_ms": round(adaptive.mean_ms, 2), "adaptive_p95_ms": round(adaptive.p95_ms, 2),
+                "moves": adaptive.moves, "oracle_ms": round(oracle_ms, 2), "oracle_splits": oracle_path,
+                "best_static": best_static.name, "best_static_ms": round(best_static.mean_ms, 2),
+                "statics_ms": {run.name: round(run.mean_ms, 2) for run in runs[1:]},
+                "adaptive_vs_oracle": round(adaptive.mean_ms / oracle_ms, 3),
+                "adaptive_vs_best_static": round(adaptive.mean_ms / best_static.mean_ms, 3),
+            }
+            plot(name, trace, runs, oracle_ms, RESULTS / f"adaptive-{name}.png")
+    print(table(["trace", "policy", "mean ms/token", "p95 ms", "moves", "tokens"], rows))
+    for name, result in results.items():
+        for at, old, new, seconds, reason in result["moves"]:
+            print(f"{name} at {at:.2f} s: split {old} -> {new} in {1e3 * seconds:.0f} ms ({reason})")
+        print(f"{name}: adaptive / oracle {result['adaptive_vs_oracle']:.3f} (target <= 1.10), "
+              f"adaptive / best static ({result['best_static']}) {result['adaptive_vs_best_static']:.3f}")
+    report("adaptive", {"model": "small-llama", "cuts": args.cuts, "seconds": args.seconds, "traces": results})
+
+
+if __name__ == "__main__":
+    main()
