@@ -34,6 +34,7 @@ from profiler.cost_model import DeviceModel
 from profiler.measure import profile_key
 from profiler.schema import DeviceProfile, load
 from runtime.artifact import Artifact
+from runtime.spans import Span
 from runtime.traces import Trace, load_trace
 from runtime.transport import EmulatedLink, TransportConfig
 from ue_client.client import EdgeClient
@@ -86,6 +87,7 @@ def run_once(name: str, artifact: Artifact, address: str, trace: Trace, seconds:
     run = Run(name)
     with EdgeClient(artifact, address, TransportConfig(timeout_s=60), threads=1, emulated=emulated,
                     ue_slowdown=slowdown) as client:
+        client.pool.preload(Span(0, artifact.num_layers))  # every run starts with every block loaded
         with client.session(split) as session:
             emulated.started = time.monotonic()  # the trace starts with the generation
             for _ in session.generate([prompt], 3000, policy):

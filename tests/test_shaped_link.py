@@ -13,7 +13,6 @@ from profiler.probe import round_trip
 from runtime.artifact import Artifact
 from runtime.traces import LinkState, Trace
 from runtime.transport import EmulatedLink, TransportConfig, UeSocket
-from test_resplit import scheduled
 from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
 from ue_client.client import EdgeClient
 
@@ -47,19 +46,19 @@ def test_tc_limits_each_direction_and_a_schedule_changes_it(exported, shaped_lin
 def test_the_estimate_and_split_moves_over_a_shaped_link(exported, shaped_link):
     artifact = Artifact.open(exported("tiny-llama"))
     delays = shaped_link.follow(Trace((0.0,), (LinkState(up_mbit=2, down_mbit=8, rtt_ms=20),)))
-    schedule = {2: 1, 3: artifact.num_layers, 8: 2}  # five steps alone, in which the background probes measure
-    move = scheduled(schedule)
-
-    def policy(session, step):  # moves on schedule, slowly enough for the probes to run
-        time.sleep(0.1)
-        move(session, step)
-
+    schedule = {2: (1, False), 3: (artifact.num_layers, True), 6: (2, False), 8: (artifact.num_layers, False)}
     with edge_server(artifact.root, bind=f"tcp://{shaped_link.edge_address}:0", launcher=shaped_link.launcher) as (_, address):
         with EdgeClient(artifact, address, TransportConfig(timeout_s=20), emulated=EmulatedLink(delays)) as client:
             with client.session(3) as session:
-                tokens = list(session.generate(PROMPTS, NEW_TOKENS, policy))
+                tokens = []
+                for step, produced in enumerate(session.generate(PROMPTS, NEW_TOKENS), start=1):
+                    tokens.append(produced)
+                    session.link.stale_s = 0  # probe both directions between steps, on the session's own socket
+                    session.probe_link()
+                    if step in schedule:
+                        session.move_split(schedule[step][0], rebuild=schedule[step][1])
     assert (np.stack(tokens, axis=1) == local_tokens(artifact, PROMPTS, session.sampling)).all()
-    assert [move.to_split for move in session.moves] == list(schedule.values())
+    assert [move.to_split for move in session.moves] == [split for split, _ in schedule.values()]
     link = session.link.link()
     assert link.up_mbit == pytest.approx(2, rel=0.35)
     assert link.down_mbit == pytest.approx(8, rel=0.35)

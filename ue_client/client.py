@@ -198,14 +198,15 @@ class RemoteSession:
         self.link.observe(Sample(started, socket.bytes_sent - sent, socket.bytes_received - received, elapsed - compute))
         return reply
 
-    def probe_link(self, socket: UeSocket | None = None, every_direction: bool = False) -> None:
-        """Measures the directions whose bandwidth estimate is stale (or all) with one ping each, sized to
-        measure it, after an empty ping that pins the round trip the rates are measured against."""
+    def probe_link(self, socket: UeSocket | None = None, step_sized: bool = False) -> None:
+        """Measures the directions whose bandwidth estimate is stale with one ping each, sized to measure it,
+        after an empty ping that pins the round trip the rates are measured against; with ``step_sized``, also
+        a ping the size of a decode step."""
         socket = socket or self.client.socket
-        stale = ["up", "down"] if every_direction else self.link.stale(time.perf_counter())
+        stale = self.link.stale(time.perf_counter())
         if stale:
             self._ping(socket, 0, 0)
-        if every_direction:
+        if step_sized:
             # What a decode step would see on the network right now, if the edge ran the tail.
             dims = self.client.artifact.manifest.dims
             up = uplink_bytes(1, self.batch, 1, self.past, dims.hidden_size, self.head.kv_dtype.itemsize)
@@ -254,12 +255,13 @@ class RemoteSession:
                     if not self.fallback_local:
                         raise
                     tokens = self._finish_locally(self.sequence, mask, lost)
-                yield tokens
+                # The state moves on before the token is handed out, so a caller may move the split right away.
                 self.past = mask.shape[1]
                 mask = np.concatenate([mask, np.ones((self.batch, 1), dtype=np.int64)], axis=1)
                 positions = positions[:, -1:] + 1
                 first = tokens[:, None]
                 self.sequence, self.mask = np.concatenate([self.sequence, first], axis=1), mask
+                yield tokens
         finally:
             if prober is not None:
                 prober.close()
@@ -381,7 +383,7 @@ class BackgroundProber:
     It stays quiet while the edge has layers: a probe sharing the link with steps would queue them behind it,
     and both would measure less than the link gives. Steps measure the link themselves then."""
 
-    def __init__(self, session: RemoteSession, period_s: float = 0.25, timeout_s: float = 5.0):
+    def __init__(self, session: RemoteSession, period_s: float = 0.5, timeout_s: float = 5.0):
         self.session = session
         self.period_s = period_s
         self.timeout_s = timeout_s
@@ -394,8 +396,7 @@ class BackgroundProber:
         while not self.stopping.is_set():
             try:
                 if self.session.split == self.session.num_layers:
-                    # Nothing else uses the link now, and the sooner a recovery shows, the sooner the edge helps.
-                    self.session.probe_link(self.socket, every_direction=True)
+                    self.session.probe_link(self.socket, step_sized=True)
             except SeamError:
                 pass  # a lost edge shows in the steps themselves; the estimate just stays as it was
             self.stopping.wait(self.period_s)
