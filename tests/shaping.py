@@ -38,8 +38,9 @@ def available() -> str | None:
 
 
 class ShapedLink:
-    def __init__(self, subnet: int = 77):
+    def __init__(self):
         tag = os.getpid() % 100_000
+        subnet = 20 + os.getpid() % 200  # two runs at once on one host must not share addresses
         self.namespace = f"seam-edge-{tag}"
         self.ue_device, self.edge_device = f"seu{tag}", f"see{tag}"
         self.ue_address, self.edge_address = f"10.{subnet}.0.1", f"10.{subnet}.0.2"
