@@ -35,6 +35,8 @@ from runtime.protocol import (
     Hello,
     Message,
     OpenSession,
+    Ping,
+    Pong,
     Resplit,
     Resplitted,
     SessionOpened,
@@ -43,7 +45,6 @@ from runtime.protocol import (
     Welcome,
 )
 from profiler.cost_model import Link, downlink_bytes, uplink_bytes
-from profiler.probe import round_trip
 from runtime.sampling import Sampler, SamplingParams
 from runtime.spans import Span
 from runtime.transport import EmulatedLink, TransportConfig, TransportTimeout, UeSocket
@@ -178,6 +179,7 @@ class RemoteSession:
         self.open = False
         self.edge_step = 0
         self.batch = self.past = self.max_length = 0
+        self.sequence = self.mask = None  # the tokens so far and their mask, from which moved layers are rebuilt
         self.link = LinkEstimator(client.link)
         self.probes = 0
         self.step_probes: deque[tuple[float, float]] = deque(maxlen=5)  # (at, seconds) of step-sized pings
@@ -189,14 +191,17 @@ class RemoteSession:
             raise SeamError("split 0 sends raw token ids to the edge; pass --allow-token-upload to permit it")
 
     def _request(self, message: Message, kind: type) -> Message:
-        """One exchange with the edge; its bytes and network time feed the link estimate."""
-        socket = self.client.socket
+        return self._exchange(message, kind, self.client.socket)[0]
+
+    def _exchange(self, message: Message, kind: type, socket: UeSocket) -> tuple[Message, float]:
+        """One request and its reply, with its network time (the round trip less the edge's compute); its bytes
+        and network time feed the link estimate."""
         sent, received, started = socket.bytes_sent, socket.bytes_received, time.perf_counter()
         reply = expect(socket.request(message), kind)
-        elapsed = time.perf_counter() - started
         compute = reply.edge_compute_s if isinstance(reply, StepResult) else 0.0
-        self.link.observe(Sample(started, socket.bytes_sent - sent, socket.bytes_received - received, elapsed - compute))
-        return reply
+        seconds = time.perf_counter() - started - compute
+        self.link.observe(Sample(started, socket.bytes_sent - sent, socket.bytes_received - received, seconds))
+        return reply, seconds
 
     def probe_link(self, socket: UeSocket | None = None, step_sized: bool = False) -> None:
         """Measures the directions whose bandwidth estimate is stale with one ping each, sized to measure it,
@@ -217,11 +222,9 @@ class RemoteSession:
             self._ping(socket, *((size, 0) if direction == "up" else (0, size)))
 
     def _ping(self, socket: UeSocket, up: int, down: int) -> float:
-        sent, received, started = socket.bytes_sent, socket.bytes_received, time.perf_counter()
         self.probes += 1
-        elapsed = round_trip(socket, self.probes, up, down)
-        self.link.observe(Sample(started, socket.bytes_sent - sent, socket.bytes_received - received, elapsed))
-        return elapsed
+        payload = np.zeros(up, dtype=np.uint8) if up else None
+        return self._exchange(Ping(self.probes, down, payload), Pong, socket)[1]
 
     def _open(self, kv: np.ndarray | None = None) -> None:
         opening = OpenSession(self.session_id, self.split, self.batch, vars(self.sampling), self.max_length,
