@@ -173,7 +173,7 @@ def test_the_cost_model_policy_moves_a_local_start_to_the_edge_without_changing_
                                               manifest.dims.hidden_size))
         for name, scale in (("ue", 50.0), ("edge", 0.1))  # a hopeless UE and a fast edge
     }
-    policy = CostModelPolicy(profile["ue"], profile["edge"], Constraints(min_ue_layers=1))
+    policy = CostModelPolicy(profile["ue"], profile["edge"])  # split 0 stays out: token upload is not allowed
 
     def slow_policy(session, step):  # steps as slow as the hopeless UE's, so that the probes measure the link
         time.sleep(0.05)

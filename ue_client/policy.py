@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from profiler.cost_model import DeviceModel, Link, predict
 from runtime.errors import SeamError
@@ -153,8 +153,11 @@ class CostModelPolicy:
         manifest = session.client.artifact.manifest
         per_layer = manifest.kv_bytes_per_token_per_layer
         blocks = manifest.blocks
+        constraints = self.constraints
+        if not session.allow_token_upload:  # split 0 would send token ids
+            constraints = replace(constraints, min_ue_layers=max(constraints.min_ue_layers, 1))
         candidates = candidate_splits(
-            self.ue, self.constraints, [len(b.layers) * per_layer for b in blocks], session.batch,
+            self.ue, constraints, [len(b.layers) * per_layer for b in blocks], session.batch,
             session.max_length, [b.variants[session.head.variant].weight_bytes for b in blocks],
         )
         if max(candidates) > self.loaded:  # so that a move never waits for a block's session to load
