@@ -8,15 +8,15 @@ Every run generates as fast as it can until the trace ends: the adaptive policy 
 UE's default split) and each static split, all in one process, one after another.
 
 The oracle picks the best split for each interval of the trace in hindsight from the same run's measurements:
-each static run's per-token latency in that interval, minus the tokens it loses to moving the KV cache when it
-changes split (at that interval's bandwidth). Reports mean and p95 per-token latency and the number of moves,
+the tokens each static run produced in that interval, less those it would lose to a move when it changes
+split (carrying the cache or recomputing it, whichever is quicker at that interval's link, as the profiles
+predict). Reports mean and p95 per-token latency and the number of moves,
 and draws, per trace, the split and bandwidth over time and the per-token latency over time.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +30,7 @@ from _common import RESULTS, WORK, report
 from edge_server.process import edge_server
 from export.exporter import ExportRequest, export
 from export.report import table
-from profiler.cost_model import DeviceModel
+from profiler.cost_model import ID_BYTES, DeviceModel, Link
 from profiler.measure import profile_key
 from profiler.schema import DeviceProfile, load
 from runtime.artifact import Artifact
@@ -38,7 +38,7 @@ from runtime.spans import Span
 from runtime.traces import Trace, load_trace
 from runtime.transport import EmulatedLink, TransportConfig
 from ue_client.client import EdgeClient
-from ue_client.policy import Constraints, CostModelPolicy
+from ue_client.policy import Constraints, CostModelPolicy, Scales, move_s, rebuild_s
 
 TRACES = RESULTS.parent.parent / "traces"
 PROMPT_LENGTH = 32
@@ -100,35 +100,34 @@ def run_once(name: str, artifact: Artifact, address: str, trace: Trace, seconds:
     return run
 
 
-def interval_latency(run: Run, start: float, end: float) -> float | None:
-    gaps = [gap for arrival, gap in zip(run.arrivals[1:], run.gaps) if start <= arrival < end]
-    return statistics.median(gaps) if gaps else None
+def interval_rate(run: Run, start: float, end: float) -> float:
+    """Tokens per second ``run`` produced in [start, end)."""
+    return sum(start <= arrival < end for arrival in run.arrivals[1:]) / (end - start)
 
 
-def oracle(statics: dict[int, Run], trace: Trace, seconds: float, kv_bytes_per_token_layer: int,
-           ue: DeviceModel) -> tuple[float, list[int]]:
+def oracle(statics: dict[int, Run], trace: Trace, seconds: float, ue: DeviceModel, edge: DeviceModel,
+           kv_bytes_per_token_per_layer: int, boundary_bytes_per_token: int) -> tuple[float, list[int]]:
     """The most tokens any schedule of static splits over the trace's intervals could produce, moves included
-    (the cache carried over the interval's link, or rebuilt on the UE as the UE's profile predicts, whichever is
-    quicker): returns its mean per-token latency and its split per interval."""
+    (the cache carried over the interval's link, or recomputed by the side taking layers over, whichever the
+    profiles say is quicker): returns its mean per-token latency and its split per interval."""
     bounds = list(trace.times_s)
     splits = sorted(statics)
     best: dict[int, tuple[float, list[int]]] = {s: (0.0, []) for s in splits}  # tokens so far, path
     for index, (start, end) in enumerate(zip(bounds, bounds[1:])):
         state = trace.states[index]
-        context = PROMPT_LENGTH + max(tokens for tokens, _ in best.values())
+        link = Link.from_mbit(state.down_mbit, state.rtt_ms, state.up_mbit)
+        context = PROMPT_LENGTH + int(max(tokens for tokens, _ in best.values()))
         step: dict[int, tuple[float, list[int]]] = {}
         for split in splits:
-            latency = interval_latency(statics[split], start, end) or (end - start)
+            rate = interval_rate(statics[split], start, end)
             options = []
             for previous, (tokens, path) in best.items():
                 moving = 0.0
                 if path and previous != split:
-                    moved = abs(split - previous) * kv_bytes_per_token_layer * context * 8 / 1e6  # Mbit
-                    rate = state.up_mbit if split < previous else state.down_mbit
-                    moving = state.rtt_ms / 1e3 + moved / rate
-                    if split > previous:
-                        moving = min(moving, state.rtt_ms / 1e3 + ue.compute_s(0, split, "prefill", context, 1))
-                options.append((tokens + max(end - start - moving, 0.0) / latency, path + [split]))
+                    moving = min(move_s(link, previous, split, kv_bytes_per_token_per_layer, 1, context),
+                                 rebuild_s(ue, edge, link, previous, split, 1, context, Scales(),
+                                           boundary_bytes_per_token, kept=splits))
+                options.append((tokens + max(end - start - moving, 0.0) * rate, path + [split]))
             step[split] = max(options, key=lambda option: option[0])
         best = step
     tokens, path = max(best.values(), key=lambda option: option[0])
@@ -188,8 +187,10 @@ def main() -> None:
                              policy)]
             runs += [run_once(f"static {s}", artifact, address, trace, args.seconds, s, args.slowdown) for s in statics]
             by_split = {s: run for s, run in zip(statics, runs[1:])}
-            oracle_ms, oracle_path = oracle(by_split, trace, args.seconds, artifact.manifest.kv_bytes_per_token_per_layer,
-                                            profiles["ue"])
+            manifest = artifact.manifest
+            oracle_ms, oracle_path = oracle(by_split, trace, args.seconds, profiles["ue"], profiles["edge"],
+                                            manifest.kv_bytes_per_token_per_layer,
+                                            manifest.dims.hidden_size * 4 + ID_BYTES)
             best_static = min(runs[1:], key=lambda run: run.mean_ms)
             adaptive = runs[0]
             for run in runs:

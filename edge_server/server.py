@@ -18,7 +18,7 @@ from edge_server.sessions import EdgeSession, SessionTable
 from runtime.artifact import NUMPY_DTYPES, Artifact
 from runtime.errors import SeamError
 from runtime.executor import SessionPool, run_together
-from runtime.migration import pack_kv, resplit, unpack_kv
+from runtime.migration import check_boundary, pack_kv, recompute, resplit, unpack_kv
 from runtime.protocol import (
     PROTOCOL_VERSION,
     Close,
@@ -273,6 +273,11 @@ class EdgeServer:
             if not 0 < past < request.max_length:
                 raise SeamError(f"the KV cache must hold between 1 and max_length - 1 positions, got {past}")
             runner.cache = unpack_kv(request.kv, span, runner, request.batch, past)
+        elif request.hidden_states is not None:  # the same, with the cache to recompute here
+            self._check_boundary(request, request.batch, None)
+            if request.attention_mask.shape[1] >= request.max_length:
+                raise SeamError("the recomputed cache must hold at most max_length - 1 positions")
+            runner = recompute(self.pool, span, request.hidden_states, request.attention_mask)
         key = (peer, request.session_id)
         kv_bytes = self._kv_bytes(request.batch, request.max_length, request.split)
         for victim in self.table.admit(key, kv_bytes):
@@ -285,6 +290,14 @@ class EdgeServer:
         log.info("open  %s peer=%s split=%d batch=%d max_length=%d sessions=%d", request.session_id, peer.hex()[:8],
                  request.split, request.batch, request.max_length, len(self.table.sessions))
         return SessionOpened(request.session_id)
+
+    def _check_boundary(self, request: OpenSession | Resplit, batch: int, past: int | None) -> None:
+        if request.kv is not None:
+            raise SeamError("send the moved layers' KV cache or the hidden states to recompute it from, not both")
+        if request.split == 0:
+            raise SeamError("a cache recomputed at split 0 would need the token ids; send the KV cache instead")
+        check_boundary(request.hidden_states, request.attention_mask, batch, past, self.manifest.dims.hidden_size,
+                       self.hidden_dtype)
 
     def _kv_bytes(self, batch: int, max_length: int, split: int) -> int:
         """KV reserved for a session: its full length on every edge layer, so admission never over-commits."""
@@ -306,13 +319,19 @@ class EdgeServer:
         if new == old:
             raise SeamError(f"the session already runs at split {new}")
         runner, past = session.runner, session.runner.past_length
-        if new < old:  # the edge takes layers [new, old) over, with their cache
-            incoming = unpack_kv(request.kv, Span(new, old), runner, session.batch, past)
+        if new < old:  # the edge takes layers [new, old) over, with their cache or what to recompute it from
+            recomputing = request.hidden_states is not None
+            if recomputing:
+                self._check_boundary(request, session.batch, past)
+            else:
+                incoming = unpack_kv(request.kv, Span(new, old), runner, session.batch, past)
             self.table.reserve(session, self._kv_bytes(session.batch, session.max_length, new))
+            if recomputing:  # only once the move is known to fit
+                incoming = recompute(self.pool, Span(new, old), request.hidden_states, request.attention_mask).cache
             outgoing, sampler_state = None, {}
         else:  # the UE takes layers [old, new) over
-            if request.kv is not None:
-                raise SeamError(f"moving the split from {old} to {new} sends KV from the edge, not to it")
+            if request.kv is not None or request.hidden_states is not None:
+                raise SeamError(f"moving the split from {old} to {new} hands layers to the UE: send no cache with it")
             incoming = {}
             outgoing = pack_kv(runner.cache, Span(old, new)) if request.send_kv else None
             sampler_state = session.sampler.state if new == last else {}

@@ -59,14 +59,19 @@ class SessionPool:
         """Opens the sessions of ``span`` now, so the first request does not pay for loading them."""
         self.runner(span, variant)
 
-    def runner(self, span: Span, variant: str | None = None) -> SpanRunner:
-        return SpanRunner(self, span, variant)
+    def runner(self, span: Span, variant: str | None = None, keep_boundaries: bool = False) -> SpanRunner:
+        return SpanRunner(self, span, variant, keep_boundaries)
 
 
 class SpanRunner:
-    """The blocks of ``span`` in onnxruntime with the KV cache of their layers for one batch of sequences."""
+    """The blocks of ``span`` in onnxruntime with the KV cache of their layers for one batch of sequences.
 
-    def __init__(self, pool: SessionPool, span: Span, variant: str | None = None):
+    With ``keep_boundaries`` it also keeps, for every position so far, the hidden states after each block that
+    ends before the last layer: a split that moves to one of those cuts hands them to the other side, which
+    recomputes the cache of the layers it takes over from far fewer bytes than the cache itself.
+    """
+
+    def __init__(self, pool: SessionPool, span: Span, variant: str | None = None, keep_boundaries: bool = False):
         manifest = pool.artifact.manifest
         self.span = span
         self.variant = variant or manifest.dtype
@@ -79,11 +84,25 @@ class SpanRunner:
         self.prelude = pool.session(manifest.prelude) if self.blocks else None
         self.prelude_outputs = [arg.name for arg in self.prelude.get_outputs()] if self.prelude else []
         self.cache: dict[str, np.ndarray] = {}
+        self.keep_boundaries = keep_boundaries
+        # cut -> hidden states there, in chunks along positions; only cuts seen from the first position on
+        self.boundaries: dict[int, list[np.ndarray]] = {}
+        self.boundary_cuts = [b.block.layers.end for b in self.blocks if b.block.layers.end < manifest.dims.num_layers]
 
     def reset(self, batch: int) -> None:
         """Start new sequences: an empty cache (past length 0) for every layer of the span."""
         empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), dtype=self.kv_dtype)
         self.cache = {name: empty for layer in self.span for name in past_names(layer)}
+        self.boundaries = {cut: [] for cut in self.boundary_cuts} if self.keep_boundaries else {}
+
+    def boundary(self, cut: int) -> np.ndarray | None:
+        """The hidden states at ``cut`` for every position so far [B, past, H], or None when not kept."""
+        chunks = self.boundaries.get(cut)
+        if not chunks:
+            return None
+        if len(chunks) > 1:  # joined once when asked for, not at every step
+            chunks[:] = [np.concatenate(chunks, axis=1)]
+        return chunks[0]
 
     @property
     def past_length(self) -> int:
@@ -97,7 +116,11 @@ class SpanRunner:
         logits_to_keep: int = 1,
     ) -> np.ndarray:
         """Runs the span for one step and returns its output: hidden states [B, S, H] or logits [B, K, V]."""
-        output, self.cache = self._forward(first_input, attention_mask, position_ids, self.cache, logits_to_keep)
+        outputs: dict[int, np.ndarray] | None = {} if self.boundaries else None
+        output, self.cache = self._forward(first_input, attention_mask, position_ids, self.cache, logits_to_keep, outputs)
+        for cut, hidden in (outputs or {}).items():
+            if cut in self.boundaries:
+                self.boundaries[cut].append(hidden)
         return output
 
     def shared_inputs(self, attention_mask, position_ids, logits_to_keep: int = 1) -> dict[str, np.ndarray]:
@@ -120,8 +143,9 @@ class SpanRunner:
                 feed[name] = shared[name]
         return feed
 
-    def _forward(self, first_input, attention_mask, position_ids, cache, logits_to_keep=1):
-        """One step over ``cache``; returns the span's output and the grown cache (the input cache is untouched)."""
+    def _forward(self, first_input, attention_mask, position_ids, cache, logits_to_keep=1, outputs=None):
+        """One step over ``cache``; returns the span's output and the grown cache (the input cache is untouched).
+        ``outputs``, when given, collects each block's output by the cut it ends at."""
         if not self.blocks:
             return first_input, cache
         shared = self.shared_inputs(attention_mask, position_ids, logits_to_keep)
@@ -132,6 +156,8 @@ class SpanRunner:
             for present, past in loaded.cache_moves:
                 grown[past] = results[present]
             output = results[loaded.output_names[0]]
+            if outputs is not None:
+                outputs[loaded.block.layers.end] = output
         return output, grown
 
 

@@ -69,6 +69,8 @@ class OpenSession(Message):
     allow_token_upload: bool = False
     sampler_state: dict = field(default_factory=dict)  # continues the UE's sampler when it generated locally so far
     kv: np.ndarray | None = None  # the cache of layers [split, L) when sequences are already running (see Resplit)
+    hidden_states: np.ndarray | None = None  # or, instead of the cache, what to recompute it from (see Resplit)
+    attention_mask: np.ndarray | None = None
 
 
 @dataclass
@@ -104,7 +106,9 @@ class Resplit(Message):
     """Moves a running session's split between two steps; the layers that change side take their KV cache along.
 
     When the edge gains layers the UE sends their cache here, packed as [2 * layers * B, kv_heads, past, head_dim]
-    (each layer's keys then values); when the UE gains layers the edge answers with theirs.
+    (each layer's keys then values), or the hidden states at the new split [B, past, H] with the attention mask
+    [B, past] for the edge to recompute it; when the UE gains layers the edge answers with their cache, unless
+    ``send_kv`` is off because the UE recomputes it.
     """
 
     kind = "resplit"
@@ -113,6 +117,8 @@ class Resplit(Message):
     split: int
     send_kv: bool = True  # False: the UE rebuilds the layers it takes over itself, so the edge just drops them
     kv: np.ndarray | None = None
+    hidden_states: np.ndarray | None = None
+    attention_mask: np.ndarray | None = None
 
 
 @dataclass

@@ -3,6 +3,7 @@ cost-model policy driving a real generation against a real edge_server."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -16,11 +17,12 @@ from profiler.schema import save
 from runtime.artifact import Artifact
 from runtime.errors import SeamError
 from runtime.sampling import SamplingParams
-from test_cost_model import device
+from test_cost_model import HIDDEN, device
 from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
 from ue_client.client import EdgeClient
 from ue_client.link_estimate import LinkEstimator, Sample, harmonic_mean
-from ue_client.policy import Constraints, CostModelPolicy, Scales, calibration, candidate_splits, choose_split
+from ue_client.policy import (Constraints, CostModelPolicy, Scales, calibration, candidate_splits, choose_split,
+                              rebuild_s)
 
 MBIT = 1e6 / 8
 
@@ -88,6 +90,19 @@ def test_stale_directions_and_probe_size():
     assert estimator.probe_bytes("up") >= 160_000  # the link got faster: the next probe is eight times larger
 
 
+def test_a_message_that_outruns_the_estimate_makes_its_direction_stale():
+    collapsed, recovered = Link(0.02, 0.2 * MBIT, 0.2 * MBIT), Link(0.02, 50 * MBIT, 50 * MBIT)
+    estimator = LinkEstimator(prior=Link(0.02, 10 * MBIT, 10 * MBIT))
+    for sample in traffic(collapsed, [(100, 100), (64_000, 100), (100, 64_000)] * 3):
+        estimator.observe(sample)
+    assert estimator.stale(0.9) == [] and estimator.up_bytes_per_s == pytest.approx(0.2 * MBIT, rel=0.05)
+
+    estimator.observe(traffic(recovered, [(3000, 100)], start_s=0.95)[0])  # a step-sized ping, too small to measure
+
+    assert estimator.stale(1.0) == ["up"]
+    assert estimator.up_bytes_per_s == estimator.prior.up_bytes_per_s
+
+
 def test_harmonic_mean_weighs_the_slow_samples():
     assert harmonic_mean([1.0, 1.0]) == 1.0
     assert harmonic_mean([1.0, 100.0]) < 2.0
@@ -148,6 +163,22 @@ def test_a_slow_network_seen_by_the_steps_brings_the_layers_home():
     assert decide(link, current=1, candidates=[1, 2, 3, 4]).split == 1
     slow_steps = Scales(network=40.0)  # the steps spend 40 ms on the network
     assert decide(link, current=1, candidates=[1, 2, 3, 4], scales=slow_steps).split == 4
+
+
+def test_the_side_taking_layers_over_recomputes_them_when_that_beats_carrying_the_cache():
+    ue, edge = models()
+    boundary = HIDDEN * 4 + 8  # hidden states and the mask, per position
+    link = Link.from_mbit(2, 1)  # the cache of three layers takes a while to cross this uplink
+
+    carried = decide(link, current=4, candidates=[1, 4], boundary_bytes_per_token=boundary)
+    recomputed = decide(link, current=4, candidates=[1, 4], boundary_bytes_per_token=boundary, kept=[1])
+
+    assert carried.split == recomputed.split == 1
+    assert not carried.rebuild and recomputed.rebuild and "recomputing the cache there" in recomputed.reason
+    assert rebuild_s(ue, edge, link, 4, 1, 1, 64, Scales(), boundary, kept=[]) == math.inf
+    # Layers coming back to the UE: from the hidden states it kept at the old split, else from the tokens.
+    assert rebuild_s(ue, edge, link, 2, 4, 1, 64, Scales(), boundary, kept=[2]) < \
+        rebuild_s(ue, edge, link, 2, 4, 1, 64, Scales(), boundary, kept=[])
 
 
 def test_candidates_leave_out_what_the_ue_cannot_hold():

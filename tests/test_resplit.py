@@ -44,26 +44,59 @@ def test_moving_the_split_both_ways_never_changes_the_tokens(exported, preset):
             assert (tokens == local_tokens(artifact, PROMPTS, params)).all(), f"{preset}, {params}"
             moved = [(move.before_step, move.to_split) for move in session.moves]
             assert moved == [(step, split) for step, split in schedule.items() if split != middle or step != 2]
-            assert all(move.kv_bytes > 0 for move in session.moves)
+            assert all(move.sent_bytes > 0 for move in session.moves)
             assert session.split == points[1] and not session.open  # closed after the generation
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
-def test_rebuilding_the_cache_instead_of_downloading_it_keeps_the_tokens(exported, preset):
+def test_recomputing_the_moved_layers_instead_of_carrying_their_cache_keeps_the_tokens(exported, preset):
     artifact = Artifact.open(exported(preset))
-    last = artifact.num_layers
+    last, hidden_size = artifact.num_layers, artifact.manifest.dims.hidden_size
     params = SamplingParams(temperature=0.9, top_k=40, seed=7)
-    moves = {2: (2, True), 4: (1, False), 5: (last, True), 7: (1, False), 8: (3, True)}
+    # (split, rebuild) before each step: the UE rebuilds from the hidden states it kept at 1 and then from the
+    # tokens, the edge from the hidden states the UE sends, at a running split and when the session reopens.
+    moves = {2: (2, True), 3: (1, True), 4: (last, True), 6: (1, True), 7: (3, False), 8: (1, True), 9: (2, True)}
+
+    kept = []
 
     def policy(session, step):
+        kept.append((session.kept_boundary(1), session.kept_boundary(2)))
         if step in moves:
             session.move_split(*moves[step][:1], rebuild=moves[step][1])
 
     with edge_server(artifact.root) as (_, address), EdgeClient(artifact, address) as client:
         with client.session(1, params) as session:
             tokens = np.stack(list(session.generate(PROMPTS, NEW_TOKENS, policy)), axis=1)
+    # After downloading the cache of layers [1, 3) before step 7 the UE holds no hidden states at 2 to send.
+    assert kept[7] == (True, False) and kept[5] == (True, True)
     assert (tokens == local_tokens(artifact, PROMPTS, params)).all()
-    assert [move.kv_bytes == 0 for move in session.moves] == [rebuild for _, rebuild in moves.values()]
+    past = [len(PROMPTS[0]) + move.before_step - 1 for move in session.moves]
+    hidden_bytes = [len(PROMPTS) * p * hidden_size * 4 for p in past]
+    expected = [0, hidden_bytes[1], 0, hidden_bytes[3], None, hidden_bytes[5], 0]
+    assert [sent if want is None else want for sent, want in zip([m.sent_bytes for m in session.moves], expected)] \
+        == [m.sent_bytes for m in session.moves]
+    assert session.moves[4].sent_bytes > hidden_bytes[4]  # the cache of two layers outweighs the hidden states
+
+
+def test_recomputing_needs_the_hidden_states_at_the_new_split(exported):
+    artifact = Artifact.open(exported("tiny-llama"))
+    with edge_server(artifact.root) as (_, address), EdgeClient(artifact, address) as client:
+        with client.session(1) as session:
+            steps = session.generate(PROMPTS, NEW_TOKENS)
+            produced = [next(steps), next(steps)]
+            session.move_split(3)  # the cache comes down: the UE never saw the hidden states at 2
+            with pytest.raises(SeamError, match="kept no hidden states at layer 2"):
+                session.move_split(2, rebuild=True)
+            # A mask that does not match the edge's sequences is refused, and the session goes on.
+            hidden = session.head.boundary(1)
+            with pytest.raises(SeamError, match="attention mask of a recomputed cache"):
+                session._request(Resplit(session.session_id, session.edge_step, 1, hidden_states=hidden,
+                                         attention_mask=session.mask[:, :-2]), Resplitted)
+            with pytest.raises(SeamError, match="boundary hidden states must be float32"):
+                session._request(Resplit(session.session_id, session.edge_step, 1, hidden_states=hidden[:, :, :-1],
+                                         attention_mask=session.mask[:, : session.past]), Resplitted)
+            produced += list(steps)
+    assert (np.stack(produced, axis=1) == local_tokens(artifact, PROMPTS, SamplingParams())).all()
 
 
 def test_a_generation_can_start_on_the_ue_alone(exported):

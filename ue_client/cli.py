@@ -159,7 +159,7 @@ class StatusLine:
             self._clear()
             why = f": {move.reason}" if move.reason else ""
             self.stream.write(f"ue_client: before token {move.before_step + 1}, split {move.from_split} -> "
-                              f"{move.to_split} ({move.kv_bytes / 1e6:.2f} MB of KV in {1e3 * move.seconds:.0f} ms){why}\n")
+                              f"{move.to_split} ({move.sent_bytes / 1e6:.2f} MB sent in {1e3 * move.seconds:.0f} ms){why}\n")
         self.moves_shown = len(session.moves)
         if self.live:
             link = session.link.link()

@@ -17,6 +17,7 @@ from collections import deque
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,9 +25,9 @@ import numpy as np
 
 from runtime.artifact import Artifact
 from runtime.errors import SeamError
-from runtime.executor import SessionPool, past_names
+from runtime.executor import SessionPool, SpanRunner
 from runtime.generation import left_pad, positions_from_mask
-from runtime.migration import pack_kv, resplit, unpack_kv
+from runtime.migration import pack_kv, recompute, resplit, unpack_kv
 from runtime.protocol import (
     PROTOCOL_VERSION,
     Close,
@@ -145,13 +146,15 @@ class Move:
     before_step: int
     from_split: int
     to_split: int
-    kv_bytes: int  # KV cache that crossed the link
+    sent_bytes: int  # KV cache, or hidden states to recompute it from, that crossed the link
     seconds: float
     reason: str = ""
 
 
+T = TypeVar("T")
 SplitPolicy = Callable[["RemoteSession", int], None]  # called before each step after the first; may move the split
 PRIOR_BYTES_PER_S = 10e6 / 8  # 10 Mbit/s
+PROBE_TRIES = 3  # sizes grow 8x a try: from 8 KiB to 512 KiB, enough for hundreds of Mbit/s
 
 
 class RemoteSession:
@@ -171,7 +174,7 @@ class RemoteSession:
         self.split = split
         self.sampling = sampling
         self.sampler = Sampler(sampling)  # samples while this device holds every layer; travels with the split
-        self.head = client.pool.runner(Span(0, split))
+        self.head = client.pool.runner(Span(0, split), keep_boundaries=True)
         self.session_id = uuid.uuid4().hex
         self.stats = GenerationStats()
         self.moves: list[Move] = []
@@ -218,17 +221,21 @@ class RemoteSession:
             started = time.perf_counter()
             self.step_probes.append((started, self._ping(socket, up, downlink_bytes(self.batch))))
         for direction in stale:
-            size = self.link.probe_bytes(direction)
-            self._ping(socket, *((size, 0) if direction == "up" else (0, size)))
+            for _ in range(PROBE_TRIES):  # a probe too quick to measure the rate is followed by a larger one
+                size = self.link.probe_bytes(direction)
+                self._ping(socket, *((size, 0) if direction == "up" else (0, size)))
+                if direction not in self.link.stale(time.perf_counter()):
+                    break
 
     def _ping(self, socket: UeSocket, up: int, down: int) -> float:
         self.probes += 1
         payload = np.zeros(up, dtype=np.uint8) if up else None
         return self._exchange(Ping(self.probes, down, payload), Pong, socket)[1]
 
-    def _open(self, kv: np.ndarray | None = None) -> None:
+    def _open(self, kv: np.ndarray | None = None, hidden: np.ndarray | None = None) -> None:
+        mask = self.mask[:, : self.past] if hidden is not None else None
         opening = OpenSession(self.session_id, self.split, self.batch, vars(self.sampling), self.max_length,
-                              self.allow_token_upload, self.sampler.state, kv)
+                              self.allow_token_upload, self.sampler.state, kv, hidden, mask)
         self._request(opening, SessionOpened)
         self.open = True
         self.edge_step = 0
@@ -270,13 +277,20 @@ class RemoteSession:
                 prober.close()
             self.close()
 
-    def _rebuild(self, layers: Span) -> dict[str, np.ndarray]:
-        """The cache of ``layers`` for every position so far, recomputed here from the tokens in one pass."""
-        runner = self.client.pool.runner(Span(0, layers.end))
-        runner.reset(self.batch)
+    def kept_boundary(self, cut: int) -> bool:
+        """Whether this device holds the hidden states at ``cut`` for every position so far (see SpanRunner)."""
+        return bool(self.head.boundaries.get(cut))
+
+    def _rebuild(self, layers: Span) -> SpanRunner:
+        """A runner whose cache holds ``layers`` for every position so far, recomputed here in one pass from the
+        hidden states at their start if this device kept them, else from the tokens."""
         mask = self.mask[:, : self.past]
-        self._compute(lambda: runner.run(self.sequence[:, : self.past], mask, positions_from_mask(mask)))
-        return {name: runner.cache[name] for layer in layers for name in past_names(layer)}
+        if self.kept_boundary(layers.start):
+            start, first = layers.start, self.head.boundary(layers.start)
+        else:
+            start, first = 0, self.sequence[:, : self.past]
+        pool = self.client.pool
+        return self._compute(lambda: recompute(pool, Span(start, layers.end), first, mask, keep_boundaries=True))
 
     def _finish_locally(self, sequence: np.ndarray, mask: np.ndarray, lost: TransportTimeout) -> np.ndarray:
         """The edge stopped answering and its layers' cache went with it: this device takes every layer, rebuilds
@@ -286,7 +300,7 @@ class RemoteSession:
         went down with it."""
         started, old = time.perf_counter(), self.split
         self.open = False
-        self.head = self.client.pool.runner(Span(0, self.num_layers))
+        self.head = self.client.pool.runner(Span(0, self.num_layers), keep_boundaries=True)
         self.head.reset(self.batch)
         logits = self._compute(lambda: self.head.run(sequence, mask, positions_from_mask(mask)))[:, -1, :]
         tokens = self.sampler(logits)
@@ -298,7 +312,7 @@ class RemoteSession:
                                f"the edge stopped answering ({lost}); finishing on this device"))
         return tokens
 
-    def _compute(self, run: Callable[[], np.ndarray]) -> np.ndarray:
+    def _compute(self, run: Callable[[], T]) -> T:
         """Runs UE compute; an emulated slower UE then idles for the extra time it would have taken."""
         started = time.perf_counter()
         output = run()
@@ -329,37 +343,45 @@ class RemoteSession:
         """Moves the split between two steps; the layers that change side take their KV cache along, so the
         tokens that follow are the ones the old split would have produced.
 
-        With ``rebuild``, layers this device takes over are not downloaded: it recomputes their cache from the
-        tokens so far, which beats the download on a slow link (a cache is far larger than its tokens)."""
+        With ``rebuild``, the side that takes layers over recomputes their cache instead of receiving it: this
+        device from the hidden states it kept at the old split (or from the tokens), the edge from the hidden
+        states at the new split, which this device sends. Either beats carrying the cache on a slow link."""
         old, last = self.split, self.num_layers
         if split == old:
             return
         self._check_split(split)
+        if rebuild and split < old and not self.kept_boundary(split):
+            raise SeamError(f"this device kept no hidden states at layer {split} to rebuild from; move the cache")
         started = time.perf_counter()
+        rebuilt: SpanRunner | None = None
         incoming: dict[str, np.ndarray] = {}
         if split < old:  # the edge takes layers [split, old) over
-            kv = pack_kv(self.head.cache, Span(split, old))
+            kv, hidden = (None, self.head.boundary(split)) if rebuild else (pack_kv(self.head.cache, Span(split, old)), None)
             if old == last:
                 self.split = split  # the session opens at its new split
                 try:
-                    self._open(kv)
+                    self._open(kv, hidden)
                 except BaseException:
                     self.split = old
                     raise
             else:
-                self._request(Resplit(self.session_id, self.edge_step, split, kv=kv), Resplitted)
-            moved = kv.nbytes
+                mask = self.mask[:, : self.past] if rebuild else None
+                self._request(Resplit(self.session_id, self.edge_step, split, kv=kv, hidden_states=hidden,
+                                      attention_mask=mask), Resplitted)
+            moved = (kv if kv is not None else hidden).nbytes
         else:  # this device takes layers [old, split) over
             reply = self._request(Resplit(self.session_id, self.edge_step, split, send_kv=not rebuild), Resplitted)
             if rebuild:
-                incoming, moved = self._rebuild(Span(old, split)), 0
+                rebuilt, moved = self._rebuild(Span(old, split)), 0
+                incoming = rebuilt.cache
             else:
                 incoming = unpack_kv(reply.kv, Span(old, split), self.head, self.batch, self.past)
                 moved = reply.kv.nbytes
             if split == last:
                 self.sampler.state = reply.sampler_state
                 self.open = False  # the edge closed the session when it handed the last layer over
-        self.head = resplit(self.client.pool, self.head, Span(0, split), incoming)
+        self.head = resplit(self.client.pool, self.head, Span(0, split), incoming,
+                            rebuilt.boundaries if rebuilt is not None else None)
         self.split = split
         self.moves.append(Move(len(self.stats.timings), old, split, moved, time.perf_counter() - started, reason))
 

@@ -6,7 +6,7 @@ share of its time measures that direction's bandwidth; the estimate is the harmo
 players do, so one lucky burst cannot inflate it while a real drop shows at once. The round trip is the median
 of what the samples leave once their transfer time is taken out. Decode steps alone are small and alike, so a
 direction whose last bandwidth sample is old is marked stale, and the client then sends a probe sized to
-measure it. Bookkeeping only, no I/O, clocks passed in; safe to feed from a probing thread while steps read it.
+measure it; so is a direction whose rates a later message outran, since the link has got faster since. Bookkeeping only, no I/O, clocks passed in; safe to feed from a probing thread while steps read it.
 """
 
 from __future__ import annotations
@@ -63,12 +63,21 @@ class LinkEstimator:
         """(at_s, bytes per second) of the recent samples that measure ``direction``, newest last: at most
         ``rates`` of them, none older than ``rate_window_s`` before the newest, so that a recovered link is not
         held down for long by samples from before."""
-        found = []
+        found: list[tuple[float, float]] = []
         for sample in samples:
             moved, transfer = self._measures(sample, direction), sample.seconds - rtt_s
             if moved and transfer >= self.transfer_share * sample.seconds:
                 found.append((sample.at_s, moved / transfer))
+            elif found and self._outran(sample, direction, rtt_s, harmonic_mean(r for _, r in found[-self.rates:])):
+                found.clear()
         return [(at, rate) for at, rate in found[-self.rates:] if at >= found[-1][0] - self.rate_window_s]
+
+    def _outran(self, sample: Sample, direction: str, rtt_s: float, rate: float) -> bool:
+        """Whether ``sample`` carried enough bytes in ``direction`` to show that the link is now far faster than
+        ``rate``: in less than half the time that rate allows. A step or a probe too quick to measure the rate
+        still proves the rates before it wrong, so they go and the direction counts as stale."""
+        moved = sample.up_bytes if direction == "up" else sample.down_bytes
+        return moved >= self.min_rate_bytes and sample.seconds < 0.5 * (rtt_s + moved / rate)
 
     def link(self) -> Link:
         """The current estimate. The round trip and the rates depend on each other (a rate is bytes over the time

@@ -5,24 +5,28 @@ generation's state.
 scales each side's compute by what the running session measured against its profile (an edge busy with other
 UEs, a UE warmer than when it was profiled), and moves only when the time saved over the tokens still to come
 pays for the move, and the new split is faster by a margin, so that noise in the estimate never makes the split
-flap. A move carries the moved layers' KV cache across, or, for layers the UE takes over, lets the UE recompute
-them from the tokens, whichever the model says is quicker: on a slow link, recomputing wins by far. The network part is scaled the same way by the steps' own network
-times, which see a collapsed link before any bandwidth sample does. Policies: ``static`` (never moves) and ``cost-model``; a learned policy
-plugs in as another ``SplitPolicy``.
+flap. A move carries the moved layers' KV cache across, or lets the side that takes them over recompute it from
+hidden states (or tokens), whichever the model says is quicker: a cache holds two tensors per layer per position,
+the hidden states one. The network part is scaled the same way by the steps' own network times, which see a
+collapsed link before any bandwidth sample does. Policies: ``static`` (never moves) and ``cost-model``; a learned
+policy plugs in as another ``SplitPolicy``.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
-from profiler.cost_model import DeviceModel, Link, predict
+from profiler.cost_model import ID_BYTES, DeviceModel, Link, predict
 from runtime.errors import SeamError
 from runtime.spans import Span
 
 STEP_PROBE_AGE_S = 2.0  # step-sized probes older than this no longer describe the link
+# Measured network time over predicted may range this far: a collapsed link makes steps a hundred times slower
+# than the estimate from before, and a recovered one the other way round, before any rate sample shows it.
+NETWORK_SCALE_BOUNDS = (1e-3, 1e3)
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class Decision:
     split: int
     per_token_s: dict[int, float]  # predicted decode latency of each candidate
     reason: str
-    rebuild: bool = False  # the UE recomputes the cache of the layers it takes over instead of downloading it
+    rebuild: bool = False  # the side taking layers over recomputes their cache instead of receiving it
 
 
 def candidate_splits(ue: DeviceModel, constraints: Constraints, kv_bytes_per_token: Sequence[int], batch: int,
@@ -79,10 +83,20 @@ def move_s(link: Link, current: int, split: int, kv_bytes_per_token_per_layer: i
     return link.rtt_s + moved / rate
 
 
-def rebuild_s(ue: DeviceModel, link: Link, split: int, batch: int, context: int, scales: Scales) -> float:
-    """Time for the UE to recompute the cache of layers [0, split) over the context, plus the message that tells
-    the edge to drop its copy."""
-    return ue.compute_s(0, split, "prefill", context, batch) * scales.ue + link.rtt_s * scales.network
+def rebuild_s(ue: DeviceModel, edge: DeviceModel, link: Link, current: int, split: int, batch: int, context: int,
+              scales: Scales, boundary_bytes_per_token: int, kept: Collection[int]) -> float:
+    """Time for the side that takes layers over to recompute their cache instead of receiving it.
+
+    Layers the UE takes over it recomputes from the hidden states it kept at ``current`` (else from the tokens),
+    and a message tells the edge to drop them; layers the edge takes over it recomputes from the hidden states at
+    ``split``, which the UE must have kept (``kept``) and sends: ``boundary_bytes_per_token`` per position."""
+    if split > current:
+        start = current if current in kept else 0
+        return ue.compute_s(start, split, "prefill", context, batch) * scales.ue + link.rtt_s * scales.network
+    if split not in kept:
+        return math.inf
+    upload = batch * context * boundary_bytes_per_token / link.up_bytes_per_s
+    return link.rtt_s + upload + edge.compute_s(split, current, "prefill", context, batch) * scales.edge
 
 
 def choose_split(
@@ -96,10 +110,13 @@ def choose_split(
     remaining: int,
     batch: int,
     kv_bytes_per_token_per_layer: int,
+    boundary_bytes_per_token: int = 0,
+    kept: Collection[int] = (),
     margin: float = 0.1,
     scales: Scales = Scales(),
 ) -> Decision:
-    """The split for the next step: the candidate with the largest net saving over the ``remaining`` tokens."""
+    """The split for the next step: the candidate with the largest net saving over the ``remaining`` tokens.
+    ``kept``: the cuts where the UE holds the hidden states of every position so far (see ``rebuild_s``)."""
     costs = {
         split: per_token_s(ue, edge, link, split, context, batch, scales)
         for split in sorted({*candidates, current})
@@ -108,14 +125,14 @@ def choose_split(
     best, best_gain, best_rebuild = current, 0.0, False
     for split in candidates:
         moving = move_s(link, current, split, kv_bytes_per_token_per_layer, batch, context)
-        rebuilding = rebuild_s(ue, link, split, batch, context, scales) if split > current else math.inf
+        rebuilding = rebuild_s(ue, edge, link, current, split, batch, context, scales, boundary_bytes_per_token, kept)
         gain = (now - costs[split]) * remaining - min(moving, rebuilding)
         if gain > best_gain and costs[split] < now * (1 - margin):
             best, best_gain, best_rebuild = split, gain, rebuilding < moving
     label = f"link up {link.up_mbit:.1f}, down {link.down_mbit:.1f} Mbit/s, rtt {link.rtt_s * 1e3:.1f} ms"
     if best == current:
         return Decision(current, costs, f"{label}: split {current} stays ({1e3 * now:.1f} ms/token)")
-    how = "rebuilding the cache here" if best_rebuild else "moving the cache"
+    how = "moving the cache" if not best_rebuild else "recomputing the cache " + ("here" if best > current else "there")
     return Decision(
         best,
         costs,
@@ -174,8 +191,7 @@ class CostModelPolicy:
         recent = session.stats.timings[max(since_move, 1):][-self.window:]
         predicted = predict(self.ue, self.edge, link, session.split, session.past, session.batch).decode
         # Steps, or alone on the UE step-sized probes, measure the network exactly where the link estimate is
-        # weakest: small messages on a link whose rate has not been sampled lately. The wide bounds let a
-        # collapsed link show in full.
+        # weakest: small messages on a link whose rate has not been sampled lately.
         if session.split < session.num_layers:
             network, offloaded = [t.network_s for t in recent], predicted
         else:
@@ -184,13 +200,15 @@ class CostModelPolicy:
         scales = Scales(
             ue=calibration([t.ue_s for t in recent], predicted.ue_s),
             edge=calibration([t.edge_s for t in recent], predicted.edge_s),
-            network=calibration(network, offloaded.uplink_s + offloaded.downlink_s + offloaded.rtt_s, (0.05, 50.0)),
+            network=calibration(network, offloaded.uplink_s + offloaded.downlink_s + offloaded.rtt_s,
+                                NETWORK_SCALE_BOUNDS),
         )
         decision = choose_split(
             self.ue, self.edge, link, current=session.split, candidates=candidates, context=session.past,
             remaining=min(session.max_length - session.past - 1, self.horizon), batch=session.batch,
             kv_bytes_per_token_per_layer=per_layer,
-            margin=self.margin, scales=scales,
+            boundary_bytes_per_token=manifest.dims.hidden_size * session.head.kv_dtype.itemsize + ID_BYTES,  # and its mask
+            kept=[cut for cut in candidates if session.kept_boundary(cut)], margin=self.margin, scales=scales,
         )
         self.decisions.append(decision)
         session.move_split(decision.split, decision.reason, decision.rebuild)
