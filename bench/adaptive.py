@@ -20,7 +20,7 @@ import argparse
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import psutil
@@ -67,17 +67,6 @@ class Run:
 def compressed(trace: Trace, seconds: float) -> Trace:
     scale = seconds / trace.duration_s
     return Trace(tuple(t * scale for t in trace.times_s), trace.states)
-
-
-def slowed(profile: DeviceProfile, factor: float) -> DeviceProfile:
-    """The profile the slowed-down UE would have measured."""
-
-    def block(graph):
-        times = {phase: [replace(t, median_s=t.median_s * factor, p90_s=t.p90_s * factor) for t in getattr(graph, phase)]
-                 for phase in ("prefill", "decode")}
-        return replace(graph, **times)
-
-    return replace(profile, prelude=block(profile.prelude), blocks=[block(b) for b in profile.blocks])
 
 
 def run_once(name: str, artifact: Artifact, address: str, trace: Trace, seconds: float, split: int, slowdown: float,
@@ -175,7 +164,7 @@ def main() -> None:
                        capture_output=True)
         key = profile_key(artifact, "cpu", int(options[1]), artifact.manifest.dtype)
         measured = load(out / "profiles" / key.file_name(), DeviceProfile)
-        profiles[side] = DeviceModel.from_profile(slowed(measured, args.slowdown) if side == "ue" else measured)
+        profiles[side] = DeviceModel.from_profile(measured.slowed(args.slowdown) if side == "ue" else measured)
     statics = [split for split in artifact.split_points if split > 0]
     rows, results = [], {}
     with open("/dev/null", "w") as quiet, edge_server(out, "--threads", "2", log=quiet) as (_, address):

@@ -8,7 +8,7 @@ the schema and refuses anything else with one clear line.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from runtime.errors import SeamError
@@ -69,6 +69,17 @@ class DeviceProfile:
     peak_cuda_bytes: int | None = None
     created: str = ""
     kind: str = "device"
+
+    def slowed(self, factor: float) -> DeviceProfile:
+        """The profile a device ``factor`` times slower would have measured (a UE emulated on a faster machine)."""
+
+        def block(graph: BlockProfile) -> BlockProfile:
+            return replace(graph, **{
+                phase: [replace(t, median_s=t.median_s * factor, p90_s=t.p90_s * factor) for t in getattr(graph, phase)]
+                for phase in ("prefill", "decode")
+            })
+
+        return replace(self, prelude=block(self.prelude), blocks=[block(b) for b in self.blocks])
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 Exports the model (a no-op when already exported), prints the per-cut parity table, then starts a real
 edge_server process and runs ue_client against it over loopback, streaming tokens and the per-token breakdown.
-The server is stopped on exit, also on Ctrl-C.
+Then it profiles the blocks (once; the profile is cached) and generates again over an emulated link whose
+bandwidth drops and recovers, with the cost-model policy moving the split as it goes and saying why. The UE is
+emulated a few times slower than this machine, as a phone is next to an edge box; on one machine offloading
+could otherwise never pay. The server is stopped on exit, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 DEFAULT_PROMPT = "The device keeps the first layers, and the edge server"
+DEMO_LINK_MBIT, DEMO_DROP_MBIT = 50.0, 0.1  # the adaptive run's link, and what it drops to for a while
 
 
 def add_demo_parser(commands) -> None:
@@ -23,6 +27,10 @@ def add_demo_parser(commands) -> None:
     parser.add_argument("--split", type=int, default=None, help="layers kept on the UE (default: half)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--adaptive-tokens", type=int, default=160,
+                        help="tokens of the run over a link that drops and recovers (0 skips it)")
+    parser.add_argument("--ue-slowdown", type=float, default=4.0,
+                        help="how many times slower than this machine the emulated UE runs in that run")
     parser.set_defaults(handler=run_demo)
 
 
@@ -53,6 +61,36 @@ def run_demo(args: argparse.Namespace) -> int:
                 [str(out), "--server", address, "--split", str(split), "--prompt", args.prompt,
                  "--max-new-tokens", str(args.max_new_tokens)]
             )
+            if status == 0 and args.adaptive_tokens > 0:
+                status = adaptive_run(artifact, address, split, args)
         server_log.seek(0)
         print("\n== edge_server log\n" + server_log.read().rstrip())
     return status
+
+
+def adaptive_run(artifact, address: str, split: int, args: argparse.Namespace) -> int:
+    """The same split generation over an emulated link that drops to 0.1 Mbit/s and recovers, the split moving."""
+    from profiler.measure import profile_key
+    from runtime.ort_options import default_threads
+    from runtime.traces import step_trace
+    from seam.cli import main as seam_main
+    from ue_client.cli import main as ue_client_main
+
+    print(f"\n\n== profile the blocks on this machine (cached in {artifact.root / 'profiles'})", flush=True)
+    if seam_main(["profile", str(artifact.root), "--quiet"]) != 0:
+        return 1
+    key = profile_key(artifact, "cpu", default_threads(), artifact.manifest.dtype)
+    profile = artifact.root / "profiles" / key.file_name()
+    trace = step_trace(DEMO_LINK_MBIT, DEMO_DROP_MBIT, rtt_ms=20, drop_s=4, recover_s=10, end_s=30)
+    print(f"== the split follows the link: {DEMO_LINK_MBIT:g} Mbit/s, {DEMO_DROP_MBIT:g} Mbit/s from 4 s to 10 s, "
+          f"then {DEMO_LINK_MBIT:g} again (20 ms round trip); the UE runs {args.ue_slowdown:g}x slower than this "
+          "machine", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        trace_file = trace.save(Path(scratch) / "drop-and-recover.csv")
+        print(args.prompt, end="", flush=True)
+        return ue_client_main(
+            [str(artifact.root), "--server", address, "--split", str(split), "--prompt", args.prompt,
+             "--max-new-tokens", str(args.adaptive_tokens), "--policy", "cost-model", "--ue-profile", str(profile),
+             "--edge-profile", str(profile), "--link-trace", str(trace_file), "--ue-slowdown", str(args.ue_slowdown)]
+        )
+

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ue-memory-mb", type=float, default=None, help="memory budget for weights and KV on this device")
     parser.add_argument("--link-trace", type=Path, default=None,
                         help="emulate a link following this CSV trace (t_s,up_mbit,down_mbit,rtt_ms) on top of the real one")
+    parser.add_argument("--ue-slowdown", type=float, default=1.0,
+                        help="emulate a device this many times slower than this one, its profile scaled alike "
+                             "(demos and benchmarks on one machine)")
     parser.add_argument("--curve-secret", type=Path, default=None, help="this UE's NAME.key_secret")
     parser.add_argument("--server-key", type=Path, default=None, help="the server's public NAME.key")
     return parser
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     transport = TransportConfig(timeout_s=args.timeout)
     try:
         client = EdgeClient(artifact, args.server, transport, args.threads, args.curve_secret, args.server_key, prior,
-                            emulated)
+                            emulated, args.ue_slowdown)
     except TransportTimeout:
         if not args.fallback_local:
             raise
@@ -93,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     status = StatusLine(sys.stderr, artifact.num_layers)
     with client, client.session(split, sampling, args.allow_token_upload, args.fallback_local) as session:
+        if policy is not None:
+            policy.preload(session)
         for tokens in session.generate([prompt_ids], args.max_new_tokens, policy):
             status.update(session)
             if not stream(tokens):
@@ -136,7 +141,8 @@ def choose_policy(args: argparse.Namespace, artifact):
         return None, prior
     if args.min_ue_layers < 0 or (args.min_ue_layers == 0 and not args.allow_token_upload):
         raise SeamError("--min-ue-layers 0 lets the policy send token ids; it needs --allow-token-upload")
-    ue, edge = (DeviceModel.from_profile(load(path, DeviceProfile)) for path in (ue_path, args.edge_profile))
+    ue_profile, edge_profile = (load(path, DeviceProfile) for path in (ue_path, args.edge_profile))
+    ue, edge = DeviceModel.from_profile(ue_profile.slowed(args.ue_slowdown)), DeviceModel.from_profile(edge_profile)
     check_pair(ue, edge)
     if ue.key.artifact_fingerprint != artifact.manifest.artifact_fingerprint:
         raise SeamError(f"the profiles were measured with another artifact than {artifact.root}; profile it again")
@@ -151,6 +157,7 @@ class StatusLine:
     def __init__(self, stream, num_layers: int):
         self.stream = stream
         self.live = stream.isatty() and not sys.stdout.isatty()
+        self.text_here = stream.isatty() and sys.stdout.isatty()  # a move's line must not run on from the text
         self.num_layers = num_layers
         self.moves_shown = 0
 
@@ -158,7 +165,8 @@ class StatusLine:
         for move in session.moves[self.moves_shown:]:
             self._clear()
             why = f": {move.reason}" if move.reason else ""
-            self.stream.write(f"ue_client: before token {move.before_step + 1}, split {move.from_split} -> "
+            lead = "\n" if self.text_here else ""
+            self.stream.write(f"{lead}ue_client: before token {move.before_step + 1}, split {move.from_split} -> "
                               f"{move.to_split} ({move.sent_bytes / 1e6:.2f} MB sent in {1e3 * move.seconds:.0f} ms){why}\n")
         self.moves_shown = len(session.moves)
         if self.live:

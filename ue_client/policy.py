@@ -166,20 +166,32 @@ class CostModelPolicy:
         self.decisions: list[Decision] = []
         self.loaded = 0  # layers [0, loaded) have their sessions open on the UE
 
-    def __call__(self, session, step: int) -> None:
+    def candidates(self, session) -> list[int]:
+        """The splits ``session`` may move to; its batch and max_length bound the cache they must hold (before a
+        generation sets them, weights alone count)."""
         manifest = session.client.artifact.manifest
-        per_layer = manifest.kv_bytes_per_token_per_layer
-        blocks = manifest.blocks
+        per_layer, blocks = manifest.kv_bytes_per_token_per_layer, manifest.blocks
         constraints = self.constraints
         if not session.allow_token_upload:  # split 0 would send token ids
             constraints = replace(constraints, min_ue_layers=max(constraints.min_ue_layers, 1))
-        candidates = candidate_splits(
-            self.ue, constraints, [len(b.layers) * per_layer for b in blocks], session.batch,
+        return candidate_splits(
+            self.ue, constraints, [len(b.layers) * per_layer for b in blocks], max(session.batch, 1),
             session.max_length, [b.variants[session.head.variant].weight_bytes for b in blocks],
         )
-        if max(candidates) > self.loaded:  # so that a move never waits for a block's session to load
-            session.client.pool.preload(Span(0, max(candidates)), session.head.variant)
-            self.loaded = max(candidates)
+
+    def preload(self, session, candidates: Sequence[int] | None = None) -> None:
+        """Opens every block a move may need on this device, so that no move waits for one to load; the CLI calls
+        it before the prompt, a policy used without it pays once, at its first decision."""
+        deepest = max(candidates or self.candidates(session))
+        if deepest > self.loaded:
+            session.client.pool.preload(Span(0, deepest), session.head.variant)
+            self.loaded = deepest
+
+    def __call__(self, session, step: int) -> None:
+        manifest = session.client.artifact.manifest
+        per_layer = manifest.kv_bytes_per_token_per_layer
+        candidates = self.candidates(session)
+        self.preload(session, candidates)
         now = time.perf_counter()
         probed = [seconds for at, seconds in session.step_probes if now - at < STEP_PROBE_AGE_S][-self.window:]
         if session.split == session.num_layers and not probed:
