@@ -37,6 +37,21 @@ class Trace:
     def at(self, t_s: float) -> LinkState:
         return self.states[max(bisect.bisect_right(self.times_s, t_s) - 1, 0)]
 
+    def transfer_s(self, start_s: float, size_bytes: int, direction: str) -> float:
+        """Seconds for ``size_bytes`` sent at ``start_s`` to cross in ``direction`` ('up' or 'down'), the rate
+        following the trace while they do (the last row holds beyond its end): a transfer that starts in a
+        fade speeds up when the fade ends, as on a real link."""
+        index = max(bisect.bisect_right(self.times_s, start_s) - 1, 0)
+        now, left = start_s, size_bytes * 8 / 1e6  # Mbit
+        while True:
+            state = self.states[index]
+            rate = state.up_mbit if direction == "up" else state.down_mbit
+            end = self.times_s[index + 1] if index + 1 < len(self.times_s) else math.inf
+            if left <= rate * (end - now):
+                return now + left / rate - start_s
+            left -= rate * (end - now)
+            now, index = end, index + 1
+
     @property
     def duration_s(self) -> float:
         return self.times_s[-1]

@@ -21,7 +21,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from runtime.errors import SeamError
 from runtime.protocol import DEFAULT_MAX_MESSAGE_BYTES, Message, decode, encode
-from runtime.traces import LinkState, Trace
+from runtime.traces import Trace
 
 
 class TransportTimeout(SeamError):
@@ -145,24 +145,23 @@ class EdgeSocket:
 
 class EmulatedLink:
     """Delays each request as a link following ``trace`` would: before sending, half the round trip and the
-    upload at the trace's uplink rate; after the reply, the other half and the download. For demos and runs
-    without root; ``tc`` on a network namespace shapes a real link."""
+    upload at the trace's uplink rate as it changes; after the reply, the other half and the download. For demos
+    and runs without root; ``tc`` on a network namespace shapes a real link."""
 
     def __init__(self, trace: Trace, clock=time.monotonic):
         self.trace = trace
         self.clock = clock
         self.started = clock()
 
-    def state(self) -> LinkState:
-        return self.trace.at(self.clock() - self.started)
-
     def send_delay_s(self, size: int) -> float:
-        state = self.state()
-        return state.rtt_ms / 2e3 + size * 8 / (state.up_mbit * 1e6)
+        return self._delay_s(size, "up")
 
     def receive_delay_s(self, size: int) -> float:
-        state = self.state()
-        return state.rtt_ms / 2e3 + size * 8 / (state.down_mbit * 1e6)
+        return self._delay_s(size, "down")
+
+    def _delay_s(self, size: int, direction: str) -> float:
+        now = self.clock() - self.started
+        return self.trace.at(now).rtt_ms / 2e3 + self.trace.transfer_s(now, size, direction)
 
 
 class UeSocket:

@@ -66,6 +66,10 @@ def test_the_emulator_follows_the_trace_clock():
     assert link.receive_delay_s(1_000_000) == pytest.approx(0.01 + 0.1)
     now[0] = 12.0
     assert link.send_delay_s(125_000) == pytest.approx(0.05 + 1.0)
+    # A transfer that starts before the link slows down crosses at each rate in turn: 9.5 s at 8 Mbit/s cover
+    # 9.5 MB of 10, the last 0.5 MB take 4 s at 1 Mbit/s.
+    now[0] = 0.5
+    assert link.send_delay_s(10_000_000) == pytest.approx(0.01 + 9.5 + 4.0)
 
 
 def test_the_link_estimate_measures_an_emulated_link(exported):
