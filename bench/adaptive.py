@@ -5,7 +5,9 @@ with one thread and slowed down ``--slowdown`` times (a phone next to an edge bo
 otherwise be equally fast and offloading could never pay), and the link follows
 each trace through the transport's emulator, the trace's time compressed so that each run takes ``--seconds``.
 Every run generates as fast as it can until the trace ends: the adaptive policy (cost model, starting from the
-UE's default split) and each static split, all in one process, one after another.
+UE's default split) and each static split, all in one process, one after another, and all of them again
+``--repeats`` times; ratios are taken within a repeat and the median reported, since this shared machine drifts
+by ten percent between runs.
 
 The oracle picks the best split for each interval of the trace in hindsight from the same run's measurements:
 the tokens each static run produced in that interval, less those it would lose to a move when it changes
@@ -151,6 +153,8 @@ def main() -> None:
     parser.add_argument("--traces", default="step,random-walk,4g,wifi")
     parser.add_argument("--seconds", type=float, default=20.0, help="wall time of each run (the trace is compressed)")
     parser.add_argument("--cuts", default="1,4,8")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of every policy per trace; ratios are taken within a repeat, then the median")
     parser.add_argument("--slowdown", type=float, default=4.0,
                         help="the UE runs this many times slower than this machine (a phone next to an edge box)")
     args = parser.parse_args()
@@ -166,42 +170,83 @@ def main() -> None:
         measured = load(out / "profiles" / key.file_name(), DeviceProfile)
         profiles[side] = DeviceModel.from_profile(measured.slowed(args.slowdown) if side == "ue" else measured)
     statics = [split for split in artifact.split_points if split > 0]
+    manifest = artifact.manifest
     rows, results = [], {}
     with open("/dev/null", "w") as quiet, edge_server(out, "--threads", "2", log=quiet) as (_, address):
         psutil.Process().cpu_affinity([0])  # after the server started: it keeps both CPUs
         for name in args.traces.split(","):
             trace = compressed(load_trace(TRACES / f"{name}.csv"), args.seconds)
-            policy = CostModelPolicy(profiles["ue"], profiles["edge"], Constraints(min_ue_layers=1))
-            runs = [run_once("adaptive", artifact, address, trace, args.seconds, artifact.default_split, args.slowdown,
-                             policy)]
-            runs += [run_once(f"static {s}", artifact, address, trace, args.seconds, s, args.slowdown) for s in statics]
-            by_split = {s: run for s, run in zip(statics, runs[1:])}
-            manifest = artifact.manifest
-            oracle_ms, oracle_path = oracle(by_split, trace, args.seconds, profiles["ue"], profiles["edge"],
-                                            manifest.kv_bytes_per_token_per_layer,
-                                            manifest.dims.hidden_size * 4 + ID_BYTES)
-            best_static = min(runs[1:], key=lambda run: run.mean_ms)
-            adaptive = runs[0]
-            for run in runs:
-                rows.append([name, run.name, f"{run.mean_ms:.1f}", f"{run.p95_ms:.1f}", str(len(run.moves)),
-                             str(len(run.arrivals))])
-            rows.append([name, "oracle", f"{oracle_ms:.1f}", "-", str(sum(a != b for a, b in zip(oracle_path, oracle_path[1:]))), "-"])
-            results[name] = {
-                "adaptive_ms": round(adaptive.mean_ms, 2), "adaptive_p95_ms": round(adaptive.p95_ms, 2),
-                "moves": adaptive.moves, "oracle_ms": round(oracle_ms, 2), "oracle_splits": oracle_path,
-                "best_static": best_static.name, "best_static_ms": round(best_static.mean_ms, 2),
-                "statics_ms": {run.name: round(run.mean_ms, 2) for run in runs[1:]},
-                "adaptive_vs_oracle": round(adaptive.mean_ms / oracle_ms, 3),
-                "adaptive_vs_best_static": round(adaptive.mean_ms / best_static.mean_ms, 3),
-            }
-            plot(name, trace, runs, oracle_ms, RESULTS / f"adaptive-{name}.png")
-    print(table(["trace", "policy", "mean ms/token", "p95 ms", "moves", "tokens"], rows))
+            rounds = []
+            for _ in range(args.repeats):
+                policy = CostModelPolicy(profiles["ue"], profiles["edge"], Constraints(min_ue_layers=1))
+                runs = [run_once("adaptive", artifact, address, trace, args.seconds, artifact.default_split,
+                                 args.slowdown, policy)]
+                runs += [run_once(f"static {s}", artifact, address, trace, args.seconds, s, args.slowdown)
+                         for s in statics]
+                oracle_ms, oracle_path = oracle(dict(zip(statics, runs[1:])), trace, args.seconds, profiles["ue"],
+                                                profiles["edge"], manifest.kv_bytes_per_token_per_layer,
+                                                manifest.dims.hidden_size * 4 + ID_BYTES)
+                best_static = min(runs[1:], key=lambda run: run.mean_ms)
+                rounds.append(Round(runs, oracle_ms, oracle_path, best_static))
+            results[name] = summary(rounds)
+            typical = rounds[median_index([r.runs[0].mean_ms / r.oracle_ms for r in rounds])]
+            for position, run in enumerate(typical.runs):
+                rows.append([name, run.name, f"{median(r.runs[position].mean_ms for r in rounds):.1f}",
+                             f"{median(r.runs[position].p95_ms for r in rounds):.1f}",
+                             "/".join(str(len(r.runs[position].moves)) for r in rounds)])
+            rows.append([name, "oracle", f"{median(r.oracle_ms for r in rounds):.1f}", "-",
+                         "/".join(str(sum(a != b for a, b in zip(r.oracle_path, r.oracle_path[1:]))) for r in rounds)])
+            plot(name, trace, typical.runs, typical.oracle_ms, RESULTS / f"adaptive-{name}.png")
+    print(table(["trace", "policy", "mean ms/token", "p95 ms", "moves per repeat"], rows))
     for name, result in results.items():
         for at, old, new, seconds, reason in result["moves"]:
             print(f"{name} at {at:.2f} s: split {old} -> {new} in {1e3 * seconds:.0f} ms ({reason})")
         print(f"{name}: adaptive / oracle {result['adaptive_vs_oracle']:.3f} (target <= 1.10), "
-              f"adaptive / best static ({result['best_static']}) {result['adaptive_vs_best_static']:.3f}")
-    report("adaptive", {"model": "small-llama", "cuts": args.cuts, "seconds": args.seconds, "traces": results})
+              f"adaptive / best static ({result['best_static']}) {result['adaptive_vs_best_static']:.3f} "
+              f"(medians of {args.repeats} repeats: {result['adaptive_vs_oracle_each']}, "
+              f"{result['adaptive_vs_best_static_each']})")
+    report("adaptive", {"model": "small-llama", "cuts": args.cuts, "seconds": args.seconds, "repeats": args.repeats,
+                        "traces": results})
+
+
+@dataclass
+class Round:
+    """One repeat on one trace: the adaptive run first, then each static split, and the oracle from them."""
+
+    runs: list[Run]
+    oracle_ms: float
+    oracle_path: list[int]
+    best_static: Run
+
+
+def median(values) -> float:
+    return float(np.median(list(values)))
+
+
+def median_index(values: list[float]) -> int:
+    return int(np.argsort(values)[len(values) // 2])
+
+
+def summary(rounds: list[Round]) -> dict:
+    """Medians over the repeats (each ratio taken within its repeat, so that drift between repeats cancels), and
+    the moves of the repeat whose adaptive / oracle ratio is the median one."""
+    versus_oracle = [r.runs[0].mean_ms / r.oracle_ms for r in rounds]
+    versus_static = [r.runs[0].mean_ms / r.best_static.mean_ms for r in rounds]
+    typical = rounds[median_index(versus_oracle)]
+    names = [run.name for run in rounds[0].runs[1:]]
+    return {
+        "adaptive_ms": round(median(r.runs[0].mean_ms for r in rounds), 2),
+        "adaptive_p95_ms": round(median(r.runs[0].p95_ms for r in rounds), 2),
+        "moves": typical.runs[0].moves,
+        "oracle_ms": round(median(r.oracle_ms for r in rounds), 2),
+        "oracle_splits": typical.oracle_path,
+        "best_static": typical.best_static.name,
+        "statics_ms": {name: round(median(r.runs[1 + i].mean_ms for r in rounds), 2) for i, name in enumerate(names)},
+        "adaptive_vs_oracle": round(median(versus_oracle), 3),
+        "adaptive_vs_best_static": round(median(versus_static), 3),
+        "adaptive_vs_oracle_each": [round(v, 3) for v in versus_oracle],
+        "adaptive_vs_best_static_each": [round(v, 3) for v in versus_static],
+    }
 
 
 if __name__ == "__main__":

@@ -206,12 +206,13 @@ class RemoteSession:
         self.link.observe(Sample(started, socket.bytes_sent - sent, socket.bytes_received - received, seconds))
         return reply, seconds
 
-    def probe_link(self, socket: UeSocket | None = None, step_sized: bool = False) -> None:
-        """Measures the directions whose bandwidth estimate is stale with one ping each, sized to measure it,
-        after an empty ping that pins the round trip the rates are measured against; with ``step_sized``, also
-        a ping the size of a decode step."""
+    def probe_link(self, socket: UeSocket | None = None, step_sized: bool = False,
+                   directions: Sequence[str] = ("up", "down")) -> None:
+        """Measures those of ``directions`` whose bandwidth estimate is stale with one ping each, sized to measure
+        it, after an empty ping that pins the round trip the rates are measured against; with ``step_sized``,
+        also a ping the size of a decode step."""
         socket = socket or self.client.socket
-        stale = self.link.stale(time.perf_counter())
+        stale = [direction for direction in self.link.stale(time.perf_counter()) if direction in directions]
         if stale:
             self._ping(socket, 0, 0)
         if step_sized:
@@ -408,7 +409,7 @@ class BackgroundProber:
     It stays quiet while the edge has layers: a probe sharing the link with steps would queue them behind it,
     and both would measure less than the link gives. Steps measure the link themselves then."""
 
-    def __init__(self, session: RemoteSession, period_s: float = 0.5, timeout_s: float = 5.0):
+    def __init__(self, session: RemoteSession, period_s: float = 0.25, timeout_s: float = 5.0):
         self.session = session
         self.period_s = period_s
         self.timeout_s = timeout_s
@@ -421,7 +422,9 @@ class BackgroundProber:
         while not self.stopping.is_set():
             try:
                 if self.session.split == self.session.num_layers:
-                    self.session.probe_link(self.socket, step_sized=True)
+                    # Only the uplink: from here every move sends layers to the edge, and a probe of a
+                    # collapsed downlink would hold the next step-sized ping back for seconds.
+                    self.session.probe_link(self.socket, step_sized=True, directions=("up",))
             except SeamError:
                 pass  # a lost edge shows in the steps themselves; the estimate just stays as it was
             self.stopping.wait(self.period_s)
