@@ -103,7 +103,8 @@ def test_a_ue_generating_alone_keeps_measuring_the_link_in_the_background(export
     assert session.probes >= 2 and not session.moves
     link = session.link.link()
     assert link.up_mbit == pytest.approx(4.0, rel=0.25)
-    assert link.down_mbit == pytest.approx(16.0, rel=0.25)
+    # Alone on the UE, every move would send layers to the edge: the downlink is left to the prior.
+    assert link.down_bytes_per_s == client.link.down_bytes_per_s
 
 
 def test_ue_client_refuses_a_malformed_trace(exported, tmp_path):
