@@ -22,7 +22,7 @@ from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
 from ue_client.client import EdgeClient
 from ue_client.link_estimate import LinkEstimator, Sample, harmonic_mean
 from ue_client.policy import (Constraints, CostModelPolicy, Scales, calibration, candidate_splits, choose_split,
-                              rebuild_s)
+                              move_s, rebuild_s)
 
 MBIT = 1e6 / 8
 
@@ -150,8 +150,26 @@ def test_no_move_when_the_gain_is_within_the_margin_or_cannot_pay_for_itself():
     assert moved.split != 4 and "ms/token" in moved.reason and "saves" in moved.reason
 
 
+def test_a_move_must_also_pay_for_the_way_back():
+    ue, edge = models()
+    link, boundary = Link.from_mbit(0.5, 100), HIDDEN * 4 + 8  # bad enough to run alone, too slow to come back cheaply
+    options = dict(current=1, candidates=[1, 4], context=64, batch=1, kv_bytes_per_token_per_layer=KV_PER_LAYER,
+                   boundary_bytes_per_token=boundary, kept=[1])
+    costs = choose_split(ue, edge, link, remaining=1, **options).per_token_s
+    there = min(move_s(link, 1, 4, KV_PER_LAYER, 1, 64), rebuild_s(ue, edge, link, 1, 4, 1, 64, Scales(), boundary, [1]))
+    back = min(move_s(link, 4, 1, KV_PER_LAYER, 1, 64), rebuild_s(ue, edge, link, 4, 1, 1, 64, Scales(), boundary, [1]))
+    paying_there = math.ceil(there / (costs[1] - costs[4])) + 1
+    paying_both = math.ceil((there + back) / (costs[1] - costs[4])) + 1
+    assert paying_there < paying_both
+
+    assert choose_split(ue, edge, link, remaining=paying_there, **options).split == 1
+    decision = choose_split(ue, edge, link, remaining=paying_both, **options)
+    assert decision.split == 4 and "the way back" in decision.reason
+
+
 def test_calibration_scales_a_side_by_its_median_and_is_bounded():
     assert calibration([0.02, 0.02, 0.5], 0.01) == pytest.approx(2.0)
+    assert calibration([0.02, 0.4], 0.01, (1e-3, 1e3)) == pytest.approx(21.0)  # of two steps, the mean
     assert calibration([10.0], 0.01) == 4.0
     assert calibration([10.0], 0.01, (0.05, 50.0)) == 50.0
     assert calibration([], 0.01) == 1.0

@@ -15,6 +15,7 @@ policy plugs in as another ``SplitPolicy``.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
@@ -122,11 +123,19 @@ def choose_split(
         for split in sorted({*candidates, current})
     }
     now = costs[current]
+
+    def carry_and_recompute_s(start: int, end: int) -> tuple[float, float]:
+        return (move_s(link, start, end, kv_bytes_per_token_per_layer, batch, context),
+                rebuild_s(ue, edge, link, start, end, batch, context, scales, boundary_bytes_per_token, kept))
+
     best, best_gain, best_rebuild = current, 0.0, False
     for split in candidates:
-        moving = move_s(link, current, split, kv_bytes_per_token_per_layer, batch, context)
-        rebuilding = rebuild_s(ue, edge, link, current, split, batch, context, scales, boundary_bytes_per_token, kept)
-        gain = (now - costs[split]) * remaining - min(moving, rebuilding)
+        if split == current:
+            continue
+        moving, rebuilding = carry_and_recompute_s(current, split)
+        # Links rarely hold still: a move must also pay for the way back, which a move onto a link that is
+        # merely worse (not gone) makes dear.
+        gain = (now - costs[split]) * remaining - min(moving, rebuilding) - min(carry_and_recompute_s(split, current))
         if gain > best_gain and costs[split] < now * (1 - margin):
             best, best_gain, best_rebuild = split, gain, rebuilding < moving
     label = f"link up {link.up_mbit:.1f}, down {link.down_mbit:.1f} Mbit/s, rtt {link.rtt_s * 1e3:.1f} ms"
@@ -137,7 +146,7 @@ def choose_split(
         best,
         costs,
         f"{label}: {1e3 * now:.1f} -> {1e3 * costs[best]:.1f} ms/token, "
-        f"saves {best_gain:.2f} s over the next {remaining} tokens after {how}",
+        f"saves {best_gain:.2f} s over the next {remaining} tokens after {how} and the way back",
         best_rebuild,
     )
 
@@ -147,8 +156,7 @@ def calibration(measured_s: Sequence[float], predicted_s: float, bounds: tuple[f
     bounded so that one stall cannot make the policy believe a device is useless."""
     if not measured_s or predicted_s <= 0:
         return 1.0
-    ordered = sorted(measured_s)
-    return min(max(ordered[len(ordered) // 2] / predicted_s, bounds[0]), bounds[1])
+    return min(max(statistics.median(measured_s) / predicted_s, bounds[0]), bounds[1])
 
 
 class CostModelPolicy:
@@ -157,11 +165,12 @@ class CostModelPolicy:
     over the link as the session estimates it (kept fresh by the session's background probes)."""
 
     def __init__(self, ue: DeviceModel, edge: DeviceModel, constraints: Constraints = Constraints(),
-                 margin: float = 0.1, window: int = 3, horizon: int = 128):
+                 margin: float = 0.1, window: int = 2, horizon: int = 128):
         self.ue, self.edge = ue, edge
         self.constraints = constraints
         self.margin = margin
-        self.window = window
+        self.window = window  # steps to calibrate on: the median of two is their mean, so one step slowed by a
+        # collapsed link shows at once, and one slowed by a hiccup of a few tens of ms barely does
         self.horizon = horizon  # tokens a move must pay back within: links rarely hold still for much longer
         self.decisions: list[Decision] = []
         self.loaded = 0  # layers [0, loaded) have their sessions open on the UE
