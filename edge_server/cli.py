@@ -9,8 +9,17 @@ import sys
 from pathlib import Path
 
 from edge_server.server import EdgeConfig, EdgeServer
+from runtime.codecs import CODECS
 from runtime.errors import SeamError
 from runtime.transport import TransportConfig
+
+
+def codec_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in CODECS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown codec {unknown[0]!r}; known: {', '.join(CODECS)}")
+    return names
 
 
 def parse(argv: list[str] | None) -> EdgeConfig:
@@ -28,6 +37,8 @@ def parse(argv: list[str] | None) -> EdgeConfig:
     parser.add_argument("--curve-secret", type=Path, default=None, help="server NAME.key_secret (enables CURVE)")
     parser.add_argument("--allow", type=Path, default=None, help="directory of allowed UE public keys")
     parser.add_argument("--log-messages", type=Path, default=None, help="append received message headers as JSON")
+    parser.add_argument("--codecs", type=codec_list, default=tuple(CODECS),
+                        help=f"activation codecs to offer UEs, comma-separated (default all: {','.join(CODECS)})")
     args = parser.parse_args(argv)
     return EdgeConfig(
         artifact=args.artifact,
@@ -43,6 +54,7 @@ def parse(argv: list[str] | None) -> EdgeConfig:
         curve_secret=args.curve_secret,
         allowed_keys=args.allow,
         log_messages=args.log_messages,
+        codecs=args.codecs,
         transport=TransportConfig(),
     )
 

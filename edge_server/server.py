@@ -16,6 +16,8 @@ import numpy as np
 
 from edge_server.sessions import EdgeSession, SessionTable
 from runtime.artifact import NUMPY_DTYPES, Artifact
+from runtime.codecs import CODECS, CODECS_CAPABILITY, EncodedActivation
+from runtime.codecs import decode as decode_activation
 from runtime.errors import SeamError
 from runtime.executor import SessionPool, run_together
 from runtime.migration import check_boundary, pack_kv, recompute, resplit, unpack_kv
@@ -61,6 +63,7 @@ class EdgeConfig:
     curve_secret: Path | None = None  # the server's NAME.key_secret; enables CURVE
     allowed_keys: Path | None = None  # directory of allowed UE public keys (*.key)
     log_messages: Path | None = None  # append one JSON line per received message header (debugging, audits)
+    codecs: tuple[str, ...] = tuple(CODECS)  # activation codecs offered to UEs (fp32 always)
     transport: TransportConfig = None
 
     def __post_init__(self):
@@ -73,6 +76,7 @@ class EdgeServer:
         self.artifact = Artifact.open(config.artifact)
         self.manifest = self.artifact.manifest
         self.pool = SessionPool(self.artifact, config.threads, config.device)
+        self.offered_codecs = [name for name in CODECS if name == "fp32" or name in config.codecs]
         self.pool.preload(Span(0, self.artifact.num_layers))
         self.table = SessionTable(config.max_sessions, int(config.kv_budget_mb * 2**20), config.idle_timeout_s)
         self.welcomed: set[bytes] = set()
@@ -243,7 +247,7 @@ class EdgeServer:
             self.manifest.artifact_fingerprint,
             self.artifact.split_points,
             self.config.transport.max_message_bytes,
-            ["sampling"],
+            ["sampling", CODECS_CAPABILITY + ",".join(self.offered_codecs)],
         )
 
     def _pong(self, ping: Ping) -> Message:
@@ -354,9 +358,11 @@ class EdgeServer:
             if step.hidden_states is not None:
                 raise SeamError("a split-0 session sends input_ids, not hidden_states")
         else:
-            first, name, dtype = step.hidden_states, "hidden_states", self.hidden_dtype
             if step.input_ids is not None:
                 raise SeamError("token ids are refused: this session's UE runs the first layers itself")
+            if step.codec:
+                self._decode_activation(step, batch)
+            first, name, dtype = step.hidden_states, "hidden_states", self.hidden_dtype
         if first is None:
             raise SeamError(f"step carries no {name}")
         new = first.shape[1] if first.ndim >= 2 else -1
@@ -370,6 +376,21 @@ class EdgeServer:
         if past + new > session.max_length:
             raise SeamError(f"the session would reach {past + new} tokens, beyond its max_length {session.max_length}")
         return first
+
+    def _decode_activation(self, step: Step, batch: int) -> None:
+        """Decodes a coded activation into the artifact's dtype in place, once: the batched path looks at a
+        step twice."""
+        if step.codec not in self.offered_codecs:
+            raise SeamError(f"activation codec {step.codec!r} is not one this server offered "
+                            f"({', '.join(self.offered_codecs)})")
+        if step.hidden_states is None or step.position_ids.ndim != 2:
+            raise SeamError(f"a step coded with {step.codec} carries no hidden_states or malformed position_ids")
+        arrays = {"data": step.hidden_states}
+        if step.hidden_scale is not None:
+            arrays["scale"] = step.hidden_scale
+        shape = (batch, step.position_ids.shape[1], self.manifest.dims.hidden_size)
+        decoded = decode_activation(EncodedActivation(step.codec, shape, arrays))
+        step.hidden_states, step.hidden_scale, step.codec = decoded.astype(self.hidden_dtype, copy=False), None, ""
 
     def _step(self, peer: bytes, step: Step) -> Message:
         session = self.table.get((peer, step.session_id), time.monotonic())

@@ -18,7 +18,7 @@ import numpy as np
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
-ALLOWED_DTYPES = frozenset({"float32", "float16", "int64", "int8", "uint8"})
+ALLOWED_DTYPES = frozenset({"float32", "float16", "int64", "int8", "uint8", "uint16"})
 
 
 class ProtocolError(Exception):
@@ -90,6 +90,8 @@ class Step(Message):
     position_ids: np.ndarray  # [B, S] int64
     hidden_states: np.ndarray | None = None  # [B, S, H], when the UE runs at least one layer
     input_ids: np.ndarray | None = None  # [B, S], only with allow_token_upload and split 0
+    codec: str = ""  # how hidden_states is coded (runtime.codecs); "" = the artifact's own dtype, as it is
+    hidden_scale: np.ndarray | None = None  # the codec's scales (int8, int4)
 
 
 @dataclass

@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     from export.cli import add_export_parser, add_models_parser, add_validate_parser
     from profiler.cli import add_probe_parser, add_profile_parser
     from profiler.plan import add_plan_parser
+    from profiler.quality import add_analyze_parser
     from runtime.traces import add_traces_parser
     from seam.demo import add_demo_parser
     from seam.keys import add_keys_parser
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_parser(commands)
     add_probe_parser(commands)
     add_plan_parser(commands)
+    add_analyze_parser(commands)
     add_traces_parser(commands)
     return parser
 

@@ -6,7 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from runtime.codecs import CODECS
 from runtime.errors import SeamError
+from runtime.impairments import parse as parse_impairment
 from runtime.sampling import SamplingParams
 from runtime.traces import load_trace
 from runtime.transport import EmulatedLink, TransportConfig, TransportTimeout
@@ -40,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ue-memory-mb", type=float, default=None, help="memory budget for weights and KV on this device")
     parser.add_argument("--link-trace", type=Path, default=None,
                         help="emulate a link following this CSV trace (t_s,up_mbit,down_mbit,rtt_ms) on top of the real one")
+    parser.add_argument("--codec", default="fp32", choices=list(CODECS),
+                        help="how hidden states cross the link (falls back, with a warning, to one the edge has)")
+    parser.add_argument("--impair", default=None, metavar="SPEC",
+                        help="research: corrupt the hidden states at the cut, erasure:P or awgn:SNR_DB")
+    parser.add_argument("--impair-seed", type=int, default=0)
     parser.add_argument("--ue-slowdown", type=float, default=1.0,
                         help="emulate a device this many times slower than this one, its profile scaled alike "
                              "(demos and benchmarks on one machine)")
@@ -77,11 +86,12 @@ def run(args: argparse.Namespace) -> int:
         return True
 
     policy, prior = choose_policy(args, artifact)
+    impairment = parse_impairment(args.impair) if args.impair else None
     emulated = EmulatedLink(load_trace(args.link_trace)) if args.link_trace else None
     transport = TransportConfig(timeout_s=args.timeout)
     try:
         client = EdgeClient(artifact, args.server, transport, args.threads, args.curve_secret, args.server_key, prior,
-                            emulated, args.ue_slowdown)
+                            emulated, args.ue_slowdown, args.codec)
     except TransportTimeout:
         if not args.fallback_local:
             raise
@@ -94,8 +104,11 @@ def run(args: argparse.Namespace) -> int:
                 break
         print()
         return 0
+    for warning in client.warnings:
+        print(f"ue_client: warning: {warning}", file=sys.stderr)
     status = StatusLine(sys.stderr, artifact.num_layers)
     with client, client.session(split, sampling, args.allow_token_upload, args.fallback_local) as session:
+        session.impairment, session.impairment_rng = impairment, np.random.default_rng(args.impair_seed)
         if policy is not None:
             policy.preload(session)
         for tokens in session.generate([prompt_ids], args.max_new_tokens, policy):

@@ -24,9 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from runtime.artifact import Artifact
+from runtime.codecs import CODECS, CODECS_CAPABILITY, negotiate, offered
+from runtime.codecs import codec as find_codec
 from runtime.errors import SeamError
 from runtime.executor import SessionPool, SpanRunner
 from runtime.generation import left_pad, positions_from_mask
+from runtime.impairments import Impairment
 from runtime.migration import pack_kv, recompute, resplit, unpack_kv
 from runtime.protocol import (
     PROTOCOL_VERSION,
@@ -100,6 +103,7 @@ class EdgeClient:
         link: Link | None = None,
         emulated: EmulatedLink | None = None,
         ue_slowdown: float = 1.0,
+        codec: str = "fp32",
     ):
         if ue_slowdown < 1:
             raise SeamError(f"a UE slowdown of {ue_slowdown:g} would make this device faster; use 1 or more")
@@ -109,7 +113,8 @@ class EdgeClient:
         self._connection = (server, transport or TransportConfig(), curve_secret, server_key, emulated)
         self.socket = UeSocket(*self._connection)
         try:
-            hello = Hello(PROTOCOL_VERSION, self.artifact.manifest.artifact_fingerprint, ["sampling"])
+            hello = Hello(PROTOCOL_VERSION, self.artifact.manifest.artifact_fingerprint,
+                          ["sampling", CODECS_CAPABILITY + ",".join(CODECS)])
             started = time.perf_counter()
             self.welcome = expect(self.socket.request_with_retries(hello), Welcome)
             handshake_s = time.perf_counter() - started
@@ -119,6 +124,9 @@ class EdgeClient:
         # What sessions start from until their own traffic says better: a probed link profile, else the
         # handshake's round trip and a modest bandwidth that the first probes replace.
         self.link = link or Link(handshake_s, PRIOR_BYTES_PER_S, PRIOR_BYTES_PER_S)
+        self.codecs = [name for name in CODECS if name in offered(self.welcome.capabilities)] or ["fp32"]
+        self.codec, warning = negotiate(list(CODECS), self.codecs, codec)
+        self.warnings = [warning] if warning else []  # for the caller to show
 
     def session(self, split: int, sampling: SamplingParams | None = None, allow_token_upload: bool = False,
                 fallback_local: bool = False):
@@ -174,6 +182,9 @@ class RemoteSession:
         self.split = split
         self.sampling = sampling
         self.sampler = Sampler(sampling)  # samples while this device holds every layer; travels with the split
+        self.codec = client.codec  # how hidden states cross; may change between steps, to one the edge offered
+        self.impairment: Impairment | None = None  # research: corrupts the hidden states at the cut before coding
+        self.impairment_rng = np.random.default_rng(0)
         self.head = client.pool.runner(Span(0, split), keep_boundaries=True)
         self.session_id = uuid.uuid4().hex
         self.stats = GenerationStats()
@@ -329,8 +340,8 @@ class RemoteSession:
             arrived = time.perf_counter()
             timing = StepTiming(arrived - began, 0.0, 0.0)
         else:
+            carried = {"input_ids": output} if self.split == 0 else self._coded(output)
             sent = time.perf_counter()
-            carried = {"input_ids": output} if self.split == 0 else {"hidden_states": output}
             result = self._request(Step(self.session_id, self.edge_step, mask, positions, **carried), StepResult)
             arrived = time.perf_counter()
             self.edge_step += 1
@@ -339,6 +350,18 @@ class RemoteSession:
         self.stats.timings.append(timing)
         self.stats.arrivals.append(arrived)
         return tokens
+
+    def _coded(self, hidden: np.ndarray) -> dict[str, object]:
+        """The Step fields that carry ``hidden``: impaired first when an impairment is set, then coded."""
+        if self.codec not in self.client.codecs:
+            raise SeamError(f"the edge offered no {self.codec!r} codec; choose one of {', '.join(self.client.codecs)}")
+        if self.impairment is not None:
+            hidden = self.impairment.apply(hidden.astype(np.float32), self.impairment_rng).astype(hidden.dtype)
+        if self.codec == self.client.artifact.manifest.dtype:  # the artifact's own dtype travels as it is
+            return {"hidden_states": hidden}
+        encoded = find_codec(self.codec).encode(hidden.astype(np.float32, copy=False))
+        return {"hidden_states": encoded.arrays["data"], "hidden_scale": encoded.arrays.get("scale"),
+                "codec": self.codec}
 
     def move_split(self, split: int, reason: str = "", rebuild: bool = False) -> None:
         """Moves the split between two steps; the layers that change side take their KV cache along, so the

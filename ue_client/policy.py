@@ -165,13 +165,16 @@ class CostModelPolicy:
     over the link as the session estimates it (kept fresh by the session's background probes)."""
 
     def __init__(self, ue: DeviceModel, edge: DeviceModel, constraints: Constraints = Constraints(),
-                 margin: float = 0.1, window: int = 2, horizon: int = 128):
+                 margin: float = 0.1, window: int = 2, horizon: int = 128, settle_tokens: int = 64):
         self.ue, self.edge = ue, edge
         self.constraints = constraints
         self.margin = margin
         self.window = window  # steps to calibrate on: the median of two is their mean, so one step slowed by a
         # collapsed link shows at once, and one slowed by a hiccup of a few tens of ms barely does
         self.horizon = horizon  # tokens a move must pay back within: links rarely hold still for much longer
+        # Each move within this many tokens doubles the margin the next one needs: on a link that hovers where
+        # two splits cost about the same, predictions err both ways and would otherwise bounce the split.
+        self.settle_tokens = settle_tokens
         self.decisions: list[Decision] = []
         self.loaded = 0  # layers [0, loaded) have their sessions open on the UE
 
@@ -229,7 +232,8 @@ class CostModelPolicy:
             remaining=min(session.max_length - session.past - 1, self.horizon), batch=session.batch,
             kv_bytes_per_token_per_layer=per_layer,
             boundary_bytes_per_token=manifest.dims.hidden_size * session.head.kv_dtype.itemsize + ID_BYTES,  # and its mask
-            kept=[cut for cut in candidates if session.kept_boundary(cut)], margin=self.margin, scales=scales,
+            kept=[cut for cut in candidates if session.kept_boundary(cut)], scales=scales,
+            margin=self.margin * 2 ** sum(move.before_step > step - self.settle_tokens for move in session.moves),
         )
         self.decisions.append(decision)
         session.move_split(decision.split, decision.reason, decision.rebuild)
