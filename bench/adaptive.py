@@ -241,6 +241,7 @@ def summary(rounds: list[Round]) -> dict:
         "oracle_ms": round(median(r.oracle_ms for r in rounds), 2),
         "oracle_splits": typical.oracle_path,
         "best_static": typical.best_static.name,
+        "best_static_ms": round(median(r.best_static.mean_ms for r in rounds), 2),
         "statics_ms": {name: round(median(r.runs[1 + i].mean_ms for r in rounds), 2) for i, name in enumerate(names)},
         "adaptive_vs_oracle": round(median(versus_oracle), 3),
         "adaptive_vs_best_static": round(median(versus_static), 3),

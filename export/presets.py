@@ -1,7 +1,8 @@
 """Built-in models: configs with seeded random weights, saved with ``save_pretrained`` and loaded like any model.
 
 Presets exist so that tests, benchmarks and the demo run offline through the same ``from_pretrained`` path a
-real checkpoint takes. They are built once into ``$SEAM_HOME/presets`` (default ``~/.cache/seam``).
+real checkpoint takes. They are built once into ``$SEAM_HOME/presets`` (default ``~/.cache/seam``). A preset
+with a training spec is trained on the grammar corpus when built instead, so its perplexity means something.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from export.byte_tokenizer import SPECIAL_TOKENS, build_byte_tokenizer
+from export.training import VERSION as TRAINING_VERSION
+from export.training import TrainingSpec, held_out_perplexity, train_model
 
 _TINY_LLAMA = dict(
     hidden_size=64,
@@ -36,11 +39,14 @@ class Preset:
     purpose: str
     config: dict = field(default_factory=dict)
     seed: int = 0
+    training: TrainingSpec | None = None
 
     @property
     def spec_hash(self) -> str:
-        spec = json.dumps([self.model_type, self.config, self.seed, "byte-tokenizer-v1"], sort_keys=True)
-        return hashlib.sha256(spec.encode()).hexdigest()[:12]
+        parts = [self.model_type, self.config, self.seed, "byte-tokenizer-v1"]
+        if self.training:  # appended only when set, so the random-weight presets keep their directories
+            parts += [asdict(self.training), TRAINING_VERSION]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
 PRESETS = {
@@ -76,6 +82,29 @@ PRESETS = {
                 tie_word_embeddings=False,
             ),
         ),
+        Preset(
+            "trained-llama",
+            "llama",
+            "perplexity analyses and readable text: 6 layers, hidden 128, trained on the grammar corpus (~3 min)",
+            dict(
+                hidden_size=128,
+                intermediate_size=384,
+                num_hidden_layers=6,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=320,
+                max_position_embeddings=512,
+            ),
+            # Trained at the full context, so that positions up to 512 have been seen.
+            training=TrainingSpec(steps=250, sequence=512, batch=8, learning_rate=4e-3),
+        ),
+        Preset(
+            "tiny-trained-llama",
+            "llama",
+            "tests: 4 layers, hidden 64, trained on the grammar corpus in seconds",
+            dict(_TINY_LLAMA, initializer_range=0.02),  # trained logits are peaked anyway; a wide init slows learning
+            training=TrainingSpec(steps=60, sequence=64, batch=8, learning_rate=1e-2, corpus_sentences=2000),
+        ),
     ]
 }
 DEFAULT_PRESET = "small-llama"
@@ -87,6 +116,16 @@ def seam_home() -> Path:
 
 def preset_dir(name: str) -> Path:
     return seam_home() / "presets" / f"{name}-{PRESETS[name].spec_hash}"
+
+
+def _train_into(directory: Path, name: str, config, byte_tokenizer) -> None:
+    """Trains the preset's model, saves it, and records its held-out perplexity beside it in ``training.json``."""
+    preset = PRESETS[name]
+    model = train_model(config, preset.training, preset.seed, byte_tokenizer, name)
+    model.save_pretrained(directory)
+    report = {**asdict(preset.training), "version": TRAINING_VERSION,
+              "held_out_perplexity": held_out_perplexity(model, preset.training, byte_tokenizer)}
+    (directory / "training.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def ensure_preset(name: str) -> Path:
@@ -106,11 +145,14 @@ def ensure_preset(name: str) -> Path:
             preset.model_type, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos, **preset.config
         )
         config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
-        torch.manual_seed(preset.seed)
-        model = AutoModelForCausalLM.from_config(config)
-        model.save_pretrained(staging)
+        byte_tokenizer = build_byte_tokenizer(config.vocab_size, preset.seed)
+        if preset.training:
+            _train_into(staging, name, config, byte_tokenizer)
+        else:
+            torch.manual_seed(preset.seed)
+            AutoModelForCausalLM.from_config(config).save_pretrained(staging)
         tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=build_byte_tokenizer(config.vocab_size, preset.seed),
+            tokenizer_object=byte_tokenizer,
             pad_token=SPECIAL_TOKENS[pad],
             bos_token=SPECIAL_TOKENS[bos],
             eos_token=SPECIAL_TOKENS[eos],

@@ -16,6 +16,7 @@ EXPORT_MODULES = {"torch", "transformers", "onnx", "onnxscript"}
 
 def build_parser() -> argparse.ArgumentParser:
     from export.cli import add_export_parser, add_models_parser, add_validate_parser
+    from export.corpus import add_corpus_parser
     from profiler.cli import add_probe_parser, add_profile_parser
     from profiler.plan import add_plan_parser
     from profiler.quality import add_analyze_parser
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(commands)
     add_analyze_parser(commands)
     add_traces_parser(commands)
+    add_corpus_parser(commands)
     return parser
 
 
