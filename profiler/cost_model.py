@@ -20,6 +20,7 @@ import numpy as np
 
 from profiler.schema import BlockProfile, DeviceProfile, LinkProfile, ProfileKey, Timing
 from runtime.artifact import DTYPE_BYTES
+from runtime.codecs import encoded_bytes
 from runtime.errors import SeamError
 from runtime.protocol import Step, StepResult, encode
 
@@ -50,10 +51,14 @@ STEP_HEADER_BYTES, RESULT_HEADER_BYTES = _header_bytes(tokens=False)
 TOKEN_STEP_HEADER_BYTES, _ = _header_bytes(tokens=True)
 
 
-def uplink_bytes(split: int, batch: int, new: int, past: int, hidden_size: int, dtype_bytes: int) -> int:
-    """Bytes of one Step from the UE: its boundary output for ``new`` positions, the whole mask, the positions."""
+def uplink_bytes(split: int, batch: int, new: int, past: int, hidden_size: int, dtype_bytes: int,
+                 codec: str | None = None) -> int:
+    """Bytes of one Step from the UE: its boundary output for ``new`` positions (coded with ``codec`` if given),
+    the whole mask, the positions."""
     if split == 0:
         first = batch * new * ID_BYTES + TOKEN_STEP_HEADER_BYTES
+    elif codec is not None:
+        first = encoded_bytes(codec, (batch, new, hidden_size)) + STEP_HEADER_BYTES
     else:
         first = batch * new * hidden_size * dtype_bytes + STEP_HEADER_BYTES
     return first + batch * (past + new) * ID_BYTES + batch * new * ID_BYTES
@@ -302,13 +307,13 @@ class SplitCost:
 
 
 def _step(ue: DeviceModel, edge: DeviceModel, link: Link, split: int, phase: str, new: int, past: int,
-          batch: int) -> StepCost:
+          batch: int, codec: str | None = None) -> StepCost:
     length = past if phase == "decode" else new
     L = ue.num_layers
     ue_s = ue.compute_s(0, split, phase, length, batch)
     if split == L:
         return StepCost(ue_s, 0, 0.0, 0.0, 0, 0.0, 0.0)
-    up = uplink_bytes(split, batch, new, past, ue.hidden_size, DTYPE_BYTES[ue.wire_dtype])
+    up = uplink_bytes(split, batch, new, past, ue.hidden_size, DTYPE_BYTES[ue.wire_dtype], codec)
     down = downlink_bytes(batch)
     return StepCost(
         ue_s=ue_s,
@@ -334,8 +339,9 @@ def check_pair(ue: DeviceProfile | DeviceModel, edge: DeviceProfile | DeviceMode
 
 
 def predict(ue: DeviceProfile | DeviceModel, edge: DeviceProfile | DeviceModel, link: Link, split: int,
-            context: int, batch: int = 1) -> SplitCost:
-    """The cost of ``split`` for prompts of ``context`` tokens: decode at past = context, and their prefill."""
+            context: int, batch: int = 1, codec: str | None = None) -> SplitCost:
+    """The cost of ``split`` for prompts of ``context`` tokens: decode at past = context, and their prefill;
+    hidden states coded with ``codec`` when given (its encoding time, microseconds, left out)."""
     ue, edge = _model(ue), _model(edge)
     check_pair(ue, edge)
     if ue.split_points != edge.split_points:
@@ -348,8 +354,8 @@ def predict(ue: DeviceProfile | DeviceModel, edge: DeviceProfile | DeviceModel, 
         split,
         context,
         batch,
-        decode=_step(ue, edge, link, split, "decode", 1, context, batch),
-        prefill=_step(ue, edge, link, split, "prefill", context, 0, batch),
+        decode=_step(ue, edge, link, split, "decode", 1, context, batch, codec),
+        prefill=_step(ue, edge, link, split, "prefill", context, 0, batch, codec),
     )
 
 

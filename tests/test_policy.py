@@ -3,7 +3,9 @@ cost-model policy driving a real generation against a real edge_server."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -21,8 +23,8 @@ from test_cost_model import HIDDEN, device
 from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
 from ue_client.client import EdgeClient
 from ue_client.link_estimate import LinkEstimator, Sample, harmonic_mean
-from ue_client.policy import (Constraints, CostModelPolicy, Scales, calibration, candidate_splits, choose_split,
-                              move_s, rebuild_s)
+from ue_client.policy import (Constraints, CostModelPolicy, QualityBudget, Scales, calibration, candidate_splits,
+                              choose_split, move_s, rebuild_s)
 
 MBIT = 1e6 / 8
 
@@ -199,6 +201,27 @@ def test_the_side_taking_layers_over_recomputes_them_when_that_beats_carrying_th
         rebuild_s(ue, edge, link, 2, 4, 1, 64, Scales(), boundary, kept=[])
 
 
+def test_a_quality_budget_picks_the_cheapest_codec_it_allows_and_the_cost_model_prices_its_bytes():
+    cells = [{"cut": cut, "variant": f"codec:{name}", "increase_pct": pct}
+             for cut, name, pct in [(1, "fp16", 0.0), (1, "int8", 0.01), (1, "int4", 0.3), (2, "int8", 0.02),
+                                    (2, "int4", 2.0)]] + [{"cut": 1, "variant": "erasure:0.1", "increase_pct": 3.0}]
+    budget = QualityBudget.from_analysis(cells, max_increase_pct=0.5)
+    offered = ["fp32", "fp16", "bf16", "int8", "int4"]
+
+    assert budget.codec(1, offered) == "int4"
+    assert budget.codec(2, offered) == "int8"  # int4 costs more than the budget at this cut
+    assert budget.codec(3, offered) == "fp32"  # never analysed: lossless
+    assert budget.codec(1, ["fp32", "fp16"]) == "fp16"  # what the edge offers bounds the choice
+    with pytest.raises(SeamError, match="no codec results"):
+        QualityBudget.from_analysis(cells[-1:], 1.0)
+
+    slow = Link.from_mbit(0.5, 20)
+    plain = decide(slow, current=1, candidates=[1, 4], remaining=0)
+    coded = decide(slow, current=1, candidates=[1, 4], remaining=0, codecs={1: "int4"})
+    assert coded.per_token_s[1] < plain.per_token_s[1] and coded.per_token_s[4] == plain.per_token_s[4]
+    assert coded.split == 1 and coded.codec == "int4" and plain.codec is None
+
+
 def test_candidates_leave_out_what_the_ue_cannot_hold():
     ue, _ = models()
     weights, kv = [1000] * 4, [100] * 4
@@ -262,11 +285,20 @@ def test_ue_client_moves_the_split_with_the_cost_model_and_says_why(exported, tm
     with edge_server(artifact.root) as (_, address):
         static = ue_client(artifact, address, "--split", "3", "--policy", "static")
         adaptive = ue_client(artifact, address, "--split", "3", "--ue-profile", paths["ue"], "--edge-profile", paths["edge"])
+        quality = tmp_path / "quality.json"
+        quality.write_text(json.dumps({"cells": [{"cut": 1, "variant": "codec:int4", "increase_pct": 0.4}]}))
+        coded = ue_client(artifact, address, "--split", "3", "--ue-profile", paths["ue"], "--edge-profile",
+                          paths["edge"], "--quality", str(quality), "--max-ppl-increase", "1")
 
-    assert static.returncode == 0 and adaptive.returncode == 0, adaptive.stderr
+    assert static.returncode == 0 and adaptive.returncode == 0 and coded.returncode == 0, coded.stderr
     assert adaptive.stdout == static.stdout  # the same text, whichever side ran the layers
     assert "split 3 -> 1" in adaptive.stderr and "ms/token" in adaptive.stderr
-    assert "moves, ended at split 1" in adaptive.stderr
+    assert "moves, ended at split 1" in adaptive.stderr and "moves, ended at split 1" in coded.stderr
+
+    def sent(result) -> int:
+        return int(re.search(r"sent (\d+) B", result.stderr).group(1))
+
+    assert sent(coded) < sent(adaptive)  # int4 at split 1 is within the budget, so the steps cross in it
 
 
 def test_ue_client_refuses_half_a_cost_model(exported, tmp_path):
@@ -276,6 +308,9 @@ def test_ue_client_refuses_half_a_cost_model(exported, tmp_path):
         ("--policy", "cost-model", "--ue-profile", paths["ue"]): "needs both device profiles; give --edge-profile",
         ("--ue-profile", paths["ue"], "--edge-profile", paths["edge"], "--min-ue-layers", "0"): "--allow-token-upload",
         ("--ue-profile", paths["ue"], "--edge-profile", str(tmp_path / "none.json")): "cannot read profile",
+        ("--ue-profile", paths["ue"], "--edge-profile", paths["edge"], "--quality", paths["ue"]): "go together",
+        ("--ue-profile", paths["ue"], "--edge-profile", paths["edge"], "--quality", str(tmp_path / "none.json"),
+         "--max-ppl-increase", "1"): "cannot read the quality analysis",
     }
     for options, fragment in cases.items():
         result = ue_client(artifact, "tcp://127.0.0.1:9", "--timeout", "1", *options)

@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ue-memory-mb", type=float, default=None, help="memory budget for weights and KV on this device")
     parser.add_argument("--link-trace", type=Path, default=None,
                         help="emulate a link following this CSV trace (t_s,up_mbit,down_mbit,rtt_ms) on top of the real one")
+    parser.add_argument("--max-ppl-increase", type=float, default=None, metavar="PCT",
+                        help="with --quality, the cost-model policy also picks the codec per split: the one with "
+                             "the fewest bytes whose measured perplexity increase stays within PCT %%")
+    parser.add_argument("--quality", type=Path, default=None, help="a 'seam analyze' result of this artifact")
     parser.add_argument("--codec", default="fp32", choices=list(CODECS),
                         help="how hidden states cross the link (falls back, with a warning, to one the edge has)")
     parser.add_argument("--impair", default=None, metavar="SPEC",
@@ -140,6 +144,8 @@ def choose_policy(args: argparse.Namespace, artifact):
     from ue_client.policy import Constraints, CostModelPolicy
 
     prior = Link.from_profile(load(args.link_profile, LinkProfile)) if args.link_profile else None
+    if args.policy == "static" and args.quality is not None:
+        raise SeamError("--quality and --max-ppl-increase choose codecs for the cost-model policy, not --policy static")
     if args.policy == "static":
         return None, prior
     ue_path = args.ue_profile
@@ -148,9 +154,9 @@ def choose_policy(args: argparse.Namespace, artifact):
         cached = artifact.root / "profiles" / key.file_name()
         ue_path = cached if cached.is_file() else None
     if ue_path is None or args.edge_profile is None:
-        if args.policy == "cost-model":
+        if args.policy == "cost-model" or args.quality is not None:
             missing = "--edge-profile" if ue_path else "--ue-profile (or run 'seam profile' on this device)"
-            raise SeamError(f"--policy cost-model needs both device profiles; give {missing}")
+            raise SeamError(f"the cost-model policy (and --quality with it) needs both device profiles; give {missing}")
         return None, prior
     if args.min_ue_layers < 0 or (args.min_ue_layers == 0 and not args.allow_token_upload):
         raise SeamError("--min-ue-layers 0 lets the policy send token ids; it needs --allow-token-upload")
@@ -160,7 +166,26 @@ def choose_policy(args: argparse.Namespace, artifact):
     if ue.key.artifact_fingerprint != artifact.manifest.artifact_fingerprint:
         raise SeamError(f"the profiles were measured with another artifact than {artifact.root}; profile it again")
     memory = None if args.ue_memory_mb is None else int(args.ue_memory_mb * 2**20)
-    return CostModelPolicy(ue, edge, Constraints(args.min_ue_layers, memory)), prior
+    return CostModelPolicy(ue, edge, Constraints(args.min_ue_layers, memory), quality=quality_budget(args)), prior
+
+
+def quality_budget(args: argparse.Namespace):
+    """The quality budget ``--quality`` and ``--max-ppl-increase`` give, or None without them."""
+    import json
+
+    from ue_client.policy import QualityBudget
+
+    if (args.quality is None) != (args.max_ppl_increase is None):
+        raise SeamError("--quality and --max-ppl-increase go together: the analysis and the increase it may cost")
+    if args.quality is None:
+        return None
+    if args.max_ppl_increase < 0:
+        raise SeamError("--max-ppl-increase is a percentage of perplexity and cannot be negative")
+    try:
+        return QualityBudget.from_analysis(json.loads(args.quality.read_text())["cells"], args.max_ppl_increase)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise SeamError(f"cannot read the quality analysis {args.quality} ({type(error).__name__}: {error}); "
+                        "write it with seam analyze") from None
 
 
 class StatusLine:

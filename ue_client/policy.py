@@ -17,10 +17,11 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from profiler.cost_model import ID_BYTES, DeviceModel, Link, predict
+from runtime.codecs import encoded_bytes
 from runtime.errors import SeamError
 from runtime.spans import Span
 
@@ -43,6 +44,7 @@ class Decision:
     per_token_s: dict[int, float]  # predicted decode latency of each candidate
     reason: str
     rebuild: bool = False  # the side taking layers over recomputes their cache instead of receiving it
+    codec: str | None = None  # how the hidden states should cross at the chosen split (None: as they are)
 
 
 def candidate_splits(ue: DeviceModel, constraints: Constraints, kv_bytes_per_token: Sequence[int], batch: int,
@@ -71,10 +73,35 @@ class Scales:
 
 
 def per_token_s(ue: DeviceModel, edge: DeviceModel, link: Link, split: int, context: int, batch: int,
-                scales: Scales = Scales()) -> float:
-    step = predict(ue, edge, link, split, context, batch).decode
+                scales: Scales = Scales(), codec: str | None = None) -> float:
+    step = predict(ue, edge, link, split, context, batch, codec).decode
     network = step.uplink_s + step.downlink_s + step.rtt_s
     return step.ue_s * scales.ue + step.edge_s * scales.edge + network * scales.network
+
+
+@dataclass(frozen=True)
+class QualityBudget:
+    """What each codec costs in quality at each cut, as ``seam analyze`` measured it (perplexity increase in %),
+    and how much of it the user accepts. The UE reads the measured table rather than the surrogate: it runs
+    without torch, and a table of a few dozen cells covers every choice it can make."""
+
+    increase_pct: dict[tuple[int, str], float]  # (cut, codec) -> measured perplexity increase
+    max_increase_pct: float
+
+    @classmethod
+    def from_analysis(cls, cells: Sequence[dict], max_increase_pct: float) -> QualityBudget:
+        table = {(cell["cut"], cell["variant"].split(":", 1)[1]): cell["increase_pct"]
+                 for cell in cells if cell["variant"].startswith("codec:")}
+        if not table:
+            raise SeamError("the quality analysis holds no codec results; run seam analyze with --codecs")
+        return cls(table, max_increase_pct)
+
+    def codec(self, split: int, offered: Sequence[str]) -> str:
+        """The codec with the fewest bytes whose measured increase at ``split`` stays within the budget; fp32
+        (lossless) when none does or the cut was not analysed."""
+        fitting = [name for name in offered if name == "fp32"
+                   or self.increase_pct.get((split, name), math.inf) <= self.max_increase_pct]
+        return min(fitting or ["fp32"], key=lambda name: encoded_bytes(name, (1, 1, 64)))
 
 
 def move_s(link: Link, current: int, split: int, kv_bytes_per_token_per_layer: int, batch: int, context: int) -> float:
@@ -115,11 +142,14 @@ def choose_split(
     kept: Collection[int] = (),
     margin: float = 0.1,
     scales: Scales = Scales(),
+    codecs: Mapping[int, str] | None = None,
 ) -> Decision:
     """The split for the next step: the candidate with the largest net saving over the ``remaining`` tokens.
-    ``kept``: the cuts where the UE holds the hidden states of every position so far (see ``rebuild_s``)."""
+    ``kept``: the cuts where the UE holds the hidden states of every position so far (see ``rebuild_s``);
+    ``codecs``: the codec each split's hidden states would cross in (none: the artifact's own dtype)."""
+    codecs = codecs or {}
     costs = {
-        split: per_token_s(ue, edge, link, split, context, batch, scales)
+        split: per_token_s(ue, edge, link, split, context, batch, scales, codecs.get(split))
         for split in sorted({*candidates, current})
     }
     now = costs[current]
@@ -140,7 +170,8 @@ def choose_split(
             best, best_gain, best_rebuild = split, gain, rebuilding < moving
     label = f"link up {link.up_mbit:.1f}, down {link.down_mbit:.1f} Mbit/s, rtt {link.rtt_s * 1e3:.1f} ms"
     if best == current:
-        return Decision(current, costs, f"{label}: split {current} stays ({1e3 * now:.1f} ms/token)")
+        return Decision(current, costs, f"{label}: split {current} stays ({1e3 * now:.1f} ms/token)",
+                        codec=codecs.get(current))
     how = "moving the cache" if not best_rebuild else "recomputing the cache " + ("here" if best > current else "there")
     return Decision(
         best,
@@ -148,6 +179,7 @@ def choose_split(
         f"{label}: {1e3 * now:.1f} -> {1e3 * costs[best]:.1f} ms/token, "
         f"saves {best_gain:.2f} s over the next {remaining} tokens after {how} and the way back",
         best_rebuild,
+        codecs.get(best),
     )
 
 
@@ -165,8 +197,10 @@ class CostModelPolicy:
     over the link as the session estimates it (kept fresh by the session's background probes)."""
 
     def __init__(self, ue: DeviceModel, edge: DeviceModel, constraints: Constraints = Constraints(),
-                 margin: float = 0.1, window: int = 2, horizon: int = 128, settle_tokens: int = 64):
+                 margin: float = 0.1, window: int = 2, horizon: int = 128, settle_tokens: int = 64,
+                 quality: QualityBudget | None = None):
         self.ue, self.edge = ue, edge
+        self.quality = quality  # with it, each split's hidden states cross in the cheapest codec the budget allows
         self.constraints = constraints
         self.margin = margin
         self.window = window  # steps to calibrate on: the median of two is their mean, so one step slowed by a
@@ -211,9 +245,12 @@ class CostModelPolicy:
             # could push a whole cache into a link that has collapsed.
             return
         link = session.link.link()
+        codecs = {split: self.quality.codec(split, session.client.codecs)
+                  for split in candidates if 0 < split < session.num_layers} if self.quality else {}
         since_move = session.moves[-1].before_step if session.moves else 1  # the prefill is no decode step
         recent = session.stats.timings[max(since_move, 1):][-self.window:]
-        predicted = predict(self.ue, self.edge, link, session.split, session.past, session.batch).decode
+        predicted = predict(self.ue, self.edge, link, session.split, session.past, session.batch,
+                            codecs.get(session.split)).decode
         # Steps, or alone on the UE step-sized probes, measure the network exactly where the link estimate is
         # weakest: small messages on a link whose rate has not been sampled lately.
         if session.split < session.num_layers:
@@ -234,6 +271,9 @@ class CostModelPolicy:
             boundary_bytes_per_token=manifest.dims.hidden_size * session.head.kv_dtype.itemsize + ID_BYTES,  # and its mask
             kept=[cut for cut in candidates if session.kept_boundary(cut)], scales=scales,
             margin=self.margin * 2 ** sum(move.before_step > step - self.settle_tokens for move in session.moves),
+            codecs=codecs,
         )
         self.decisions.append(decision)
         session.move_split(decision.split, decision.reason, decision.rebuild)
+        if decision.codec is not None:
+            session.codec = decision.codec
