@@ -150,7 +150,8 @@ def plot_heatmap(report: QualityReport, path: Path) -> Path:
     axes = figure.subplots()
     image = axes.imshow(np.log10(1 + np.clip(values, 0, None)), cmap="magma_r", aspect="auto")
     axes.set(xticks=range(len(headers) - 1), xticklabels=headers[1:], yticks=range(len(rows)),
-             yticklabels=[row[0] for row in rows], xlabel="codec or impairment at the cut", ylabel="cut (layers on the UE)",
+             yticklabels=[row[0] for row in rows], xlabel="codec or impairment at the cut",
+             ylabel="cut (layers on the UE)",
              title=f"perplexity increase over the unsplit model ({report.baseline_ppl:.3f}), %")
     axes.tick_params(axis="x", rotation=45)
     for (row, column), value in np.ndenumerate(values):

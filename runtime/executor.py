@@ -117,7 +117,8 @@ class SpanRunner:
     ) -> np.ndarray:
         """Runs the span for one step and returns its output: hidden states [B, S, H] or logits [B, K, V]."""
         outputs: dict[int, np.ndarray] | None = {} if self.boundaries else None
-        output, self.cache = self._forward(first_input, attention_mask, position_ids, self.cache, logits_to_keep, outputs)
+        output, self.cache = self._forward(first_input, attention_mask, position_ids, self.cache, logits_to_keep,
+                                           outputs)
         for cut, hidden in (outputs or {}).items():
             if cut in self.boundaries:
                 self.boundaries[cut].append(hidden)

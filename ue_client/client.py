@@ -17,9 +17,9 @@ from collections import deque
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 

@@ -101,6 +101,7 @@ class QualityBudget:
         (lossless) when none does or the cut was not analysed."""
         fitting = [name for name in offered if name == "fp32"
                    or self.increase_pct.get((split, name), math.inf) <= self.max_increase_pct]
+        # Bytes rank the codecs alike at any hidden size; of two as small, the first offered (the better) wins.
         return min(fitting or ["fp32"], key=lambda name: encoded_bytes(name, (1, 1, 64)))
 
 
@@ -268,7 +269,8 @@ class CostModelPolicy:
             self.ue, self.edge, link, current=session.split, candidates=candidates, context=session.past,
             remaining=min(session.max_length - session.past - 1, self.horizon), batch=session.batch,
             kv_bytes_per_token_per_layer=per_layer,
-            boundary_bytes_per_token=manifest.dims.hidden_size * session.head.kv_dtype.itemsize + ID_BYTES,  # and its mask
+            # The hidden states of a position and its mask entry:
+            boundary_bytes_per_token=manifest.dims.hidden_size * session.head.kv_dtype.itemsize + ID_BYTES,
             kept=[cut for cut in candidates if session.kept_boundary(cut)], scales=scales,
             margin=self.margin * 2 ** sum(move.before_step > step - self.settle_tokens for move in session.moves),
             codecs=codecs,
