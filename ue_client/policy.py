@@ -21,7 +21,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from profiler.cost_model import ID_BYTES, DeviceModel, Link, predict
-from runtime.codecs import encoded_bytes
+from runtime.codecs import CODECS, encoded_bytes
 from runtime.errors import SeamError
 from runtime.spans import Span
 
@@ -79,6 +79,10 @@ def per_token_s(ue: DeviceModel, edge: DeviceModel, link: Link, split: int, cont
     return step.ue_s * scales.ue + step.edge_s * scales.edge + network * scales.network
 
 
+# Bytes rank the codecs alike at any hidden size; of two as small, the better one (first in CODECS) comes first.
+FEWEST_BYTES_FIRST = sorted(CODECS, key=lambda name: encoded_bytes(name, (1, 1, 64)))
+
+
 @dataclass(frozen=True)
 class QualityBudget:
     """What each codec costs in quality at each cut, as ``seam analyze`` measured it (perplexity increase in %),
@@ -101,8 +105,7 @@ class QualityBudget:
         (lossless) when none does or the cut was not analysed."""
         fitting = [name for name in offered if name == "fp32"
                    or self.increase_pct.get((split, name), math.inf) <= self.max_increase_pct]
-        # Bytes rank the codecs alike at any hidden size; of two as small, the first offered (the better) wins.
-        return min(fitting or ["fp32"], key=lambda name: encoded_bytes(name, (1, 1, 64)))
+        return min(fitting or ["fp32"], key=FEWEST_BYTES_FIRST.index)
 
 
 def move_s(link: Link, current: int, split: int, kv_bytes_per_token_per_layer: int, batch: int, context: int) -> float:
