@@ -104,9 +104,9 @@ class QualityReport:
 
 def analyze(artifact: Artifact, ids: np.ndarray, cuts: Sequence[int], chosen: Sequence[Variant], window: int,
             stride: int, seed: int = 0, progress: Callable[[int], None] = lambda done: None,
-            text_name: str = "") -> QualityReport:
+            text_name: str = "", pool: SessionPool | None = None) -> QualityReport:
     last = artifact.num_layers
-    pool = SessionPool(artifact)
+    pool = pool or SessionPool(artifact)
     whole = pool.runner(Span(0, last), keep_boundaries=True)
     tails = {cut: pool.runner(Span(cut, last)) for cut in cuts}
     transforms = [(variant, variant.transform()) for variant in chosen]

@@ -11,7 +11,9 @@ import sys
 
 from runtime.errors import SeamError
 
-EXPORT_MODULES = {"torch", "transformers", "onnx", "onnxscript"}
+# Modules of the optional extras, and the extra that installs each.
+EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "onnx": "export", "onnxscript": "export",
+                   "stable_baselines3": "rl", "gymnasium": "rl", "matplotlib": "plot"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     from profiler.cli import add_probe_parser, add_profile_parser
     from profiler.plan import add_plan_parser
     from profiler.quality import add_analyze_parser
+    from profiler.train_policy import add_train_policy_parser
     from runtime.traces import add_traces_parser
     from seam.demo import add_demo_parser
     from seam.keys import add_keys_parser
@@ -35,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_probe_parser(commands)
     add_plan_parser(commands)
     add_analyze_parser(commands)
+    add_train_policy_parser(commands)
     add_traces_parser(commands)
     add_corpus_parser(commands)
     return parser
@@ -54,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seam {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
     except ModuleNotFoundError as error:
-        if error.name not in EXPORT_MODULES:
+        if error.name not in EXTRA_OF_MODULE:
             raise
+        extra = EXTRA_OF_MODULE[error.name]
         print(
-            f"seam {args.command}: error: this command needs {error.name}, part of the 'export' extra; "
-            "install it with: pip install 'seam[export]'",
+            f"seam {args.command}: error: this command needs {error.name}, part of the '{extra}' extra; "
+            f"install it with: pip install 'seam[{extra}]'",
             file=sys.stderr,
         )
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -32,9 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fallback-local", action="store_true",
                         help="generate on this device if the edge is down, or finish here if it stops answering")
     parser.add_argument("--allow-token-upload", action="store_true", help="permit --split 0 (sends token ids)")
-    parser.add_argument("--policy", choices=["static", "cost-model"], default=None,
-                        help="how the split moves during a generation (default: cost-model when both profiles are "
-                             "found, else static)")
+    parser.add_argument("--policy", choices=["static", "cost-model", "planner", "learned"], default=None,
+                        help="how the split (and with a quality budget the codec) moves during a generation: "
+                             "planner and learned maximise a reward of speed and quality, learned with a policy "
+                             "from seam train-policy (default: cost-model when both profiles are found, else static)")
+    parser.add_argument("--policy-file", type=Path, default=None,
+                        help="the planner's and learned policy's file (default: DIR/policies/learned)")
     parser.add_argument("--ue-profile", type=Path, default=None,
                         help="this device's profile (default: its cached 'seam profile' in the artifact)")
     parser.add_argument("--edge-profile", type=Path, default=None, help="the edge's profile, copied from the edge")
@@ -45,9 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--link-trace", type=Path, default=None,
                         help="emulate a link following this CSV trace (t_s,up_mbit,down_mbit,rtt_ms) on top of the real one")
     parser.add_argument("--max-ppl-increase", type=float, default=None, metavar="PCT",
-                        help="with --quality, the cost-model policy also picks the codec per split: the one with "
-                             "the fewest bytes whose measured perplexity increase stays within PCT %%")
-    parser.add_argument("--quality", type=Path, default=None, help="a 'seam analyze' result of this artifact")
+                        help="the quality budget: the cost-model policy (with --quality) sends each split's hidden "
+                             "states in the codec with the fewest bytes whose measured perplexity increase stays "
+                             "within PCT %%; planner and learned never pick a (split, codec) predicted beyond it")
+    parser.add_argument("--quality", type=Path, default=None,
+                        help="a 'seam analyze' result of this artifact (planner and learned: check the budget "
+                             "against it instead of the policy file's predictions)")
     parser.add_argument("--codec", default="fp32", choices=list(CODECS),
                         help="how hidden states cross the link (falls back, with a warning, to one the edge has)")
     parser.add_argument("--impair", default=None, metavar="SPEC",
@@ -137,55 +144,93 @@ def run(args: argparse.Namespace) -> int:
 
 def choose_policy(args: argparse.Namespace, artifact):
     """The split policy (None = static) and the link prior the arguments ask for, refusing half a cost model."""
-    from profiler.cost_model import DeviceModel, Link, check_pair
-    from profiler.measure import profile_key
-    from profiler.schema import DeviceProfile, LinkProfile, load
-    from runtime.ort_options import default_threads
+    from profiler.cost_model import Link
+    from profiler.schema import LinkProfile, load
     from ue_client.policy import Constraints, CostModelPolicy
 
     prior = Link.from_profile(load(args.link_profile, LinkProfile)) if args.link_profile else None
-    if args.policy == "static" and args.quality is not None:
-        raise SeamError("--quality and --max-ppl-increase choose codecs for the cost-model policy, not --policy static")
+    if args.policy == "static" and (args.quality is not None or args.max_ppl_increase is not None):
+        raise SeamError("--quality and --max-ppl-increase choose codecs for the other policies, not --policy static")
     if args.policy == "static":
         return None, prior
-    ue_path = args.ue_profile
-    if ue_path is None:
-        key = profile_key(artifact, "cpu", args.threads or default_threads(), artifact.manifest.dtype)
-        cached = artifact.root / "profiles" / key.file_name()
-        ue_path = cached if cached.is_file() else None
+    ue_path = args.ue_profile or cached_profile(artifact, args.threads)
     if ue_path is None or args.edge_profile is None:
-        if args.policy == "cost-model" or args.quality is not None:
+        if args.policy is not None or args.quality is not None or args.max_ppl_increase is not None:
             missing = "--edge-profile" if ue_path else "--ue-profile (or run 'seam profile' on this device)"
-            raise SeamError(f"the cost-model policy (and --quality with it) needs both device profiles; give {missing}")
+            raise SeamError(f"the {args.policy or 'cost-model'} policy (and a quality budget with it) needs both "
+                            f"device profiles; give {missing}")
         return None, prior
     if args.min_ue_layers < 0 or (args.min_ue_layers == 0 and not args.allow_token_upload):
         raise SeamError("--min-ue-layers 0 lets the policy send token ids; it needs --allow-token-upload")
-    ue_profile, edge_profile = (load(path, DeviceProfile) for path in (ue_path, args.edge_profile))
-    ue, edge = DeviceModel.from_profile(ue_profile.slowed(args.ue_slowdown)), DeviceModel.from_profile(edge_profile)
+    ue, edge = device_models(artifact, ue_path, args.edge_profile, args.ue_slowdown)
+    memory = None if args.ue_memory_mb is None else int(args.ue_memory_mb * 2**20)
+    constraints = Constraints(args.min_ue_layers, memory)
+    if args.policy in ("learned", "planner"):
+        return learned_policy(args, artifact, ue, edge, constraints), prior
+    return CostModelPolicy(ue, edge, constraints, quality=quality_budget(args)), prior
+
+
+def cached_profile(artifact, threads: int | None):
+    """This device's cached ``seam profile`` of ``artifact`` at ``threads``, or None."""
+    from profiler.measure import profile_key
+    from runtime.ort_options import default_threads
+
+    key = profile_key(artifact, "cpu", threads or default_threads(), artifact.manifest.dtype)
+    cached = artifact.root / "profiles" / key.file_name()
+    return cached if cached.is_file() else None
+
+
+def device_models(artifact, ue_path: Path, edge_path: Path, ue_slowdown: float = 1.0):
+    """The UE's and the edge's cost models from their profiles, checked to describe ``artifact``."""
+    from profiler.cost_model import DeviceModel, check_pair
+    from profiler.schema import DeviceProfile, load
+
+    ue_profile, edge_profile = (load(path, DeviceProfile) for path in (ue_path, edge_path))
+    ue, edge = DeviceModel.from_profile(ue_profile.slowed(ue_slowdown)), DeviceModel.from_profile(edge_profile)
     check_pair(ue, edge)
     if ue.key.artifact_fingerprint != artifact.manifest.artifact_fingerprint:
         raise SeamError(f"the profiles were measured with another artifact than {artifact.root}; profile it again")
-    memory = None if args.ue_memory_mb is None else int(args.ue_memory_mb * 2**20)
-    return CostModelPolicy(ue, edge, Constraints(args.min_ue_layers, memory), quality=quality_budget(args)), prior
+    return ue, edge
 
 
-def quality_budget(args: argparse.Namespace):
-    """The quality budget ``--quality`` and ``--max-ppl-increase`` give, or None without them."""
+def learned_policy(args: argparse.Namespace, artifact, ue, edge, constraints):
+    """``--policy learned`` or ``planner`` from its policy file, checking the budget against a measured
+    analysis when ``--quality`` gives one."""
+    from ue_client.learned import LearnedPolicy, PolicyFile
+
+    policy = PolicyFile.load(args.policy_file or artifact.root / "policies" / "learned")
+    if policy.artifact_fingerprint != artifact.manifest.artifact_fingerprint:
+        raise SeamError(f"the policy {policy.root} was trained for another artifact than {artifact.root}; "
+                        "train it again with seam train-policy")
+    budget = math.inf if args.max_ppl_increase is None else args.max_ppl_increase
+    if budget < 0:
+        raise SeamError("--max-ppl-increase is a percentage of perplexity and cannot be negative")
+    measured = read_analysis(args.quality).increase_pct if args.quality else None
+    return LearnedPolicy(ue, edge, policy, args.policy == "planner", constraints, budget, measured)
+
+
+def read_analysis(path: Path, max_increase_pct: float = math.inf):
+    """The codec cells of a ``seam analyze`` result as a ``QualityBudget``."""
     import json
 
     from ue_client.policy import QualityBudget
 
+    try:
+        return QualityBudget.from_analysis(json.loads(path.read_text())["cells"], max_increase_pct)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise SeamError(f"cannot read the quality analysis {path} ({type(error).__name__}: {error}); "
+                        "write it with seam analyze") from None
+
+
+def quality_budget(args: argparse.Namespace):
+    """The quality budget ``--quality`` and ``--max-ppl-increase`` give, or None without them."""
     if (args.quality is None) != (args.max_ppl_increase is None):
         raise SeamError("--quality and --max-ppl-increase go together: the analysis and the increase it may cost")
     if args.quality is None:
         return None
     if args.max_ppl_increase < 0:
         raise SeamError("--max-ppl-increase is a percentage of perplexity and cannot be negative")
-    try:
-        return QualityBudget.from_analysis(json.loads(args.quality.read_text())["cells"], args.max_ppl_increase)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise SeamError(f"cannot read the quality analysis {args.quality} ({type(error).__name__}: {error}); "
-                        "write it with seam analyze") from None
+    return read_analysis(args.quality, args.max_ppl_increase)
 
 
 class StatusLine:

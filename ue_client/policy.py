@@ -8,8 +8,8 @@ pays for the move, and the new split is faster by a margin, so that noise in the
 flap. A move carries the moved layers' KV cache across, or lets the side that takes them over recompute it from
 hidden states (or tokens), whichever the model says is quicker: a cache holds two tensors per layer per position,
 the hidden states one. The network part is scaled the same way by the steps' own network times, which see a
-collapsed link before any bandwidth sample does. Policies: ``static`` (never moves) and ``cost-model``; a learned
-policy plugs in as another ``SplitPolicy``.
+collapsed link before any bandwidth sample does. Policies: ``static`` (never moves) and ``cost-model`` here;
+``planner`` and ``learned`` (``ue_client.learned``) choose the target differently and move the same way.
 """
 
 from __future__ import annotations
@@ -237,6 +237,16 @@ class CostModelPolicy:
             session.client.pool.preload(Span(0, deepest), session.head.variant)
             self.loaded = deepest
 
+    def targets(self, session, link: Link, scales: Scales,
+                candidates: list[int]) -> tuple[list[int], dict[int, str]]:
+        """The splits a move may go to and the codec each would send its hidden states in: every candidate, and
+        with a quality budget the cheapest codec it allows there."""
+        if self.quality is None:
+            return candidates, {}
+        offered = session.client.codecs
+        return candidates, {split: self.quality.codec(split, offered)
+                            for split in candidates if 0 < split < session.num_layers}
+
     def __call__(self, session, step: int) -> None:
         manifest = session.client.artifact.manifest
         per_layer = manifest.kv_bytes_per_token_per_layer
@@ -249,12 +259,10 @@ class CostModelPolicy:
             # could push a whole cache into a link that has collapsed.
             return
         link = session.link.link()
-        codecs = {split: self.quality.codec(split, session.client.codecs)
-                  for split in candidates if 0 < split < session.num_layers} if self.quality else {}
         since_move = session.moves[-1].before_step if session.moves else 1  # the prefill is no decode step
         recent = session.stats.timings[max(since_move, 1):][-self.window:]
         predicted = predict(self.ue, self.edge, link, session.split, session.past, session.batch,
-                            codecs.get(session.split)).decode
+                            session.codec).decode
         # Steps, or alone on the UE step-sized probes, measure the network exactly where the link estimate is
         # weakest: small messages on a link whose rate has not been sampled lately.
         if session.split < session.num_layers:
@@ -268,13 +276,14 @@ class CostModelPolicy:
             network=calibration(network, offloaded.uplink_s + offloaded.downlink_s + offloaded.rtt_s,
                                 NETWORK_SCALE_BOUNDS),
         )
+        candidates, codecs = self.targets(session, link, scales, candidates)
         decision = choose_split(
             self.ue, self.edge, link, current=session.split, candidates=candidates, context=session.past,
             remaining=min(session.max_length - session.past - 1, self.horizon), batch=session.batch,
             kv_bytes_per_token_per_layer=per_layer,
             # The hidden states of a position and its mask entry:
             boundary_bytes_per_token=manifest.dims.hidden_size * session.head.kv_dtype.itemsize + ID_BYTES,
-            kept=[cut for cut in candidates if session.kept_boundary(cut)], scales=scales,
+            kept=[cut for cut in range(session.num_layers + 1) if session.kept_boundary(cut)], scales=scales,
             margin=self.margin * 2 ** sum(move.before_step > step - self.settle_tokens for move in session.moves),
             codecs=codecs,
         )
