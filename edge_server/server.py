@@ -369,8 +369,15 @@ class EdgeServer:
         expected = (batch, new, self.manifest.dims.hidden_size) if session.split else (batch, new)
         if first.shape != expected or new < 1 or first.dtype != dtype:
             raise SeamError(f"{name} must be {dtype.name} of shape {list(expected)}, got {first.dtype.name} {list(first.shape)}")
-        if step.attention_mask.shape != (batch, past + new) or step.attention_mask.dtype != np.int64:
-            raise SeamError(f"attention_mask must be int64 of shape [{batch}, {past + new}]")
+        mask = step.attention_mask
+        if past and mask.shape == (batch, new) and mask.dtype == np.int64:  # the new columns only
+            if session.mask is None or session.mask.shape[1] != past:
+                raise SeamError(f"attention_mask covers the {new} new positions only, and this session holds no "
+                                f"mask of its {past} past ones; send the whole mask")
+            step.attention_mask = np.concatenate([session.mask, mask], axis=1)  # in place: a batch checks twice
+        elif mask.shape != (batch, past + new) or mask.dtype != np.int64:
+            raise SeamError(f"attention_mask must be int64 of shape [{batch}, {past + new}], or [{batch}, {new}] "
+                            "for the new positions alone")
         if step.position_ids.shape != (batch, new) or step.position_ids.dtype != np.int64:
             raise SeamError(f"position_ids must be int64 of shape [{batch}, {new}]")
         if past + new > session.max_length:
@@ -407,6 +414,7 @@ class EdgeServer:
     @staticmethod
     def _advance(session: EdgeSession, step: Step, compute_s: float, tokens: np.ndarray) -> StepResult:
         session.next_step += 1
+        session.mask = step.attention_mask
         session.tokens += session.batch
         session.compute_s += compute_s
         return StepResult(step.session_id, step.step, compute_s, tokens)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
+
 from runtime.errors import SeamError
 from runtime.executor import SpanRunner
 from runtime.sampling import Sampler
@@ -32,6 +34,7 @@ class EdgeSession:
     compute_s: float = 0.0
     batched_steps: int = 0  # steps that ran in one batch with other sessions
     moves: int = 0  # times the split moved
+    mask: np.ndarray | None = None  # the attention mask of every position so far: steps may send only new columns
 
 
 class SessionTable:

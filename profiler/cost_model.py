@@ -37,7 +37,7 @@ def _header_bytes(tokens: bool) -> tuple[int, int]:
     """
     session_id = uuid.uuid4().hex  # what the UE uses: always 32 characters
     batch, past, hidden = 1, 511, 4096
-    mask = np.ones((batch, past + 1), np.int64)
+    mask = np.ones((batch, 1), np.int64)  # the new position's column: the edge holds the rest
     positions = np.full((batch, 1), past, np.int64)
     if tokens:
         step = Step(session_id, 128, mask, positions, input_ids=np.zeros((batch, 1), np.int64))
@@ -51,17 +51,16 @@ STEP_HEADER_BYTES, RESULT_HEADER_BYTES = _header_bytes(tokens=False)
 TOKEN_STEP_HEADER_BYTES, _ = _header_bytes(tokens=True)
 
 
-def uplink_bytes(split: int, batch: int, new: int, past: int, hidden_size: int, dtype_bytes: int,
-                 codec: str | None = None) -> int:
+def uplink_bytes(split: int, batch: int, new: int, hidden_size: int, dtype_bytes: int, codec: str | None = None) -> int:
     """Bytes of one Step from the UE: its boundary output for ``new`` positions (coded with ``codec`` if given),
-    the whole mask, the positions."""
+    their mask columns and positions (the edge holds the mask of the earlier ones)."""
     if split == 0:
         first = batch * new * ID_BYTES + TOKEN_STEP_HEADER_BYTES
     elif codec is not None:
         first = encoded_bytes(codec, (batch, new, hidden_size)) + STEP_HEADER_BYTES
     else:
         first = batch * new * hidden_size * dtype_bytes + STEP_HEADER_BYTES
-    return first + batch * (past + new) * ID_BYTES + batch * new * ID_BYTES
+    return first + 2 * batch * new * ID_BYTES
 
 
 def downlink_bytes(batch: int) -> int:
@@ -313,7 +312,7 @@ def _step(ue: DeviceModel, edge: DeviceModel, link: Link, split: int, phase: str
     ue_s = ue.compute_s(0, split, phase, length, batch)
     if split == L:
         return StepCost(ue_s, 0, 0.0, 0.0, 0, 0.0, 0.0)
-    up = uplink_bytes(split, batch, new, past, ue.hidden_size, DTYPE_BYTES[ue.wire_dtype], codec)
+    up = uplink_bytes(split, batch, new, ue.hidden_size, DTYPE_BYTES[ue.wire_dtype], codec)
     down = downlink_bytes(batch)
     return StepCost(
         ue_s=ue_s,

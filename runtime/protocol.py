@@ -86,7 +86,7 @@ class Step(Message):
     kind = "step"
     session_id: str
     step: int
-    attention_mask: np.ndarray  # [B, past + S] int64
+    attention_mask: np.ndarray  # [B, past + S] int64, or [B, S] once the edge holds the session's past mask
     position_ids: np.ndarray  # [B, S] int64
     hidden_states: np.ndarray | None = None  # [B, S, H], when the UE runs at least one layer
     input_ids: np.ndarray | None = None  # [B, S], only with allow_token_upload and split 0

@@ -168,17 +168,18 @@ def test_extrapolation_never_predicts_negative_latency():
 
 def test_header_constants_match_encoded_messages():
     session = "0123456789abcdef" * 2
-    step = Step(session, 7, np.ones((2, 40), np.int64), np.zeros((2, 8), np.int64),
+    # Steps after the first send the mask columns of their new positions only.
+    step = Step(session, 7, np.ones((2, 8), np.int64), np.zeros((2, 8), np.int64),
                 hidden_states=np.zeros((2, 8, HIDDEN), np.float32))
-    tokens = Step(session, 7, np.ones((2, 40), np.int64), np.zeros((2, 8), np.int64),
+    tokens = Step(session, 7, np.ones((2, 8), np.int64), np.zeros((2, 8), np.int64),
                   input_ids=np.zeros((2, 8), np.int64))
     result = StepResult(session, 7, 3 / 7, np.zeros(2, np.int64))  # a measured time prints at full precision
 
     sizes = [sum(len(frame) for frame in encode(message)) for message in (step, tokens, result)]
 
     # Shapes and the step number are decimal text in the header, so a few bytes of difference are expected.
-    assert sizes[0] == pytest.approx(cost_model.uplink_bytes(2, 2, 8, 32, HIDDEN, 4), abs=8)
-    assert sizes[1] == pytest.approx(cost_model.uplink_bytes(0, 2, 8, 32, HIDDEN, 4), abs=8)
+    assert sizes[0] == pytest.approx(cost_model.uplink_bytes(2, 2, 8, HIDDEN, 4), abs=8)
+    assert sizes[1] == pytest.approx(cost_model.uplink_bytes(0, 2, 8, HIDDEN, 4), abs=8)
     assert sizes[2] == pytest.approx(cost_model.downlink_bytes(2), abs=8)
 
 
@@ -190,7 +191,7 @@ def test_prediction_parts_add_up_and_bytes_follow_the_formula():
 
     H, B, C = HIDDEN, 4, 100
     decode, prefill = cost.decode, cost.prefill
-    assert decode.uplink_bytes == B * H * 4 + B * (C + 1) * 8 + B * 8 + cost_model.STEP_HEADER_BYTES
+    assert decode.uplink_bytes == B * H * 4 + B * 8 + B * 8 + cost_model.STEP_HEADER_BYTES
     assert prefill.uplink_bytes == B * C * H * 4 + B * C * 8 + B * C * 8 + cost_model.STEP_HEADER_BYTES
     assert decode.downlink_bytes == prefill.downlink_bytes == B * 8 + cost_model.RESULT_HEADER_BYTES
     assert decode.ue_s == pytest.approx(decode_s(0.01, C, B) + 2 * decode_s(3.0, C, B))
@@ -207,7 +208,7 @@ def test_split_zero_sends_token_ids_and_runs_nothing_on_the_ue():
     cost = predict(device(), device(name="edge"), Link.from_mbit(10, 20), split=0, context=100)
 
     assert cost.decode.ue_s == 0.0
-    assert cost.decode.uplink_bytes == 8 + 101 * 8 + 8 + cost_model.TOKEN_STEP_HEADER_BYTES
+    assert cost.decode.uplink_bytes == 8 + 8 + 8 + cost_model.TOKEN_STEP_HEADER_BYTES
 
 
 def test_all_local_split_uses_no_link_and_no_edge():
@@ -293,7 +294,7 @@ def test_int8_blocks_still_send_hidden_states_in_the_export_dtype():
 
     cost = predict(quantised, device(dtype="fp16", name="edge"), Link.from_mbit(10, 20), split=2, context=100)
 
-    assert cost.decode.uplink_bytes == HIDDEN * 2 + 101 * 8 + 8 + cost_model.STEP_HEADER_BYTES
+    assert cost.decode.uplink_bytes == HIDDEN * 2 + 8 + 8 + cost_model.STEP_HEADER_BYTES
 
 
 def test_plan_names_links_by_mapping_key():
