@@ -34,3 +34,33 @@ def small_llama_every_layer():
     out = WORK / "small-llama-cuts-all"
     export(ExportRequest(model="small-llama", out=out, cuts="all", validate=False, quiet=True))
     return out
+
+
+def trained_llama():
+    """The trained preset (trained on first use, about three minutes; a no-op afterwards)."""
+    from export.exporter import ExportRequest, export
+
+    out = WORK / "trained-llama"
+    export(ExportRequest(model="trained-llama", out=out, validate=False, quiet=True))
+    return out
+
+
+def profiled_pair(out: Path, ue_slowdown: float):
+    """Cost models of the artifact at ``out`` for the benchmarks' two sides, profiled once and cached with it:
+    the edge on two threads, the UE on one thread pinned to CPU 0 and ``ue_slowdown`` times slower."""
+    import subprocess
+
+    from profiler.cost_model import DeviceModel
+    from profiler.measure import profile_key
+    from profiler.schema import DeviceProfile, load
+    from runtime.artifact import Artifact
+
+    artifact = Artifact.open(out)
+    models = {}
+    for side, options in (("edge", ["--threads", "2"]), ("ue", ["--threads", "1", "--cpus", "0"])):
+        subprocess.run([sys.executable, "-m", "seam.cli", "profile", str(out), "--quiet", *options], check=True,
+                       capture_output=True)
+        key = profile_key(artifact, "cpu", int(options[1]), artifact.manifest.dtype)
+        measured = load(out / "profiles" / key.file_name(), DeviceProfile)
+        models[side] = DeviceModel.from_profile(measured.slowed(ue_slowdown) if side == "ue" else measured)
+    return models["ue"], models["edge"]

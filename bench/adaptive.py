@@ -19,22 +19,18 @@ and draws, per trace, the split and bandwidth over time and the per-token latenc
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import psutil
 
-from _common import RESULTS, WORK, report
+from _common import RESULTS, WORK, profiled_pair, report
 
 from edge_server.process import edge_server
 from export.exporter import ExportRequest, export
 from export.report import table
 from profiler.cost_model import ID_BYTES, DeviceModel, Link
-from profiler.measure import profile_key
-from profiler.schema import DeviceProfile, load
 from runtime.artifact import Artifact
 from runtime.spans import Span
 from runtime.traces import Trace, load_trace
@@ -162,13 +158,8 @@ def main() -> None:
     out = WORK / f"small-llama-cuts-{args.cuts.replace(',', '_')}"
     export(ExportRequest(model="small-llama", out=out, cuts=args.cuts, validate=False, quiet=True))
     artifact = Artifact.open(out)
-    profiles = {}
-    for side, options in (("edge", ["--threads", "2"]), ("ue", ["--threads", "1", "--cpus", "0"])):
-        subprocess.run([sys.executable, "-m", "seam.cli", "profile", str(out), "--quiet", *options], check=True,
-                       capture_output=True)
-        key = profile_key(artifact, "cpu", int(options[1]), artifact.manifest.dtype)
-        measured = load(out / "profiles" / key.file_name(), DeviceProfile)
-        profiles[side] = DeviceModel.from_profile(measured.slowed(args.slowdown) if side == "ue" else measured)
+    ue, edge = profiled_pair(out, args.slowdown)
+    profiles = {"ue": ue, "edge": edge}
     statics = [split for split in artifact.split_points if split > 0]
     manifest = artifact.manifest
     rows, results = [], {}

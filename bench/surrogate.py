@@ -14,10 +14,9 @@ import time
 
 import numpy as np
 
-from _common import WORK, report
+from _common import report, trained_llama
 
 from export.corpus import generate_corpus
-from export.exporter import ExportRequest, export
 from profiler.quality import analyze, variants
 from profiler.surrogate import fit, held_out_error, samples
 from runtime.artifact import Artifact
@@ -33,9 +32,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    out = WORK / "trained-llama"
-    export(ExportRequest(model="trained-llama", out=out, validate=False, quiet=True))
-    artifact = Artifact.open(out)
+    artifact = Artifact.open(trained_llama())
     text = generate_corpus(400, seed=9)  # the preset trained on seed 0 and was validated on seed 1
     ids = np.array(load_tokenizer(artifact).encode(text).ids[: args.tokens], dtype=np.int64)
     cuts = [cut for cut in artifact.split_points if 0 < cut < artifact.num_layers]

@@ -53,10 +53,11 @@ def actions(splits: Sequence[int], codecs: Sequence[str], num_layers: int) -> li
 
 
 def increase_of(table: Mapping[tuple[int, str], float], split: int, codec: str, num_layers: int) -> float:
-    """The predicted perplexity increase of ``codec`` at ``split``; unknown pairs are out of reach (inf)."""
+    """The predicted perplexity increase of ``codec`` at ``split``; unknown pairs are out of reach (inf). A
+    measured decrease is noise (a few thousandths of a percent): no codec improves the model."""
     if codec == LOSSLESS or split >= num_layers:
         return 0.0
-    return table.get((split, codec), math.inf)
+    return max(table.get((split, codec), math.inf), 0.0)
 
 
 def evaluate(ue: DeviceModel, edge: DeviceModel, link: Link, choices: Sequence[tuple[int, str]],
