@@ -37,6 +37,10 @@ def parse(argv: list[str] | None) -> EdgeConfig:
     parser.add_argument("--curve-secret", type=Path, default=None, help="server NAME.key_secret (enables CURVE)")
     parser.add_argument("--allow", type=Path, default=None, help="directory of allowed UE public keys")
     parser.add_argument("--log-messages", type=Path, default=None, help="append received message headers as JSON")
+    parser.add_argument("--train", action="store_true",
+                        help="also serve split fine-tuning of LoRA adapters (needs the export and finetune extras)")
+    parser.add_argument("--round-timeout", type=float, default=60.0,
+                        help="seconds a federated round waits for its UEs' adapters after the first arrives")
     parser.add_argument("--codecs", type=codec_list, default=tuple(CODECS),
                         help=f"activation codecs to offer UEs, comma-separated (default all: {','.join(CODECS)})")
     args = parser.parse_args(argv)
@@ -55,6 +59,8 @@ def parse(argv: list[str] | None) -> EdgeConfig:
         allowed_keys=args.allow,
         log_messages=args.log_messages,
         codecs=args.codecs,
+        train=args.train,
+        round_timeout_s=args.round_timeout,
         transport=TransportConfig(),
     )
 

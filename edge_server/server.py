@@ -23,6 +23,7 @@ from runtime.executor import SessionPool, run_together
 from runtime.migration import check_boundary, pack_kv, recompute, resplit, unpack_kv
 from runtime.protocol import (
     PROTOCOL_VERSION,
+    TRAINING_MESSAGES,
     Close,
     Closed,
     Error,
@@ -64,6 +65,8 @@ class EdgeConfig:
     allowed_keys: Path | None = None  # directory of allowed UE public keys (*.key)
     log_messages: Path | None = None  # append one JSON line per received message header (debugging, audits)
     codecs: tuple[str, ...] = tuple(CODECS)  # activation codecs offered to UEs (fp32 always)
+    train: bool = False  # also serve split fine-tuning (needs torch, transformers and peft)
+    round_timeout_s: float = 60.0  # a federated round closes without the UEs that have not uploaded by then
     transport: TransportConfig = None
 
     def __post_init__(self):
@@ -79,6 +82,15 @@ class EdgeServer:
         self.offered_codecs = [name for name in CODECS if name == "fp32" or name in config.codecs]
         self.pool.preload(Span(0, self.artifact.num_layers))
         self.table = SessionTable(config.max_sessions, int(config.kv_budget_mb * 2**20), config.idle_timeout_s)
+        self.training = None
+        if config.train:
+            try:
+                from finetune.edge import TrainingService
+            except ModuleNotFoundError as error:
+                raise SeamError(f"--train needs {error.name}; install it with: pip install 'seam[export,finetune]'") \
+                    from None
+            self.training = TrainingService(self.artifact, config.threads, config.idle_timeout_s,
+                                            config.round_timeout_s)
         self.welcomed: set[bytes] = set()
         self.hidden_dtype = np.dtype(NUMPY_DTYPES[self.manifest.dtype])
         self.socket = EdgeSocket(config.bind, config.transport, config.curve_secret, config.allowed_keys)
@@ -141,6 +153,11 @@ class EdgeServer:
                 return self._pong(message)
             if peer not in self.welcomed:
                 return Error("no_handshake", "send hello before anything else", session_id)
+            if isinstance(message, TRAINING_MESSAGES) or (
+                    isinstance(message, Close) and self.training and self.training.owns(peer, session_id)):
+                if self.training is None:
+                    raise SeamError("this edge_server does not train; start it with --train")
+                return self.training.handle(peer, message)
             if isinstance(message, OpenSession):
                 return self._open(peer, message)
             if isinstance(message, Step):

@@ -18,6 +18,8 @@ def add_export_parser(commands) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing artifact")
     parser.add_argument("--no-validate", action="store_true", help="skip the parity check against PyTorch")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    parser.add_argument("--adapter", type=Path, default=None,
+                        help="merge this LoRA adapter (peft format, e.g. from 'ue_client DIR train') into the model")
     parser.set_defaults(handler=run_export)
 
 
@@ -47,6 +49,7 @@ def run_export(args: argparse.Namespace) -> int:
             force=args.force,
             validate=not args.no_validate,
             quiet=args.quiet,
+            adapter=args.adapter,
         )
     )
     if not args.quiet:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 import seam
 from export import onnx_writer
 from export.segment import Prelude, Segment
-from export.sources import LoadedModel, fingerprint, load_model
+from export.sources import LoadedModel, fingerprint, load_model, merge_adapter
 from export.validate import pad_token_id, references_for, require_fp32_parity, validate
 from runtime.artifact import MANIFEST_NAME, Artifact, Block, Dimensions, Manifest
 from runtime.errors import SeamError
@@ -40,6 +40,7 @@ class ExportRequest:
     force: bool = False
     validate: bool = True
     quiet: bool = False
+    adapter: Path | None = None  # a peft LoRA adapter to merge into the model before cutting it
 
 
 @dataclass
@@ -182,8 +183,10 @@ def export(request: ExportRequest) -> ExportOutcome:
         config = loaded.model.config
         num_layers = config.num_hidden_layers
         cuts = parse_cuts(request.cuts, num_layers)
-        model_fingerprint = fingerprint(loaded.model)
         export_args = {"cuts": cuts, "dtype": request.dtype, "quantize_ue": request.quantize_ue}
+        if request.adapter is not None:
+            export_args["adapter"] = merge_adapter(loaded, Path(request.adapter))
+        model_fingerprint = fingerprint(loaded.model)
         existing = _existing_manifest(out)
         if existing is not None and not request.force:
             if existing.get("fingerprint") == model_fingerprint and existing.get("export_args") == export_args:

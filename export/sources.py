@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def _quiet_transformers() -> None:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    # peft asks transformers a question transformers 5 has renamed, and the warning says nothing to a user.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def resolve(source: str) -> str:
@@ -81,3 +84,24 @@ def fingerprint(model) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().contiguous().reshape(-1).view(dtype=torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def merge_adapter(loaded: LoadedModel, adapter: Path) -> str:
+    """Merges a peft LoRA adapter (``ue_client DIR train --out``) into ``loaded``'s weights; returns the sha256 of
+    the adapter's weights, which the export records."""
+    try:
+        from peft import PeftModel
+    except ModuleNotFoundError:
+        raise SeamError("--adapter needs peft; install it with: pip install 'seam[finetune]'") from None
+    weights = adapter / "adapter_model.safetensors"
+    if not (adapter / "adapter_config.json").is_file() or not weights.is_file():
+        raise SeamError(f"--adapter {adapter} holds no peft adapter (adapter_config.json and "
+                        "adapter_model.safetensors); give the directory 'ue_client DIR train --out' wrote")
+    try:
+        merged = PeftModel.from_pretrained(loaded.model, adapter).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SeamError(f"cannot merge --adapter {adapter} into {loaded.source!r}: {first_line}") from None
+    merged.eval()
+    loaded.model, loaded.family = merged, type(loaded.family)(merged)
+    return hashlib.sha256(weights.read_bytes()).hexdigest()

@@ -170,6 +170,134 @@ class Pong(Message):
     payload: np.ndarray | None = None  # uint8, reply_bytes long
 
 
+# --- split fine-tuning ----------------------------------------------------------------------------------------
+
+
+TRAINING_MODES = ("edge-loss", "u-shaped")
+
+
+@dataclass
+class OpenTraining(Message):
+    """Opens a split fine-tuning session: the edge trains LoRA adapters on layers [cut, L). In ``edge-loss``
+    mode it also computes the loss, from the labels each step sends; ``u-shaped`` returns the last layer's hidden
+    states instead, and the UE keeps the head, the labels and the loss."""
+
+    kind = "open_training"
+    session_id: str
+    cut: int
+    mode: str
+    lora: dict  # rank, alpha, seed
+    optimizer: dict  # lr, weight_decay
+    job: str = ""  # sessions of one job share the edge's adapters (sequential SplitFed); "" = a job of its own
+    client: str = ""  # the UE's name in the edge's logs
+
+
+@dataclass
+class TrainingOpened(Message):
+    kind = "training_opened"
+    session_id: str
+    edge_parameters: int  # LoRA parameters the edge trains for this session
+
+
+@dataclass
+class TrainForward(Message):
+    """The UE layers' output at the cut for one batch; the edge runs its layers and keeps the graph for the
+    ``TrainBackward`` that follows."""
+
+    kind = "train_forward"
+    session_id: str
+    step: int
+    hidden_states: np.ndarray  # [B, S, H] float32
+    attention_mask: np.ndarray  # [B, S] int64, padding on the right
+    labels: np.ndarray | None = None  # [B, S] int64, edge-loss mode only; -100 marks positions not scored
+
+
+@dataclass
+class TrainForwarded(Message):
+    kind = "train_forwarded"
+    session_id: str
+    step: int
+    edge_compute_s: float
+    loss: float = 0.0  # edge-loss mode
+    hidden_states: np.ndarray | None = None  # u-shaped: [B, S, H], the last layer's output
+
+
+@dataclass
+class TrainBackward(Message):
+    """The gradient of the loss with respect to what the edge returned: [1] (the loss's own) in edge-loss mode,
+    [B, S, H] u-shaped. The edge backpropagates, steps its optimizer and answers with the gradient at the cut."""
+
+    kind = "train_backward"
+    session_id: str
+    step: int
+    grad: np.ndarray
+
+
+@dataclass
+class CutGradient(Message):
+    kind = "cut_gradient"
+    session_id: str
+    step: int
+    edge_compute_s: float
+    grad: np.ndarray  # [B, S, H] float32
+
+
+@dataclass
+class FetchAdapter(Message):
+    kind = "fetch_adapter"
+    session_id: str
+
+
+@dataclass
+class AdapterWeights(Message):
+    """LoRA weights as one flat float32 array, cut into ``names`` of ``shapes`` in order."""
+
+    kind = "adapter_weights"
+    session_id: str
+    names: list
+    shapes: list
+    data: np.ndarray
+
+
+@dataclass
+class UploadAdapter(Message):
+    """A UE's own adapters after a round of local training, for its job's federated average."""
+
+    kind = "upload_adapter"
+    session_id: str
+    round: int
+    samples: int  # training samples behind these weights: FedAvg weighs by them
+    names: list
+    shapes: list
+    data: np.ndarray
+
+
+@dataclass
+class FetchRound(Message):
+    kind = "fetch_round"
+    session_id: str
+    round: int
+
+
+@dataclass
+class RoundAverage(Message):
+    """A round's FedAvg of the UEs' adapters, once every UE of the job uploaded or the round's time ran out;
+    until then ``done`` is False and the UE asks again."""
+
+    kind = "round_average"
+    session_id: str
+    round: int
+    done: bool
+    averaged: list = field(default_factory=list)  # the UEs (client names) in the average
+    dropped: list = field(default_factory=list)  # the UEs of the job that did not upload in time
+    names: list = field(default_factory=list)
+    shapes: list = field(default_factory=list)
+    data: np.ndarray | None = None
+
+
+TRAINING_MESSAGES = (OpenTraining, TrainForward, TrainBackward, FetchAdapter, UploadAdapter, FetchRound)
+
+
 def encode(message: Message) -> list:
     """Header frame plus one frame per tensor; tensors are handed to the socket without a copy."""
     header = {"kind": message.kind, "fields": {}, "tensors": []}

@@ -18,7 +18,9 @@ from runtime.transport import EmulatedLink, TransportConfig, TransportTimeout
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ue_client", description="Generate text with the tail on an edge server.")
+    parser = argparse.ArgumentParser(
+        prog="ue_client",
+        description="Generate text with the tail on an edge server ('ue_client DIR train --help': split fine-tuning).")
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--server", default="tcp://127.0.0.1:5555")
     parser.add_argument("--split", type=int, default=None, help="layers run on this device (default: half)")
@@ -269,6 +271,11 @@ class StatusLine:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[1:2] == ["train"]:  # ue_client DIR train ...: split fine-tuning
+        from finetune.cli import main as train
+
+        return train([argv[0], *argv[2:]])
     args = build_parser().parse_args(argv)
     try:
         return run(args)

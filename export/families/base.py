@@ -26,6 +26,8 @@ class FamilyAdapter:
     transformers_versions: ClassVar[str]
     # Names of the prelude outputs, besides the attention bias, that every block of this family takes.
     position_features: ClassVar[tuple[str, ...]] = ()
+    # The linear modules inside a decoder layer that LoRA adapts when fine-tuning (peft target names).
+    lora_targets: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -11,6 +11,7 @@ class GPT2Family(FamilyAdapter):
     name = "gpt2"
     model_types = ("gpt2",)
     transformers_versions = ">=5.0,<6"
+    lora_targets = ("c_attn", "attn.c_proj")  # attention only: mlp.c_proj shares the name
 
     def check_config(self) -> None:
         if getattr(self.config, "add_cross_attention", False):

@@ -14,6 +14,7 @@ class LlamaFamily(FamilyAdapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     transformers_versions = ">=5.0,<6"
     position_features = ("rope_cos", "rope_sin")
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def check_config(self) -> None:
         # qwen2/qwen3 windows apply only to some layers; one prelude mask per step cannot express that.
