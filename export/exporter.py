@@ -22,6 +22,7 @@ from export.sources import LoadedModel, fingerprint, load_model, merge_adapter
 from export.validate import pad_token_id, references_for, require_fp32_parity, validate
 from runtime.artifact import MANIFEST_NAME, Artifact, Block, Dimensions, Manifest
 from runtime.errors import SeamError
+from runtime.files import replace_directory
 from runtime.spans import Span
 
 DTYPES = ("fp32", "fp16")
@@ -162,16 +163,6 @@ def _copy_model_files(loaded: LoadedModel, staging: Path) -> dict:
     }
 
 
-def _replace(staging: Path, out: Path) -> None:
-    if out.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(retired / out.name)
-        staging.rename(out)
-        shutil.rmtree(retired)
-    else:
-        staging.rename(out)
-
-
 def export(request: ExportRequest) -> ExportOutcome:
     import torch
 
@@ -228,7 +219,7 @@ def export(request: ExportRequest) -> ExportOutcome:
             manifest.validation = validate(artifact, references, pad_id, request.quiet)
             require_fp32_parity(manifest.validation, artifact, loaded.model, references, pad_id)
             manifest.write(staging)
-        _replace(staging, out)
+        replace_directory(staging, out)
         return ExportOutcome(manifest, up_to_date=False)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

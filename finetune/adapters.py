@@ -3,8 +3,6 @@ adapter of the whole model, which ``PeftModel.from_pretrained`` loads and ``seam
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch
 
 from finetune.parts import adapter_key, attach_lora, load_base
 from runtime.errors import SeamError
+from runtime.files import write_directory_atomically
 from runtime.protocol import AdapterWeights
 from runtime.spans import Span
 
@@ -50,18 +49,12 @@ def save_adapter(artifact, out: Path, parts: list[dict[str, np.ndarray]], rank: 
             filled.add(name)
     if missing := set(slots) - filled:
         raise SeamError(f"the split run left {len(missing)} adapter weights untrained, e.g. {sorted(missing)[0]}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         extra(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+
+    return write_directory_atomically(out, write)
 
 
 def trained_weights(peft_model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -74,3 +67,50 @@ def pack_weights(session_id: str, named: dict[str, np.ndarray]) -> AdapterWeight
     """Named arrays as one message (``split_weights`` unpacks it)."""
     data = np.concatenate([values.reshape(-1) for values in named.values()]).astype(np.float32)
     return AdapterWeights(session_id, list(named), [list(values.shape) for values in named.values()], data)
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # what AdamW keeps per parameter besides its step count
+
+
+def training_state(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    """The adapters and the optimizer's moments and step count, by name: what resuming a run needs."""
+    state = trained_weights(peft_model)
+    slots = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
+    steps = 0.0
+    for name, parameter in zip(list(state), slots):
+        moments = optimizer.state.get(parameter)
+        if moments:
+            steps = float(moments["step"])
+            for moment in MOMENTS:
+                state[f"{name}:{moment}"] = moments[moment].detach().numpy().copy()
+    state["optimizer:step"] = np.array([steps], np.float32)
+    return state
+
+
+def restore_training_state(peft_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           state: dict[str, np.ndarray]) -> None:
+    """Puts ``training_state``'s adapters and moments back; refuses a state of other layers or ranks."""
+    named = [(adapter_key(name), parameter) for name, parameter in peft_model.named_parameters()
+             if parameter.requires_grad]
+    steps = float(np.asarray(state.get("optimizer:step", [np.nan])).reshape(-1)[0])
+    moments_expected = steps > 0
+    expected = {name for name, _ in named} | {"optimizer:step"}
+    if moments_expected:
+        expected |= {f"{name}:{moment}" for name, _ in named for moment in MOMENTS}
+    if set(state) != expected or not np.isfinite(steps):
+        raise SeamError("the checkpoint's adapters do not match this run's layers, rank or optimizer; resume with the "
+                        "settings it was written with")
+    saved = optimizer.state_dict()
+    with torch.no_grad():
+        for index, (name, parameter) in enumerate(named):
+            if tuple(state[name].shape) != tuple(parameter.shape):
+                raise SeamError(f"checkpoint weight {name} has shape {list(state[name].shape)}, this run "
+                                f"{list(parameter.shape)}")
+            parameter.copy_(torch.from_numpy(np.asarray(state[name], np.float32)))
+            if moments_expected and any(state[f"{name}:{moment}"].shape != state[name].shape for moment in MOMENTS):
+                raise SeamError(f"the checkpoint's optimizer moments of {name} do not match its weight")
+            if moments_expected:
+                saved["state"][index] = {"step": torch.tensor(steps), **{
+                    moment: torch.from_numpy(np.asarray(state[f"{name}:{moment}"], np.float32).copy())
+                    for moment in MOMENTS}}
+    optimizer.load_state_dict(saved)

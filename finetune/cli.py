@@ -5,6 +5,7 @@ peft format, the losses (JSON) and a loss curve (PNG) to ``--out``."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import socket
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     parser.add_argument("--seed", type=int, default=0, help="seeds the adapters' initialisation and the data order")
     parser.add_argument("--out", type=Path, default=None, help="where the adapter goes (default DIR/adapters/split)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                        help="write both sides' adapters and optimizer states every STEPS steps to OUT.checkpoint")
+    parser.add_argument("--resume", action="store_true", help="carry on from OUT.checkpoint (same settings and data)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any reply")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -48,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from finetune.adapters import save_adapter, split_weights, trained_weights
+    from finetune.adapters import save_adapter, split_weights, trained_weights, training_state
+    from finetune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from finetune.data import batches, read_samples, tokenize
     from finetune.ue import SplitTrainer
     from runtime.artifact import Artifact
@@ -60,23 +65,43 @@ def run(args: argparse.Namespace) -> int:
         raise SeamError("--steps and --rounds must be at least 1 and --max-length at least 2")
     if args.rounds > 1 and not args.job:
         raise SeamError("--rounds are federated rounds: give the --job this UE trains in")
+    if args.job and (args.resume or args.checkpoint_every):
+        raise SeamError("checkpoints cover runs without --job for now; a federated run restarts from its rounds")
+    if args.checkpoint_every < 0:
+        raise SeamError("--checkpoint-every must be 0 (never) or a number of steps")
     artifact = Artifact.open(args.artifact)
     cut = args.cut if args.cut is not None else artifact.num_layers // 2
     # The data is read and checked before anything reaches the edge.
     sequences = tokenize(read_samples(args.data), load_tokenizer(artifact), args.max_length)
     data = batches(sequences, args.batch, artifact.manifest.tokenizer["pad_token_id"], args.seed)
     out = args.out or artifact.root / "adapters" / "split"
-    losses: list[float] = []
+    checkpoints = out.with_name(f"{out.name}.checkpoint")
+    settings = {"cut": cut, "mode": args.mode, "rank": args.rank, "alpha": args.alpha, "lr": args.lr,
+                "weight_decay": args.weight_decay, "seed": args.seed, "batch": args.batch,
+                "max_length": args.max_length, "data_sha256": hashlib.sha256(args.data.read_bytes()).hexdigest()}
+    resumed = load_checkpoint(checkpoints, settings) if args.resume else None
+    if resumed and resumed.step >= args.steps:
+        raise SeamError(f"the checkpoint is at step {resumed.step} already; give more --steps to carry on")
+    losses: list[float] = resumed.losses if resumed else []
+    for _ in range(len(losses)):
+        next(data)  # the batches the checkpoint has trained on, in their seeded order
     with EdgeClient(artifact, args.server, TransportConfig(timeout_s=args.timeout)) as client:
         trainer = SplitTrainer(artifact, client, cut, args.mode, args.rank, args.alpha, args.lr, args.weight_decay,
-                               args.seed, args.job, args.name or f"{socket.gethostname()}-{os.getpid()}")
+                               args.seed, args.job, args.name or f"{socket.gethostname()}-{os.getpid()}",
+                               (resumed.ue, resumed.edge) if resumed else None)
         for number in range(args.rounds):
             label = f"round {number + 1}/{args.rounds}" if args.job else "train"
-            with tqdm(total=args.steps, unit="step", disable=args.quiet, file=sys.stderr, desc=label) as bar:
-                for _ in range(args.steps):
+            done = len(losses) - number * args.steps
+            with tqdm(total=args.steps, initial=done, unit="step", disable=args.quiet, file=sys.stderr,
+                      desc=label) as bar:
+                for step in range(done, args.steps):
                     losses.append(trainer.step(next(data)))
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
                     bar.update()
+                    if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+                        save_checkpoint(checkpoints, settings, Checkpoint(
+                            step + 1, losses, training_state(trainer.model, trainer.optimizer),
+                            split_weights(trainer.edge.adapter(optimizer=True))))
             if args.job:
                 average = trainer.edge.federate(number, args.steps * args.batch, trained_weights(trainer.model),
                                                 args.round_wait)

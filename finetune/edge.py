@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from finetune.adapters import pack_weights, split_weights, trained_weights
+from finetune.adapters import (pack_weights, restore_training_state, split_weights, trained_weights,
+                               training_state)
 from finetune.federation import Federation
 from finetune.parts import IGNORE_INDEX, Part, attach_lora, causal_lm_loss, load_base, trainable
 from runtime.errors import SeamError
-from runtime.protocol import (TRAINING_MODES, Close, Closed, CutGradient, Error, FetchAdapter, FetchRound, Message,
-                              OpenTraining, RoundAverage, TrainBackward, TrainForward, TrainForwarded, TrainingOpened,
-                              UploadAdapter)
+from runtime.protocol import (TRAINING_MODES, AdapterWeights, Close, Closed, CutGradient, Error, FetchAdapter,
+                              FetchRound, Message, OpenTraining, RoundAverage, TrainBackward, TrainForward,
+                              TrainForwarded, TrainingOpened, UploadAdapter)
 from runtime.spans import Span
 
 log = logging.getLogger("edge_server.training")
@@ -93,7 +94,9 @@ class TrainingService:
             if isinstance(message, TrainBackward):
                 return self._backward(key[1], session, message)
             if isinstance(message, FetchAdapter):
-                return pack_weights(key[1], trained_weights(session.job.model))
+                job = session.job
+                named = training_state(job.model, job.optimizer) if message.optimizer else trained_weights(job.model)
+                return pack_weights(key[1], named)
             if isinstance(message, UploadAdapter):
                 named = split_weights(message)
                 self.federation.upload(self._job_name(session), session.client, message.round, message.samples,
@@ -159,11 +162,16 @@ class TrainingService:
                       Part(family, span, embed=False, head=request.mode == "edge-loss"),
                       torch.optim.AdamW(trainable(peft_model), optimizer["lr"],
                                         weight_decay=optimizer["weight_decay"]))
+            if request.resume is not None:
+                restore_training_state(peft_model, job.optimizer, split_weights(AdapterWeights(
+                    key[1], request.resume_names, request.resume_shapes, request.resume)))
             if request.job:
                 self.jobs[job_key] = job
         elif (job.cut, job.mode, job.lora) != (request.cut, request.mode, lora):
             raise SeamError(f"job {request.job!r} trains at cut {job.cut} in {job.mode} mode with {job.lora}; "
                             "join it with the same settings")
+        elif request.resume is not None:
+            raise SeamError(f"job {request.job!r} is already training; resume it before other UEs join")
         client = request.client or key[1][:8]
         if any(other.job is job and other.client == client for other in self.sessions.values()):
             raise SeamError(f"a UE named {client!r} already trains in job {request.job!r}; give each UE its own name")

@@ -81,5 +81,5 @@ class Federation:
             for old in [key for key in self.rounds if key[0] == job and key[1] < number - 1]:
                 del self.rounds[old]  # a UE late for those has moved on without them
             log.info("round %d of job %s: averaged %d UEs (%s)%s", number, job, len(current.uploads),
-                     ", ".join(current.uploads), f"; dropped out: {', '.join(waiting)}" if waiting else "")
-        return Outcome(True, list(current.uploads), current.dropped, current.average)
+                     ", ".join(sorted(current.uploads)), f"; dropped out: {', '.join(waiting)}" if waiting else "")
+        return Outcome(True, sorted(current.uploads), current.dropped, current.average)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from finetune.data import Batch
-from finetune.adapters import pack_weights
+from finetune.adapters import pack_weights, restore_training_state
 from finetune.parts import Part, adapter_key, attach_lora, causal_lm_loss, load_base, trainable
 from runtime.errors import SeamError
 from runtime.protocol import (AdapterWeights, Close, Closed, CutGradient, Error, FetchAdapter, FetchRound, OpenTraining,
@@ -29,11 +29,15 @@ BUSY_RETRY_S = 0.005
 class EdgeTraining:
     """One training session on the edge, over a connected ``EdgeClient``'s socket."""
 
-    def __init__(self, client, cut: int, mode: str, lora: dict, optimizer: dict, job: str = "", name: str = ""):
+    def __init__(self, client, cut: int, mode: str, lora: dict, optimizer: dict, job: str = "", name: str = "",
+                 resume: dict[str, np.ndarray] | None = None):
         self.client, self.mode = client, mode
         self.session_id = uuid.uuid4().hex
         self.step = 0
-        opened = self._request(OpenTraining(self.session_id, cut, mode, lora, optimizer, job, name), TrainingOpened)
+        state = pack_weights(self.session_id, resume) if resume else None
+        opened = self._request(OpenTraining(self.session_id, cut, mode, lora, optimizer, job, name,
+                                            *((state.names, state.shapes, state.data) if state else ())),
+                               TrainingOpened)
         self.edge_parameters = opened.edge_parameters
         self.edge_compute_s = 0.0
 
@@ -57,8 +61,9 @@ class EdgeTraining:
         self.step += 1
         return reply.grad
 
-    def adapter(self) -> AdapterWeights:
-        return self._request(FetchAdapter(self.session_id), AdapterWeights)
+    def adapter(self, optimizer: bool = False) -> AdapterWeights:
+        """The edge's adapters (and with ``optimizer`` its optimizer's state, to resume from)."""
+        return self._request(FetchAdapter(self.session_id, optimizer), AdapterWeights)
 
     def federate(self, number: int, samples: int, weights: dict[str, np.ndarray], wait_s: float,
                  poll_s: float = 0.2) -> RoundAverage:
@@ -106,7 +111,9 @@ class SplitTrainer:
     """LoRA on this device's layers [0, cut), trained with the edge's layers [cut, L) over ``client``."""
 
     def __init__(self, artifact, client, cut: int, mode: str = "edge-loss", rank: int = 8, alpha: float = 16.0,
-                 lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, job: str = "", name: str = ""):
+                 lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, job: str = "", name: str = "",
+                 resume: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None):
+        """``resume``: the (UE, edge) training states of a checkpoint to carry on from."""
         base = load_base(artifact)
         self.num_layers = len(base.family.layers())
         if not 0 < cut < self.num_layers:
@@ -117,8 +124,10 @@ class SplitTrainer:
             else None
         self.optimizer = torch.optim.AdamW(trainable(self.model), lr, weight_decay=weight_decay)
         self.edge = EdgeTraining(client, cut, mode, {"rank": rank, "alpha": alpha, "seed": seed},
-                                 {"lr": lr, "weight_decay": weight_decay}, job, name)
+                                 {"lr": lr, "weight_decay": weight_decay}, job, name, resume[1] if resume else None)
         self.cut, self.mode = cut, mode
+        if resume:
+            restore_training_state(self.model, self.optimizer, resume[0])
 
     def load(self, weights: dict[str, np.ndarray]) -> None:
         """Replaces this device's adapters, e.g. with a round's federated average."""

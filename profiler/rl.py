@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ import numpy as np
 from profiler.cost_model import DeviceModel, Link
 from runtime.artifact import Artifact
 from runtime.executor import SessionPool
+from runtime.files import write_directory_atomically
 from ue_client.learned import POLICY_VERSION, actor_logits, allowed_actions, best_actions
 from ue_client.planner import LOSSLESS, OBSERVATION_SIZE, Objective, evaluate, observation, plan
 from ue_client.policy import Scales
@@ -181,10 +181,9 @@ def train(ue: DeviceModel, edge: DeviceModel, choices: Sequence[tuple[int, str]]
 def save_policy(out: Path, *, artifact: Artifact, choices: Sequence[tuple[int, str]],
                 table: dict[tuple[int, str], float], alpha: float, beta: float, weights: dict[str, np.ndarray],
                 training: Training, extra: dict | None = None) -> Path:
-    """Writes the policy directory whole or not at all: into a sibling temporary directory, renamed at the end."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Writes the policy directory whole or not at all."""
+
+    def write(staging: Path) -> None:
         np.savez(staging / "actor.npz", **weights)
         (staging / "policy.json").write_text(json.dumps({
             "version": POLICY_VERSION,
@@ -197,21 +196,8 @@ def save_policy(out: Path, *, artifact: Artifact, choices: Sequence[tuple[int, s
             "training": asdict(training),
             **(extra or {}),
         }, indent=1) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            out.rename(old)
-            staging.rename(out)
-            for path in old.iterdir():
-                path.unlink()
-            old.rmdir()
-        else:
-            staging.rename(out)
-    except BaseException:
-        for path in staging.iterdir():
-            path.unlink()
-        staging.rmdir()
-        raise
-    return out
+
+    return write_directory_atomically(out, write)
 
 
 def surrogate_table(surrogate, choices: Sequence[tuple[int, str]], num_layers: int) -> dict[tuple[int, str], float]:

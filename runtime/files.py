@@ -1,8 +1,10 @@
-"""Writing files so that a reader never sees half of one: a temporary file beside the target, then a rename."""
+"""Writing files and directories so that a reader never sees half of one: a temporary file or directory beside
+the target, then a rename."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,3 +25,30 @@ def write_atomically(path: Path, write: Callable[[IO], object], binary: bool = F
         Path(scratch).unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_directory(staging: Path, out: Path) -> None:
+    """Renames the finished ``staging`` directory to ``out``, moving an existing ``out`` aside first and removing
+    it only once the new one is in place."""
+    if out.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(retired / out.name)
+        staging.rename(out)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(out)
+
+
+def write_directory_atomically(out: Path, write: Callable[[Path], object]) -> Path:
+    """Calls ``write`` with an empty directory beside ``out`` and puts it in place of ``out``; on any failure the
+    temporary directory is removed and ``out`` is left as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write(staging)
+        replace_directory(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

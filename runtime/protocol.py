@@ -190,6 +190,10 @@ class OpenTraining(Message):
     optimizer: dict  # lr, weight_decay
     job: str = ""  # sessions of one job share the edge's adapters (sequential SplitFed); "" = a job of its own
     client: str = ""  # the UE's name in the edge's logs
+    # Resuming: the edge's adapters and optimizer state as a FetchAdapter with optimizer=True returned them.
+    resume_names: list = field(default_factory=list)
+    resume_shapes: list = field(default_factory=list)
+    resume: np.ndarray | None = None
 
 
 @dataclass
@@ -246,6 +250,7 @@ class CutGradient(Message):
 class FetchAdapter(Message):
     kind = "fetch_adapter"
     session_id: str
+    optimizer: bool = False  # also the optimizer's state, for a checkpoint to resume from
 
 
 @dataclass

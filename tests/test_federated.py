@@ -81,14 +81,17 @@ def test_three_ues_federate_and_one_killed_mid_round_is_left_out(exported, tmp_p
         while "round 1/3" not in (line := victim.get(timeout=240)):
             pass
         assert "averaged with 3 UEs" in line, line
-        processes["ue-c"].kill()  # mid-way through round 2's local training
+        processes["ue-c"].kill()  # in round 2
         processes["ue-c"].wait(timeout=30)
         outputs = {name: processes[name].communicate(timeout=300) for name in ("ue-a", "ue-b")}
 
     for name, (_, stderr) in outputs.items():
         assert processes[name].returncode == 0, stderr
-        assert "round 1/3" in stderr and "averaged with 3 UEs" in stderr
-        assert "round 2/3" in stderr and "averaged with 2 UEs (ue-a, ue-b); dropped out: ue-c" in stderr
+        rounds = [line for line in stderr.splitlines() if ": round " in line]
+        assert len(rounds) == 3 and "averaged with 3 UEs" in rounds[0], stderr
+        # ue-c may have uploaded round 2 before the kill landed; round 3 it can only miss.
+        assert "averaged with 3 UEs" in rounds[1] or "dropped out: ue-c" in rounds[1], stderr
+        assert "averaged with 2 UEs (ue-a, ue-b); dropped out: ue-c" in rounds[2], stderr
     assert "dropped out: ue-c" in log.read_text()
     # Both ended with the last round's average on their own layers and the job's shared edge-side adapters.
     first, second = (load_file(tmp_path / f"adapter-{name}" / "adapter_model.safetensors") for name in ("ue-a", "ue-b"))

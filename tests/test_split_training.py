@@ -151,3 +151,29 @@ def test_malformed_training_requests_get_an_error_and_the_session_survives(expor
         reply = socket.request(TrainBackward("t", 0, np.ones((1, 4, hidden), np.float32)))
         assert isinstance(reply, CutGradient) and reply.grad.shape == (1, 4, hidden)  # the session carried on
         socket.close()
+
+
+def test_a_resumed_run_carries_on_exactly_as_an_uninterrupted_one(exported, tmp_path):
+    artifact = Artifact.open(exported("tiny-llama"))
+    samples = tmp_path / "data.txt"
+    samples.write_text("\n".join(SAMPLES) + "\n")
+
+    def train(out: str, *options: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "ue_client.cli", str(artifact.root), "train", "--server", address, "--data",
+             str(samples), "--batch", "2", "--rank", "4", "--lr", "0.01", "--out", str(tmp_path / out), "--quiet",
+             *options], capture_output=True, text=True, timeout=300)
+
+    with edge_server(artifact.root, "--train") as (_, address):
+        whole = train("whole", "--steps", "6")
+        first = train("parts", "--steps", "3", "--checkpoint-every", "3")
+        rest = train("parts", "--steps", "6", "--resume", "--checkpoint-every", "3")
+        changed = train("parts", "--steps", "9", "--resume", "--rank", "8")
+        missing = train("elsewhere", "--steps", "6", "--resume")
+    for result in (whole, first, rest):
+        assert result.returncode == 0, result.stderr
+    expected = json.loads((tmp_path / "whole" / "losses.json").read_text())["losses"]
+    resumed = json.loads((tmp_path / "parts" / "losses.json").read_text())["losses"]
+    assert len(resumed) == 6 and np.max(np.abs(np.array(resumed) - np.array(expected))) <= 1e-5
+    assert changed.returncode == 2 and "written with rank 4, this run has 8" in changed.stderr
+    assert missing.returncode == 2 and "no checkpoint at" in missing.stderr
