@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     parser.add_argument("--seed", type=int, default=0, help="seeds the adapters' initialisation and the data order")
     parser.add_argument("--out", type=Path, default=None, help="where the adapter goes (default DIR/adapters/split)")
+    parser.add_argument("--plan", type=Path, default=None,
+                        help="a 'seam plan-round' plan: train at this UE's (--name) cut, the link held to its rate")
+    parser.add_argument("--rate-mbit", type=float, default=None,
+                        help="hold this UE's link to this rate both ways (the transport's rate limiter)")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                         help="write both sides' adapters and optimizer states every STEPS steps to OUT.checkpoint")
     parser.add_argument("--resume", action="store_true", help="carry on from OUT.checkpoint (same settings and data)")
@@ -55,10 +59,12 @@ def run(args: argparse.Namespace) -> int:
     from finetune.adapters import save_adapter, split_weights, trained_weights, training_state
     from finetune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from finetune.data import batches, read_samples, tokenize
+    from finetune.plan_round import planned
     from finetune.ue import SplitTrainer
     from runtime.artifact import Artifact
     from runtime.text import load_tokenizer
-    from runtime.transport import TransportConfig
+    from runtime.traces import LinkState, Trace
+    from runtime.transport import EmulatedLink, TransportConfig
     from ue_client.client import EdgeClient
 
     if args.steps < 1 or args.max_length < 2 or args.rounds < 1:
@@ -70,7 +76,15 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint_every < 0:
         raise SeamError("--checkpoint-every must be 0 (never) or a number of steps")
     artifact = Artifact.open(args.artifact)
-    cut = args.cut if args.cut is not None else artifact.num_layers // 2
+    cut, rate_mbit = args.cut if args.cut is not None else artifact.num_layers // 2, args.rate_mbit
+    if args.plan is not None:
+        if not args.name or args.cut is not None or args.rate_mbit is not None:
+            raise SeamError("--plan sets the cut and the rate of the UE it names: give --name, not --cut or "
+                            "--rate-mbit")
+        row = planned(args.plan, args.name)
+        cut, rate_mbit = row["cut"], row["rate_mbit"]
+    if rate_mbit is not None and not rate_mbit > 0:
+        raise SeamError(f"the link rate must be positive, got {rate_mbit!r} Mbit/s")
     # The data is read and checked before anything reaches the edge.
     sequences = tokenize(read_samples(args.data), load_tokenizer(artifact), args.max_length)
     data = batches(sequences, args.batch, artifact.manifest.tokenizer["pad_token_id"], args.seed)
@@ -85,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     losses: list[float] = resumed.losses if resumed else []
     for _ in range(len(losses)):
         next(data)  # the batches the checkpoint has trained on, in their seeded order
-    with EdgeClient(artifact, args.server, TransportConfig(timeout_s=args.timeout)) as client:
+    limited = EmulatedLink(Trace((0.0,), (LinkState(rate_mbit, rate_mbit, 0.0),))) if rate_mbit else None
+    with EdgeClient(artifact, args.server, TransportConfig(timeout_s=args.timeout), emulated=limited) as client:
         trainer = SplitTrainer(artifact, client, cut, args.mode, args.rank, args.alpha, args.lr, args.weight_decay,
                                args.seed, args.job, args.name or f"{socket.gethostname()}-{os.getpid()}",
                                (resumed.ue, resumed.edge) if resumed else None)
@@ -118,8 +133,10 @@ def run(args: argparse.Namespace) -> int:
 
     save_adapter(artifact, out, [trained_weights(trainer.model), edge_weights], args.rank, args.alpha, args.seed,
                  beside)
+    limit = f"; link held to {rate_mbit:.2f} Mbit/s" if rate_mbit else ""
     print(f"ue_client: {len(losses)} steps at cut {cut}/{artifact.num_layers} ({args.mode}); loss {losses[0]:.4f} -> "
-          f"{losses[-1]:.4f}; edge compute {stats['edge_compute_s']:.2f} s\nue_client: adapter: {out}", file=sys.stderr)
+          f"{losses[-1]:.4f}; edge compute {stats['edge_compute_s']:.2f} s{limit}\nue_client: adapter: {out}",
+          file=sys.stderr)
     return 0
 
 

@@ -13,12 +13,14 @@ from runtime.errors import SeamError
 
 # Modules of the optional extras, and the extra that installs each.
 EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "onnx": "export", "onnxscript": "export",
-                   "stable_baselines3": "rl", "gymnasium": "rl", "matplotlib": "plot"}
+                   "stable_baselines3": "rl", "gymnasium": "rl", "matplotlib": "plot", "scipy": "finetune",
+                   "cvxpy": "finetune", "peft": "finetune"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     from export.cli import add_export_parser, add_models_parser, add_validate_parser
     from export.corpus import add_corpus_parser
+    from finetune.plan_round import add_plan_round_parser
     from profiler.cli import add_probe_parser, add_profile_parser
     from profiler.plan import add_plan_parser
     from profiler.quality import add_analyze_parser
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_policy_parser(commands)
     add_traces_parser(commands)
     add_corpus_parser(commands)
+    add_plan_round_parser(commands)
     return parser
 
 
