@@ -65,7 +65,7 @@ class TrainingService:
     round_timeout_s: float = 60.0
     turn_timeout_s: float = 10.0  # a UE that sent a forward and no backward this long gives its job's turn up
     sessions: dict[tuple[bytes, str], TrainingSession] = field(default_factory=dict)
-    jobs: dict[object, Job] = field(default_factory=dict)
+    jobs: dict[str, Job] = field(default_factory=dict)  # the named ones, while a session trains in them
 
     def __post_init__(self):
         if self.threads:
@@ -113,7 +113,8 @@ class TrainingService:
             return Error("rejected", str(error), key[1])
         except Exception as error:  # a fault in one session must not take the others down
             log.exception("internal error in training session %r", key[1])
-            self.sessions.pop(key, None)
+            if key in self.sessions:
+                self._remove(key)
             return Error("internal", f"{type(error).__name__}: {error}; the training session was closed", key[1])
 
     def _job_name(self, session: TrainingSession) -> str:
@@ -131,14 +132,22 @@ class TrainingService:
                             packed.data)
 
     def close(self, key: tuple[bytes, str]) -> Closed:
-        session = self.sessions.pop(key)
+        session = self._remove(key)
         log.info("close training %s after %d steps", key[1], session.next_step)
         return Closed(key[1], {"steps": session.next_step, "edge_compute_s": round(session.compute_s, 6)})
 
     def _expire(self, now: float) -> None:
         for key in [key for key, session in self.sessions.items() if now - session.last_used > self.idle_timeout_s]:
             log.info("close training %s: idle", key[1])
-            del self.sessions[key]
+            self._remove(key)
+
+    def _remove(self, key: tuple[bytes, str]) -> TrainingSession:
+        """Ends a session, and its job with the last of the job's sessions (a job holds a copy of the model)."""
+        session = self.sessions.pop(key)
+        if session.job.name and not any(other.job is session.job for other in self.sessions.values()):
+            del self.jobs[session.job.name]
+            self.federation.forget(session.job.name)
+        return session
 
     def _open(self, key: tuple[bytes, str], request: OpenTraining) -> Message:
         if key in self.sessions:
@@ -151,8 +160,7 @@ class TrainingService:
         optimizer = _options(request.optimizer, {"lr": float, "weight_decay": float}, "optimizer")
         if not (optimizer["lr"] > 0 and optimizer["weight_decay"] >= 0):
             raise SeamError("the optimizer needs lr > 0 and weight_decay >= 0")
-        job_key = request.job or key
-        job = self.jobs.get(job_key) if request.job else None
+        job = self.jobs.get(request.job) if request.job else None
         if job is None:
             model = copy.deepcopy(self.base.model)  # each job adapts its own copy; the base stays clean
             family = type(self.base.family)(model)
@@ -166,7 +174,7 @@ class TrainingService:
                 restore_training_state(peft_model, job.optimizer, split_weights(AdapterWeights(
                     key[1], request.resume_names, request.resume_shapes, request.resume)))
             if request.job:
-                self.jobs[job_key] = job
+                self.jobs[request.job] = job
         elif (job.cut, job.mode, job.lora) != (request.cut, request.mode, lora):
             raise SeamError(f"job {request.job!r} trains at cut {job.cut} in {job.mode} mode with {job.lora}; "
                             "join it with the same settings")

@@ -83,3 +83,8 @@ class Federation:
             log.info("round %d of job %s: averaged %d UEs (%s)%s", number, job, len(current.uploads),
                      ", ".join(sorted(current.uploads)), f"; dropped out: {', '.join(waiting)}" if waiting else "")
         return Outcome(True, sorted(current.uploads), current.dropped, current.average)
+
+    def forget(self, job: str) -> None:
+        """Drops the rounds of a job that ended."""
+        for key in [key for key in self.rounds if key[0] == job]:
+            del self.rounds[key]

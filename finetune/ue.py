@@ -14,8 +14,8 @@ import uuid
 import numpy as np
 import torch
 
-from finetune.data import Batch
 from finetune.adapters import pack_weights, restore_training_state
+from finetune.data import Batch
 from finetune.parts import Part, adapter_key, attach_lora, causal_lm_loss, load_base, trainable
 from runtime.errors import SeamError
 from runtime.protocol import (AdapterWeights, Close, Closed, CutGradient, Error, FetchAdapter, FetchRound, OpenTraining,
@@ -34,10 +34,11 @@ class EdgeTraining:
         self.client, self.mode = client, mode
         self.session_id = uuid.uuid4().hex
         self.step = 0
-        state = pack_weights(self.session_id, resume) if resume else None
-        opened = self._request(OpenTraining(self.session_id, cut, mode, lora, optimizer, job, name,
-                                            *((state.names, state.shapes, state.data) if state else ())),
-                               TrainingOpened)
+        opening = OpenTraining(self.session_id, cut, mode, lora, optimizer, job, name)
+        if resume:
+            state = pack_weights(self.session_id, resume)
+            opening.resume_names, opening.resume_shapes, opening.resume = state.names, state.shapes, state.data
+        opened = self._request(opening, TrainingOpened)
         self.edge_parameters = opened.edge_parameters
         self.edge_compute_s = 0.0
 
