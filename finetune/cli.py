@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--job", default="", help="train with the other UEs of this job: the edge's adapters are "
                                                   "shared, this device's are averaged with theirs every round")
     parser.add_argument("--rounds", type=int, default=1, help="federated rounds (with --job)")
+    parser.add_argument("--job-size", type=int, default=0,
+                        help="UEs every round of the job waits for, so that none starts without the slow starters "
+                             "(default: those training in it; a round still closes at edge_server --round-timeout)")
     parser.add_argument("--name", default="", help="this UE's name in the edge's logs (default host and pid)")
     parser.add_argument("--round-wait", type=float, default=600.0,
                         help="seconds to wait for a round's average after uploading")
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     with EdgeClient(artifact, args.server, TransportConfig(timeout_s=args.timeout), emulated=limited) as client:
         trainer = SplitTrainer(artifact, client, cut, args.mode, args.rank, args.alpha, args.lr, args.weight_decay,
                                args.seed, args.job, args.name or f"{socket.gethostname()}-{os.getpid()}",
-                               (resumed.ue, resumed.edge) if resumed else None)
+                               (resumed.ue, resumed.edge) if resumed else None, args.job_size)
         for number in range(args.rounds):
             label = f"round {number + 1}/{args.rounds}" if args.job else "train"
             done = len(losses) - number * args.steps

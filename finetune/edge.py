@@ -37,6 +37,7 @@ log = logging.getLogger("edge_server.training")
 @dataclass
 class Job:
     name: str  # "" for a session's job of its own
+    size: int  # UEs its rounds wait for (0: those training in it)
     cut: int
     mode: str
     lora: dict
@@ -124,7 +125,8 @@ class TrainingService:
 
     def _round(self, session_id: str, session: TrainingSession, number: int) -> RoundAverage:
         expected = [other.client for other in self.sessions.values() if other.job is session.job]
-        outcome = self.federation.fetch(self._job_name(session), number, expected, time.monotonic())
+        outcome = self.federation.fetch(self._job_name(session), number, expected, time.monotonic(),
+                                        session.job.size)
         if not outcome.done:
             return RoundAverage(session_id, number, False)
         packed = pack_weights(session_id, outcome.average)
@@ -154,6 +156,8 @@ class TrainingService:
             raise SeamError(f"training session {key[1]!r} is already open")
         if not 0 < request.cut < self.num_layers:
             raise SeamError(f"the cut must leave layers on both sides: 1 to {self.num_layers - 1}, got {request.cut}")
+        if request.job_size < 0 or (request.job_size and not request.job):
+            raise SeamError("a job size counts the UEs of a named job: give a job and a size of 0 or more")
         if request.mode not in TRAINING_MODES:
             raise SeamError(f"training mode {request.mode!r} is not one of {', '.join(TRAINING_MODES)}")
         lora = _options(request.lora, {"rank": int, "alpha": float, "seed": int}, "lora")
@@ -166,7 +170,7 @@ class TrainingService:
             family = type(self.base.family)(model)
             span = Span(request.cut, self.num_layers)
             peft_model = attach_lora(model, family, span, lora["rank"], lora["alpha"], lora["seed"])
-            job = Job(request.job, request.cut, request.mode, lora, peft_model,
+            job = Job(request.job, request.job_size, request.cut, request.mode, lora, peft_model,
                       Part(family, span, embed=False, head=request.mode == "edge-loss"),
                       torch.optim.AdamW(trainable(peft_model), optimizer["lr"],
                                         weight_decay=optimizer["weight_decay"]))
@@ -175,9 +179,9 @@ class TrainingService:
                     key[1], request.resume_names, request.resume_shapes, request.resume)))
             if request.job:
                 self.jobs[request.job] = job
-        elif (job.cut, job.mode, job.lora) != (request.cut, request.mode, lora):
-            raise SeamError(f"job {request.job!r} trains at cut {job.cut} in {job.mode} mode with {job.lora}; "
-                            "join it with the same settings")
+        elif (job.cut, job.mode, job.lora, job.size) != (request.cut, request.mode, lora, request.job_size):
+            raise SeamError(f"job {request.job!r} trains at cut {job.cut} in {job.mode} mode with {job.lora} for "
+                            f"{job.size or 'any number of'} UEs; join it with the same settings")
         elif request.resume is not None:
             raise SeamError(f"job {request.job!r} is already training; resume it before other UEs join")
         client = request.client or key[1][:8]

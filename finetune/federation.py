@@ -1,10 +1,11 @@
 """Federated averaging of the UEs' own adapters (the federated server of FedsLLM, here a role of the edge server).
 
 Each UE of a job trains its layers' adapters locally for a round, together with the job's edge-side adapters,
-then uploads them with the number of samples it trained on. A round closes when every UE of the job has uploaded,
-or when ``round_timeout_s`` has passed since the first upload: a UE that went silent is left out of that round
-(and logged), the others' average goes back to them. The average is FedAvg: each weight the sample-weighted mean
-of the uploads.
+then uploads them with the number of samples it trained on. A round closes when every UE training in the job has
+uploaded, and at least the job's size of them (UEs start at different times), or when ``round_timeout_s`` has
+passed since the first upload: a UE that went silent is left out of that round (and logged), the others' average
+goes back to them. A UE that uploads to a round already closed gets its average without joining it. The average
+is FedAvg: each weight the sample-weighted mean of the uploads.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class Federation:
             raise SeamError("the uploaded adapter holds values that are not finite; the round was not joined")
         current = self.rounds.setdefault((job, number), Round(now))
         if current.average is not None:
-            raise SeamError(f"round {number} of job {job!r} is already closed; fetch its average and go on")
+            log.info("round %d of job %s: %s came late and takes the average without joining it", number, job, client)
+            return
         if client in current.uploads:
             raise SeamError(f"{client} already uploaded for round {number}")
         if current.uploads:
@@ -68,14 +70,16 @@ class Federation:
                                 "every UE of a job must train the same layers with the same rank")
         current.uploads[client] = (samples, weights)
 
-    def fetch(self, job: str, number: int, expected: list[str], now: float) -> Outcome:
-        """The round's average once every one of ``expected`` (the job's UEs) uploaded or its time ran out."""
+    def fetch(self, job: str, number: int, expected: list[str], now: float, size: int = 0) -> Outcome:
+        """The round's average once every one of ``expected`` (the UEs training in the job), and at least ``size``
+        UEs, uploaded, or once its time ran out."""
         current = self.rounds.get((job, number))
         if current is None:
             raise SeamError(f"round {number} of job {job!r} has no upload yet; upload first")
         if current.average is None:
             waiting = [client for client in expected if client not in current.uploads]
-            if waiting and now - current.started_at < self.round_timeout_s:
+            complete = not waiting and len(current.uploads) >= size
+            if not complete and now - current.started_at < self.round_timeout_s:
                 return Outcome(False)
             current.average, current.dropped = fedavg(current.uploads), waiting
             for old in [key for key in self.rounds if key[0] == job and key[1] < number - 1]:

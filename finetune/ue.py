@@ -30,11 +30,11 @@ class EdgeTraining:
     """One training session on the edge, over a connected ``EdgeClient``'s socket."""
 
     def __init__(self, client, cut: int, mode: str, lora: dict, optimizer: dict, job: str = "", name: str = "",
-                 resume: dict[str, np.ndarray] | None = None):
+                 resume: dict[str, np.ndarray] | None = None, job_size: int = 0):
         self.client, self.mode = client, mode
         self.session_id = uuid.uuid4().hex
         self.step = 0
-        opening = OpenTraining(self.session_id, cut, mode, lora, optimizer, job, name)
+        opening = OpenTraining(self.session_id, cut, mode, lora, optimizer, job, name, job_size=job_size)
         if resume:
             state = pack_weights(self.session_id, resume)
             opening.resume_names, opening.resume_shapes, opening.resume = state.names, state.shapes, state.data
@@ -113,7 +113,7 @@ class SplitTrainer:
 
     def __init__(self, artifact, client, cut: int, mode: str = "edge-loss", rank: int = 8, alpha: float = 16.0,
                  lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, job: str = "", name: str = "",
-                 resume: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None):
+                 resume: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None, job_size: int = 0):
         """``resume``: the (UE, edge) training states of a checkpoint to carry on from."""
         base = load_base(artifact)
         self.num_layers = len(base.family.layers())
@@ -125,7 +125,8 @@ class SplitTrainer:
             else None
         self.optimizer = torch.optim.AdamW(trainable(self.model), lr, weight_decay=weight_decay)
         self.edge = EdgeTraining(client, cut, mode, {"rank": rank, "alpha": alpha, "seed": seed},
-                                 {"lr": lr, "weight_decay": weight_decay}, job, name, resume[1] if resume else None)
+                                 {"lr": lr, "weight_decay": weight_decay}, job, name, resume[1] if resume else None,
+                                 job_size)
         self.cut, self.mode = cut, mode
         if resume:
             restore_training_state(self.model, self.optimizer, resume[0])

@@ -190,6 +190,7 @@ class OpenTraining(Message):
     optimizer: dict  # lr, weight_decay
     job: str = ""  # sessions of one job share the edge's adapters (sequential SplitFed); "" = a job of its own
     client: str = ""  # the UE's name in the edge's logs
+    job_size: int = 0  # UEs each federated round of the job waits for (0: those training in it at the time)
     # Resuming: the edge's adapters and optimizer state as a FetchAdapter with optimizer=True returned them.
     resume_names: list = field(default_factory=list)
     resume_shapes: list = field(default_factory=list)

@@ -44,8 +44,9 @@ def test_a_round_closes_when_all_upload_or_its_time_runs_out():
     assert not federation.fetch("job", 1, ["a", "b"], now=14.0).done
     late = federation.fetch("job", 1, ["a", "b"], now=15.5)
     assert late.done and late.averaged == ["a"] and late.dropped == ["b"]
-    with pytest.raises(SeamError, match="already closed"):
-        federation.upload("job", "b", 1, 2, weights, now=16.0)
+    federation.upload("job", "b", 1, 2, {"w": np.zeros(2, np.float32)}, now=16.0)  # late: takes the average
+    after = federation.fetch("job", 1, ["a", "b"], now=16.0)
+    assert after.averaged == ["a"] and np.allclose(after.average["w"], 1.0)
     federation.upload("job", "b", 2, 2, weights, now=20.0)
     with pytest.raises(SeamError, match="differ from the other UEs"):
         federation.upload("job", "a", 2, 2, {"w": np.ones(3, np.float32)}, now=20.0)
@@ -53,12 +54,20 @@ def test_a_round_closes_when_all_upload_or_its_time_runs_out():
         federation.upload("job", "c", 3, 2, {"w": np.array([np.nan], np.float32)}, now=20.0)
 
 
+def test_a_round_of_a_sized_job_waits_for_ues_that_have_not_joined_yet():
+    federation = Federation(round_timeout_s=5.0)
+    federation.upload("job", "a", 0, 1, {"w": np.ones(1, np.float32)}, now=0.0)
+    assert not federation.fetch("job", 0, ["a"], now=1.0, size=2).done  # b is still loading its model
+    federation.upload("job", "b", 0, 1, {"w": np.ones(1, np.float32)}, now=2.0)
+    assert federation.fetch("job", 0, ["a", "b"], now=2.0, size=2).averaged == ["a", "b"]
+
+
 def trainer(artifact: Artifact, address: str, name: str, tmp_path) -> subprocess.Popen:
     data = tmp_path / f"{name}.txt"
     data.write_text("\n".join(DATA[name]) + "\n")
     return subprocess.Popen(
         [sys.executable, "-m", "ue_client.cli", str(artifact.root), "train", "--server", address, "--data", str(data),
-         "--job", "fed", "--rounds", "3", "--steps", "4", "--batch", "2", "--rank", "4", "--lr", "0.01",
+         "--job", "fed", "--job-size", "3", "--rounds", "3", "--steps", "4", "--batch", "2", "--rank", "4", "--lr", "0.01",
          "--name", name, "--out", str(tmp_path / f"adapter-{name}"), "--quiet", "--timeout", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -75,7 +84,7 @@ def test_three_ues_federate_and_one_killed_mid_round_is_left_out(exported, tmp_p
     artifact = Artifact.open(exported("tiny-llama"))
     log = tmp_path / "edge.log"
     with open(log, "w") as edge_log, \
-            edge_server(artifact.root, "--train", "--round-timeout", "6", log=edge_log) as (_, address):
+            edge_server(artifact.root, "--train", "--round-timeout", "15", log=edge_log) as (_, address):
         processes = {name: trainer(artifact, address, name, tmp_path) for name in DATA}
         victim = lines_of(processes["ue-c"])
         while "round 1/3" not in (line := victim.get(timeout=240)):
