@@ -24,7 +24,7 @@ import torch
 from finetune.adapters import (pack_weights, restore_training_state, split_weights, trained_weights,
                                training_state)
 from finetune.federation import Federation
-from finetune.parts import IGNORE_INDEX, Part, attach_lora, causal_lm_loss, load_base, trainable
+from finetune.parts import IGNORE_INDEX, Part, attach_lora, causal_lm_loss, keep_only, load_base, trainable
 from runtime.errors import SeamError
 from runtime.protocol import (TRAINING_MODES, AdapterWeights, Close, Closed, CutGradient, Error, FetchAdapter,
                               FetchRound, Message, OpenTraining, RoundAverage, TrainBackward, TrainForward,
@@ -169,6 +169,7 @@ class TrainingService:
             model = copy.deepcopy(self.base.model)  # each job adapts its own copy; the base stays clean
             family = type(self.base.family)(model)
             span = Span(request.cut, self.num_layers)
+            keep_only(family, span, embed=False, head=request.mode == "edge-loss")
             peft_model = attach_lora(model, family, span, lora["rank"], lora["alpha"], lora["seed"])
             job = Job(request.job, request.job_size, request.cut, request.mode, lora, peft_model,
                       Part(family, span, embed=False, head=request.mode == "edge-loss"),

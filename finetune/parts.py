@@ -89,6 +89,19 @@ class Part(nn.Module):
         return hidden
 
 
+def keep_only(family: FamilyAdapter, span: Span, embed: bool, head: bool) -> None:
+    """Frees what a side of a split never runs: the decoder layers outside ``span``, and the embedding or the head
+    unless its part has them (a weight the two share lives on through the one kept)."""
+    layers = family.layers()
+    for index in range(len(layers)):
+        if index not in span:
+            layers[index] = nn.Identity()
+    if not embed:
+        family.model.set_input_embeddings(nn.Identity())
+    if not head:
+        family.model.set_output_embeddings(nn.Identity())
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of each position's prediction of the next label, skipping ``IGNORE_INDEX``."""
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),

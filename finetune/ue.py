@@ -16,7 +16,7 @@ import torch
 
 from finetune.adapters import pack_weights, restore_training_state
 from finetune.data import Batch
-from finetune.parts import Part, adapter_key, attach_lora, causal_lm_loss, load_base, trainable
+from finetune.parts import Part, adapter_key, attach_lora, causal_lm_loss, keep_only, load_base, trainable
 from runtime.errors import SeamError
 from runtime.protocol import (AdapterWeights, Close, Closed, CutGradient, Error, FetchAdapter, FetchRound, OpenTraining,
                               RoundAverage, TrainBackward, TrainForward, TrainForwarded, TrainingOpened, UploadAdapter)
@@ -119,6 +119,7 @@ class SplitTrainer:
         self.num_layers = len(base.family.layers())
         if not 0 < cut < self.num_layers:
             raise SeamError(f"the cut must leave layers on both sides: 1 to {self.num_layers - 1}, got {cut}")
+        keep_only(base.family, Span(0, cut), embed=True, head=mode == "u-shaped")
         self.model = attach_lora(base.model, base.family, Span(0, cut), rank, alpha, seed)
         self.bottom = Part(base.family, Span(0, cut), embed=True, head=False)
         self.top = Part(base.family, Span(self.num_layers, self.num_layers), False, True) if mode == "u-shaped" \

@@ -57,6 +57,8 @@ def test_split_training_follows_centralised_lora_step_for_step(exported, tmp_pat
         split.edge.close()
 
     assert expected[-1] < expected[0] - 0.5  # it learns, so agreeing means something
+    held_here, whole = (sum(p.numel() for p in trainer.model.parameters()) for trainer in (split, local))
+    assert held_here < 0.9 * whole  # the UE keeps only the layers (and head) it runs
     assert np.max(np.abs(np.array(losses) - np.array(expected))) <= 1e-5, (losses, expected)
     received = audit(log)
     forwards = [record for record in received if record["kind"] == "train_forward"]
