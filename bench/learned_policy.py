@@ -69,7 +69,6 @@ def main() -> None:
     choices = actions([split for split in ue.split_points if split >= 1], list(CODECS), num_layers)
     surrogate = fit(*samples(analysis.cells, num_layers), num_layers, args.seed)
     table_predicted = surrogate_table(surrogate, choices, num_layers)
-    by_surrogate = lambda cut, codec: surrogate.predict_increase_pct(cut, f"codec:{codec}")  # noqa: E731
     direct = DirectQuality(artifact, ids[-args.direct_tokens:])  # text the truth did not see
     states = evaluation_states(500, args.seed + 1)
 
@@ -78,8 +77,8 @@ def main() -> None:
                                truth, ALPHA, BETA, states)
 
     runs = {}
-    for name, quality, steps in (("surrogate", by_surrogate, args.steps),
-                                 ("surrogate, small budget", by_surrogate, args.small_steps),
+    for name, quality, steps in (("surrogate", surrogate.codec_increase_pct, args.steps),
+                                 ("surrogate, small budget", surrogate.codec_increase_pct, args.small_steps),
                                  ("direct, small budget", direct, args.small_steps)):
         weights, training = train(ue, edge, choices, quality, ALPHA, BETA, steps, args.seed)
         runs[name] = {"training": asdict(training), "score": score(weights)}

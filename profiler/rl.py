@@ -202,7 +202,7 @@ def save_policy(out: Path, *, artifact: Artifact, choices: Sequence[tuple[int, s
 
 def surrogate_table(surrogate, choices: Sequence[tuple[int, str]], num_layers: int) -> dict[tuple[int, str], float]:
     """The surrogate's predicted increase for every lossy choice (the lossless ones cost exactly nothing)."""
-    return {(cut, codec): max(surrogate.predict_increase_pct(cut, f"codec:{codec}"), 0.0)
+    return {(cut, codec): max(surrogate.codec_increase_pct(cut, codec), 0.0)
             for cut, codec in choices if cut < num_layers and codec != LOSSLESS}
 
 

@@ -47,6 +47,10 @@ class Surrogate:
             x = torch.tensor([features(cut, self.num_layers, variant)])
             return float(100 * math.expm1(self.model(x).item()))
 
+    def codec_increase_pct(self, cut: int, codec: str) -> float:
+        """The predicted increase of sending the hidden states at ``cut`` in ``codec``."""
+        return self.predict_increase_pct(cut, f"codec:{codec}")
+
 
 def fit(x: np.ndarray, y: np.ndarray, num_layers: int, seed: int = 0, hidden: int = 32, steps: int = 3000,
         validation: float = 0.2) -> Surrogate:

@@ -7,7 +7,7 @@ measured at every step), scores it and the planner against the exhaustive optimu
 from __future__ import annotations
 
 import argparse
-import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +40,15 @@ def run_train_policy(args: argparse.Namespace) -> int:
     from profiler.surrogate import fit, samples
     from runtime.artifact import Artifact
     from runtime.codecs import CODECS
-    from ue_client.cli import cached_profile, device_models, read_analysis
+    from ue_client.cli import cached_profile, device_models, read_cells
     from ue_client.planner import actions
+    from ue_client.policy import QualityBudget
 
     if args.steps < 1 or not (args.alpha >= 0 and args.beta > 0):
         raise SeamError("--steps must be positive, --alpha at least 0 and --beta above 0")
     artifact = Artifact.open(args.directory)
-    measured = read_analysis(args.quality).increase_pct
+    cells = read_cells(args.quality)
+    measured = QualityBudget.from_analysis(cells, math.inf).increase_pct
     ue_path = args.ue_profile or cached_profile(artifact, None)
     if ue_path is None:
         raise SeamError("no UE profile: give --ue-profile, or run 'seam profile' on this device first")
@@ -55,11 +57,10 @@ def run_train_policy(args: argparse.Namespace) -> int:
     choices = actions([split for split in ue.split_points if split >= 1], list(CODECS), num_layers)
     if len(choices) < 2:
         raise SeamError(f"{artifact.root} has no inner cut to choose; export it with --cuts")
-    cells = json.loads(args.quality.read_text())["cells"]
     surrogate = fit(*samples(cells, num_layers), num_layers, args.seed)
     table = surrogate_table(surrogate, choices, num_layers)
     if args.direct_text is None:
-        quality, source = (lambda cut, codec: surrogate.predict_increase_pct(cut, f"codec:{codec}")), "surrogate"
+        quality, source = surrogate.codec_increase_pct, "surrogate"
     else:
         from profiler.quality import read_text
         from runtime.text import load_tokenizer

@@ -211,17 +211,26 @@ def learned_policy(args: argparse.Namespace, artifact, ue, edge, constraints):
     return LearnedPolicy(ue, edge, policy, args.policy == "planner", constraints, budget, measured)
 
 
-def read_analysis(path: Path, max_increase_pct: float = math.inf):
-    """The codec cells of a ``seam analyze`` result as a ``QualityBudget``."""
+def read_cells(path: Path) -> list[dict]:
+    """The cells of a ``seam analyze`` result, checked to hold codec results a ``QualityBudget`` can read."""
     import json
 
     from ue_client.policy import QualityBudget
 
     try:
-        return QualityBudget.from_analysis(json.loads(path.read_text())["cells"], max_increase_pct)
+        cells = json.loads(path.read_text())["cells"]
+        QualityBudget.from_analysis(cells, math.inf)
+        return cells
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise SeamError(f"cannot read the quality analysis {path} ({type(error).__name__}: {error}); "
                         "write it with seam analyze") from None
+
+
+def read_analysis(path: Path, max_increase_pct: float = math.inf):
+    """The codec cells of a ``seam analyze`` result as a ``QualityBudget``."""
+    from ue_client.policy import QualityBudget
+
+    return QualityBudget.from_analysis(read_cells(path), max_increase_pct)
 
 
 def quality_budget(args: argparse.Namespace):
