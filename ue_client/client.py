@@ -192,7 +192,6 @@ class RemoteSession:
         self.edge_stats: dict = {}  # the edge's own account of the session, filled in on close
         self.open = False
         self.edge_step = 0
-        self.edge_mask_length = 0  # positions of the attention mask the edge holds: steps send only the rest
         self.batch = self.past = self.max_length = 0
         self.sequence = self.mask = None  # the tokens so far and their mask, from which moved layers are rebuilt
         self.link = LinkEstimator(client.link)
@@ -251,7 +250,7 @@ class RemoteSession:
                               self.allow_token_upload, self.sampler.state, kv, hidden, mask)
         self._request(opening, SessionOpened)
         self.open = True
-        self.edge_step = self.edge_mask_length = 0
+        self.edge_step = 0
 
     def generate(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, policy: SplitPolicy | None = None
@@ -343,14 +342,13 @@ class RemoteSession:
         else:
             carried = {"input_ids": output} if self.split == 0 else self._coded(output)
             # A decode step's mask would otherwise grow by a column per token and outweigh the hidden states
-            # (8 bytes a position): the edge keeps what it has seen, and a step sends only its new columns.
-            past = mask.shape[1] - positions.shape[1]
-            unseen = mask[:, past:] if self.edge_mask_length == past else mask
+            # (8 bytes a position): the edge keeps the mask of every step its session ran, so after the first
+            # one a step sends only its new columns.
+            unseen = mask[:, mask.shape[1] - positions.shape[1]:] if self.edge_step else mask
             sent = time.perf_counter()
             result = self._request(Step(self.session_id, self.edge_step, unseen, positions, **carried), StepResult)
             arrived = time.perf_counter()
             self.edge_step += 1
-            self.edge_mask_length = mask.shape[1]
             timing = StepTiming(sent - began, max(arrived - sent - result.edge_compute_s, 0.0), result.edge_compute_s)
             tokens = result.tokens.astype(np.int64)
         self.stats.timings.append(timing)
