@@ -12,7 +12,7 @@ RESULTS = ROOT / "results"
 WORK = ROOT / ".work"
 sys.path.insert(0, str(ROOT.parent))
 
-from profiler.host import describe  # noqa: E402  (after the path is set)
+from seam.profiler.host import describe  # noqa: E402  (after the path is set)
 
 
 def median_ms(seconds: list[float]) -> float:
@@ -29,7 +29,7 @@ def report(name: str, result: dict) -> None:
 
 def small_llama_every_layer():
     """small-llama exported at every cut (shared by the benchmarks; a no-op once exported)."""
-    from export.exporter import ExportRequest, export
+    from seam.export.exporter import ExportRequest, export
 
     out = WORK / "small-llama-cuts-all"
     export(ExportRequest(model="small-llama", out=out, cuts="all", validate=False, quiet=True))
@@ -38,7 +38,7 @@ def small_llama_every_layer():
 
 def trained_llama():
     """The trained preset (trained on first use, about three minutes; a no-op afterwards)."""
-    from export.exporter import ExportRequest, export
+    from seam.export.exporter import ExportRequest, export
 
     out = WORK / "trained-llama"
     export(ExportRequest(model="trained-llama", out=out, validate=False, quiet=True))
@@ -50,10 +50,10 @@ def profiled_pair(out: Path, ue_slowdown: float):
     the edge on two threads, the UE on one thread pinned to CPU 0 and ``ue_slowdown`` times slower."""
     import subprocess
 
-    from profiler.cost_model import DeviceModel
-    from profiler.measure import profile_key
-    from profiler.schema import DeviceProfile, load
-    from runtime.artifact import Artifact
+    from seam.profiler.cost_model import DeviceModel
+    from seam.profiler.measure import profile_key
+    from seam.profiler.schema import DeviceProfile, load
+    from seam.runtime.artifact import Artifact
 
     artifact = Artifact.open(out)
     models = {}

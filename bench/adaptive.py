@@ -27,16 +27,16 @@ import psutil
 
 from _common import RESULTS, WORK, profiled_pair, report
 
-from edge_server.process import edge_server
-from export.exporter import ExportRequest, export
-from export.report import table
-from profiler.cost_model import ID_BYTES, DeviceModel, Link
-from runtime.artifact import Artifact
-from runtime.spans import Span
-from runtime.traces import Trace, load_trace
-from runtime.transport import EmulatedLink, TransportConfig
-from ue_client.client import EdgeClient
-from ue_client.policy import Constraints, CostModelPolicy, Scales, move_s, rebuild_s
+from seam.edge_server.process import edge_server
+from seam.export.exporter import ExportRequest, export
+from seam.export.report import table
+from seam.profiler.cost_model import ID_BYTES, DeviceModel, Link
+from seam.runtime.artifact import Artifact
+from seam.runtime.spans import Span
+from seam.runtime.traces import Trace, load_trace
+from seam.runtime.transport import EmulatedLink, TransportConfig
+from seam.ue_client.client import EdgeClient
+from seam.ue_client.policy import Constraints, CostModelPolicy, Scales, move_s, rebuild_s
 
 TRACES = RESULTS.parent.parent / "traces"
 PROMPT_LENGTH = 32

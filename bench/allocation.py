@@ -26,9 +26,9 @@ import numpy as np
 
 from _common import RESULTS, report
 
-from export.report import table
-from finetune.dashf import DashfSetup, Fixed, dinkelbach, evaluate, plain, random_association
-from finetune.fedsllm import FedsllmSetup, equal_shares, local_iterations, plan, solve_cvxpy
+from seam.export.report import table
+from seam.finetune.dashf import DashfSetup, Fixed, dinkelbach, evaluate, plain, random_association
+from seam.finetune.fedsllm import FedsllmSetup, equal_shares, local_iterations, plan, solve_cvxpy
 
 NOISE_W_PER_HZ = 10 ** (-174 / 10) / 1e3  # -174 dBm/Hz
 TOKENS = 128

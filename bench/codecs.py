@@ -18,8 +18,8 @@ import numpy as np
 
 from _common import report
 
-from export.report import table
-from runtime.codecs import CODECS, decode, encoded_bytes
+from seam.export.report import table
+from seam.runtime.codecs import CODECS, decode, encoded_bytes
 
 OUTLIER_CHANNELS = 4
 OUTLIER_SCALE = 30.0

@@ -15,17 +15,17 @@ import numpy as np
 
 from _common import report, small_llama_every_layer
 
-from edge_server.process import edge_server
-from export.report import table
-from profiler.cost_model import Link, median_relative_error, predict
-from profiler.measure import profile_key
-from profiler.probe import probe_link
-from profiler.schema import DeviceProfile, load
-from runtime.artifact import Artifact
-from runtime.ort_options import default_threads
-from runtime.transport import TransportConfig, UeSocket
+from seam.edge_server.process import edge_server
+from seam.export.report import table
+from seam.profiler.cost_model import Link, median_relative_error, predict
+from seam.profiler.measure import profile_key
+from seam.profiler.probe import probe_link
+from seam.profiler.schema import DeviceProfile, load
+from seam.runtime.artifact import Artifact
+from seam.runtime.ort_options import default_threads
+from seam.runtime.transport import TransportConfig, UeSocket
 from seam.cli import main as seam
-from ue_client.client import EdgeClient
+from seam.ue_client.client import EdgeClient
 
 
 def measured_case(client: EdgeClient, split: int, prompt: list[int], new_tokens: int) -> tuple[float, float]:

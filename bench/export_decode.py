@@ -15,11 +15,11 @@ import numpy as np
 
 from _common import WORK, median_ms, report
 
-from export.exporter import ExportRequest, export
-from export.report import table
-from runtime.artifact import Artifact
-from runtime.executor import SessionPool
-from runtime.spans import Span
+from seam.export.exporter import ExportRequest, export
+from seam.export.report import table
+from seam.runtime.artifact import Artifact
+from seam.runtime.executor import SessionPool
+from seam.runtime.spans import Span
 
 VARIANTS = {"single block": "none", "4 cuts": "2,5,7,10", "every layer": "all"}
 

@@ -26,17 +26,17 @@ import numpy as np
 
 from _common import profiled_pair, report, trained_llama
 
-from export.corpus import generate_corpus
-from export.report import table
-from profiler.quality import Variant, analyze
-from profiler.rl import (DirectQuality, against_optimum, evaluation_states, learned_picker, planner_picker,
+from seam.export.corpus import generate_corpus
+from seam.export.report import table
+from seam.profiler.quality import Variant, analyze
+from seam.profiler.rl import (DirectQuality, against_optimum, evaluation_states, learned_picker, planner_picker,
                          save_policy, surrogate_table, train)
-from profiler.surrogate import fit, samples
-from runtime.artifact import Artifact
-from runtime.codecs import CODECS
-from runtime.text import load_tokenizer
-from ue_client.planner import actions
-from ue_client.policy import QualityBudget
+from seam.profiler.surrogate import fit, samples
+from seam.runtime.artifact import Artifact
+from seam.runtime.codecs import CODECS
+from seam.runtime.text import load_tokenizer
+from seam.ue_client.planner import actions
+from seam.ue_client.policy import QualityBudget
 
 ALPHA, BETA = 10.0, 1.0
 

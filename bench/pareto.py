@@ -33,20 +33,20 @@ import psutil
 
 from _common import RESULTS, profiled_pair, report, trained_llama
 
-from edge_server.process import edge_server
-from export.report import table
-from profiler.cost_model import Link
-from profiler.rl import State, learned_picker, planner_picker
-from runtime.artifact import Artifact
-from runtime.codecs import CODECS
-from runtime.errors import SeamError
-from runtime.spans import Span
-from runtime.traces import LinkState, Trace
-from runtime.transport import EmulatedLink, TransportConfig
-from ue_client.client import EdgeClient
-from ue_client.learned import PolicyFile
-from ue_client.planner import Objective, increase_of
-from ue_client.policy import QualityBudget, Scales
+from seam.edge_server.process import edge_server
+from seam.export.report import table
+from seam.profiler.cost_model import Link
+from seam.profiler.rl import State, learned_picker, planner_picker
+from seam.runtime.artifact import Artifact
+from seam.runtime.codecs import CODECS
+from seam.runtime.errors import SeamError
+from seam.runtime.spans import Span
+from seam.runtime.traces import LinkState, Trace
+from seam.runtime.transport import EmulatedLink, TransportConfig
+from seam.ue_client.client import EdgeClient
+from seam.ue_client.learned import PolicyFile
+from seam.ue_client.planner import Objective, increase_of
+from seam.ue_client.policy import QualityBudget, Scales
 
 PROMPT_LENGTH = 32
 BUDGETS_PCT = (math.inf, 0.1)

@@ -19,14 +19,14 @@ import numpy as np
 
 from _common import median_ms, report, small_llama_every_layer
 
-from edge_server.process import edge_server
-from export.report import table
-from runtime.artifact import Artifact
-from runtime.executor import SessionPool
-from runtime.generation import LocalSplit, generate
-from runtime.protocol import Step, StepResult, encode
-from runtime.transport import EdgeSocket, TransportConfig, UeSocket
-from ue_client.client import EdgeClient
+from seam.edge_server.process import edge_server
+from seam.export.report import table
+from seam.runtime.artifact import Artifact
+from seam.runtime.executor import SessionPool
+from seam.runtime.generation import LocalSplit, generate
+from seam.runtime.protocol import Step, StepResult, encode
+from seam.runtime.transport import EdgeSocket, TransportConfig, UeSocket
+from seam.ue_client.client import EdgeClient
 
 
 def echo(address_out, stop, reply_frames: list[bytes]) -> None:

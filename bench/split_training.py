@@ -18,15 +18,15 @@ import numpy as np
 
 from _common import report, small_llama_every_layer
 
-from edge_server.process import edge_server
-from export.corpus import generate_corpus
-from export.report import table
-from finetune.data import batches, tokenize
-from finetune.local import LocalTrainer
-from finetune.ue import SplitTrainer
-from runtime.artifact import Artifact
-from runtime.text import load_tokenizer
-from ue_client.client import EdgeClient
+from seam.edge_server.process import edge_server
+from seam.export.corpus import generate_corpus
+from seam.export.report import table
+from seam.finetune.data import batches, tokenize
+from seam.finetune.local import LocalTrainer
+from seam.finetune.ue import SplitTrainer
+from seam.runtime.artifact import Artifact
+from seam.runtime.text import load_tokenizer
+from seam.ue_client.client import EdgeClient
 
 
 def main() -> None:

@@ -16,11 +16,11 @@ import numpy as np
 
 from _common import report, trained_llama
 
-from export.corpus import generate_corpus
-from profiler.quality import analyze, variants
-from profiler.surrogate import fit, held_out_error, samples
-from runtime.artifact import Artifact
-from runtime.text import load_tokenizer
+from seam.export.corpus import generate_corpus
+from seam.profiler.quality import analyze, variants
+from seam.profiler.surrogate import fit, held_out_error, samples
+from seam.runtime.artifact import Artifact
+from seam.runtime.text import load_tokenizer
 
 ERASURE = (0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2)
 AWGN_DB = (40, 35, 30, 25, 20, 15, 12, 10, 7, 5)

@@ -9,7 +9,7 @@ import argparse
 import signal
 import sys
 
-from runtime.errors import SeamError
+from seam.runtime.errors import SeamError
 
 # Modules of the optional extras, and the extra that installs each.
 EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "onnx": "export", "onnxscript": "export",
@@ -18,14 +18,14 @@ EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "onnx": "export"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from export.cli import add_export_parser, add_models_parser, add_validate_parser
-    from export.corpus import add_corpus_parser
-    from finetune.plan_round import add_plan_round_parser
-    from profiler.cli import add_probe_parser, add_profile_parser
-    from profiler.plan import add_plan_parser
-    from profiler.quality import add_analyze_parser
-    from profiler.train_policy import add_train_policy_parser
-    from runtime.traces import add_traces_parser
+    from seam.export.cli import add_export_parser, add_models_parser, add_validate_parser
+    from seam.export.corpus import add_corpus_parser
+    from seam.finetune.plan_round import add_plan_round_parser
+    from seam.profiler.cli import add_probe_parser, add_profile_parser
+    from seam.profiler.plan import add_plan_parser
+    from seam.profiler.quality import add_analyze_parser
+    from seam.profiler.train_policy import add_train_policy_parser
+    from seam.runtime.traces import add_traces_parser
     from seam.demo import add_demo_parser
     from seam.keys import add_keys_parser
 

@@ -19,7 +19,7 @@ DEMO_LINK_MBIT, DEMO_DROP_MBIT = 50.0, 0.1  # the adaptive run's link, and what 
 
 
 def add_demo_parser(commands) -> None:
-    from export.presets import DEFAULT_PRESET
+    from seam.export.presets import DEFAULT_PRESET
 
     parser = commands.add_parser("demo", help="export the default model, validate it, and generate text split")
     parser.add_argument("--model", default=DEFAULT_PRESET, help=f"preset, directory or hub id (default {DEFAULT_PRESET})")
@@ -35,11 +35,11 @@ def add_demo_parser(commands) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from edge_server.process import edge_server
-    from export.exporter import ExportRequest, export
-    from export.report import blocks_table, validation_table
-    from runtime.artifact import Artifact
-    from ue_client.cli import main as ue_client_main
+    from seam.edge_server.process import edge_server
+    from seam.export.exporter import ExportRequest, export
+    from seam.export.report import blocks_table, validation_table
+    from seam.runtime.artifact import Artifact
+    from seam.ue_client.cli import main as ue_client_main
 
     out = args.out or Path("artifacts") / Path(args.model).name
     print(f"== export {args.model} -> {out}")
@@ -70,11 +70,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def adaptive_run(artifact, address: str, split: int, args: argparse.Namespace) -> int:
     """The same split generation over an emulated link that drops to 0.1 Mbit/s and recovers, the split moving."""
-    from profiler.measure import profile_key
-    from runtime.ort_options import default_threads
-    from runtime.traces import step_trace
+    from seam.profiler.measure import profile_key
+    from seam.runtime.ort_options import default_threads
+    from seam.runtime.traces import step_trace
     from seam.cli import main as seam_main
-    from ue_client.cli import main as ue_client_main
+    from seam.ue_client.cli import main as ue_client_main
 
     print(f"\n\n== profile the blocks on this machine (cached in {artifact.root / 'profiles'})", flush=True)
     if seam_main(["profile", str(artifact.root), "--quiet"]) != 0:

@@ -18,7 +18,7 @@ def add_keys_parser(commands) -> None:
 
 
 def run_keys(args: argparse.Namespace) -> int:
-    from runtime.transport import generate_keypair
+    from seam.runtime.transport import generate_keypair
 
     public, secret = generate_keypair(args.directory, args.name)
     print(f"public key: {public}  (give it to the peer: UEs pass the edge's as --server-key, the edge lists UE keys in --allow)")

@@ -25,7 +25,7 @@ def artifacts_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def exported(artifacts_root):
     """Exports a tiny preset at every cut (once per session) and returns its artifact directory."""
-    from export.exporter import ExportRequest, export
+    from seam.export.exporter import ExportRequest, export
 
     cache: dict[str, Path] = {}
 

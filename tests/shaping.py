@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import threading
 
-from runtime.traces import LinkState, Trace
+from seam.runtime.traces import LinkState, Trace
 
 EMULATOR_RATE_MBIT = 1e6  # the transport adds only the round trip
 

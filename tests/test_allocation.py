@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("scipy", reason="finetune needs scipy")
 
-from finetune.allocation import min_share, rate_bps  # noqa: E402  (after the skip)
-from finetune.dashf import (  # noqa: E402
+from seam.finetune.allocation import min_share, rate_bps  # noqa: E402  (after the skip)
+from seam.finetune.dashf import (  # noqa: E402
     DashfAllocation,
     DashfSetup,
     Fixed,
@@ -29,8 +29,8 @@ from finetune.dashf import (  # noqa: E402
     slot_values,
     upload_allocation,
 )
-from finetune.fedsllm import FedsllmSetup, equal_shares, local_iterations, plan, round_delays, solve_cvxpy  # noqa: E402
-from runtime.errors import SeamError  # noqa: E402
+from seam.finetune.fedsllm import FedsllmSetup, equal_shares, local_iterations, plan, round_delays, solve_cvxpy  # noqa: E402
+from seam.runtime.errors import SeamError  # noqa: E402
 
 needs_cvxpy = pytest.mark.skipif(importlib.util.find_spec("cvxpy") is None, reason="cvxpy is not installed")
 NOISE = 10 ** (-174 / 10) / 1e3

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY_PRESETS
-from runtime.artifact import Artifact
-from runtime.executor import SessionPool, run_together
-from runtime.spans import Span
+from seam.runtime.artifact import Artifact
+from seam.runtime.executor import SessionPool, run_together
+from seam.runtime.spans import Span
 
 
 def prefilled(pool: SessionPool, span: Span, hidden: np.ndarray):

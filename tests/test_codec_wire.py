@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_server.process import edge_server
-from runtime.artifact import Artifact
-from runtime.codecs import CODECS
-from runtime.errors import SeamError
-from runtime.impairments import parse as parse_impairment
-from runtime.protocol import Step, StepResult
-from runtime.sampling import SamplingParams
+from seam.edge_server.process import edge_server
+from seam.runtime.artifact import Artifact
+from seam.runtime.codecs import CODECS
+from seam.runtime.errors import SeamError
+from seam.runtime.impairments import parse as parse_impairment
+from seam.runtime.protocol import Step, StepResult
+from seam.runtime.sampling import SamplingParams
 from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
-from ue_client.client import EdgeClient
+from seam.ue_client.client import EdgeClient
 
 
 def generate(client: EdgeClient, codec_by_step: dict[int, str] | None = None, impairment=None):

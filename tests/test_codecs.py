@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from runtime import impairments
-from runtime.codecs import CODECS, INT4_GROUP, CodecError, EncodedActivation, decode, encoded_bytes, negotiate
-from runtime.errors import SeamError
+from seam.runtime import impairments
+from seam.runtime.codecs import CODECS, INT4_GROUP, CodecError, EncodedActivation, decode, encoded_bytes, negotiate
+from seam.runtime.errors import SeamError
 
 WIRE_DTYPES = {np.dtype(d) for d in (np.float32, np.float16, np.int8, np.uint8, np.uint16)}
 

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from profiler import cost_model
-from profiler.cost_model import (
+from seam.profiler import cost_model
+from seam.profiler.cost_model import (
     DecodeFit,
     DeviceModel,
     Link,
@@ -20,8 +20,8 @@ from profiler.cost_model import (
     predict,
     score,
 )
-from profiler.plan import add_plan_parser
-from profiler.schema import (
+from seam.profiler.plan import add_plan_parser
+from seam.profiler.schema import (
     BlockProfile,
     DeviceProfile,
     LinkProfile,
@@ -31,9 +31,9 @@ from profiler.schema import (
     load,
     save,
 )
-from runtime.artifact import Artifact
-from runtime.errors import SeamError
-from runtime.protocol import Step, StepResult, encode
+from seam.runtime.artifact import Artifact
+from seam.runtime.errors import SeamError
+from seam.runtime.protocol import Step, StepResult, encode
 
 FINGERPRINT = "a" * 64
 HIDDEN = 64

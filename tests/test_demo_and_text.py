@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from conftest import run_seam
-from runtime.artifact import Artifact
-from runtime.text import StreamDecoder, load_tokenizer
+from seam.runtime.artifact import Artifact
+from seam.runtime.text import StreamDecoder, load_tokenizer
 
 
 def test_demo_exports_validates_and_streams(tmp_path):

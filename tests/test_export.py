@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY_PRESETS
-from export.presets import ensure_preset
-from runtime.artifact import Artifact, sha256_file
-from runtime.executor import SessionPool
-from runtime.generation import LocalSplit, generate
+from seam.export.presets import ensure_preset
+from seam.runtime.artifact import Artifact, sha256_file
+from seam.runtime.executor import SessionPool
+from seam.runtime.generation import LocalSplit, generate
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)
@@ -67,7 +67,7 @@ def test_split_generation_matches_transformers_generate(exported, preset):
 def test_reexport_with_same_arguments_is_a_noop(exported):
     out = exported("tiny-llama")
     before = (out / "manifest.json").stat().st_mtime_ns
-    from export.exporter import ExportRequest, export
+    from seam.export.exporter import ExportRequest, export
 
     outcome = export(ExportRequest(model="tiny-llama", out=out, quiet=True))
     assert outcome.up_to_date
@@ -75,7 +75,7 @@ def test_reexport_with_same_arguments_is_a_noop(exported):
 
 
 def test_selected_cuts_fp16_and_int8(artifacts_root):
-    from export.exporter import ExportRequest, export
+    from seam.export.exporter import ExportRequest, export
 
     out = artifacts_root / "tiny-gpt2-fp16"
     manifest = export(ExportRequest(model="tiny-gpt2", out=out, cuts="1,3", dtype="fp16", quiet=True)).manifest
@@ -92,7 +92,7 @@ def test_selected_cuts_fp16_and_int8(artifacts_root):
 
 
 def test_single_block_export(artifacts_root):
-    from export.exporter import ExportRequest, export
+    from seam.export.exporter import ExportRequest, export
 
     out = artifacts_root / "tiny-llama-single"
     manifest = export(ExportRequest(model="tiny-llama", out=out, cuts="none", quiet=True)).manifest

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from export import onnx_writer
-from export.exporter import ExportRequest, export
-from export.families.llama import LlamaFamily
-from export.validate import ParityError
+from seam.export import onnx_writer
+from seam.export.exporter import ExportRequest, export
+from seam.export.families.llama import LlamaFamily
+from seam.export.validate import ParityError
 
 
 def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):

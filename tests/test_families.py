@@ -3,9 +3,9 @@
 import pytest
 from transformers import AutoConfig
 
-from export.families.base import FamilyAdapter, family_for, register_family, supported_model_types
-from export.presets import PRESETS
-from runtime.errors import SeamError
+from seam.export.families.base import FamilyAdapter, family_for, register_family, supported_model_types
+from seam.export.presets import PRESETS
+from seam.runtime.errors import SeamError
 
 
 def test_every_registered_model_type_has_a_tiny_preset():

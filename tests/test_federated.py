@@ -13,10 +13,10 @@ import pytest
 
 pytest.importorskip("peft", reason="split fine-tuning needs the finetune extra (peft)")
 
-from edge_server.process import edge_server  # noqa: E402
-from finetune.federation import Federation, fedavg  # noqa: E402
-from runtime.artifact import Artifact  # noqa: E402
-from runtime.errors import SeamError  # noqa: E402
+from seam.edge_server.process import edge_server  # noqa: E402
+from seam.finetune.federation import Federation, fedavg  # noqa: E402
+from seam.runtime.artifact import Artifact  # noqa: E402
+from seam.runtime.errors import SeamError  # noqa: E402
 
 DATA = {
     "ue-a": ["the cat sat on the mat", "a cat and a hat", "the mat was flat"],
@@ -66,7 +66,7 @@ def trainer(artifact: Artifact, address: str, name: str, tmp_path) -> subprocess
     data = tmp_path / f"{name}.txt"
     data.write_text("\n".join(DATA[name]) + "\n")
     return subprocess.Popen(
-        [sys.executable, "-m", "ue_client.cli", str(artifact.root), "train", "--server", address, "--data", str(data),
+        [sys.executable, "-m", "seam.ue_client.cli", str(artifact.root), "train", "--server", address, "--data", str(data),
          "--job", "fed", "--job-size", "3", "--rounds", "3", "--steps", "4", "--batch", "2", "--rank", "4", "--lr", "0.01",
          "--name", name, "--out", str(tmp_path / f"adapter-{name}"), "--quiet", "--timeout", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from conftest import run_seam
-from edge_server.process import edge_server
-from profiler.cost_model import DeviceModel, Link
-from runtime.artifact import Artifact
+from seam.edge_server.process import edge_server
+from seam.profiler.cost_model import DeviceModel, Link
+from seam.runtime.artifact import Artifact
 from test_cost_model import device
 from test_policy import synthetic_profiles, ue_client
-from ue_client.learned import PolicyFile, actor_logits, allowed_actions, best_actions
-from ue_client.planner import Objective, actions, evaluate, increase_of, observation, plan
-from ue_client.policy import Scales
+from seam.ue_client.learned import PolicyFile, actor_logits, allowed_actions, best_actions
+from seam.ue_client.planner import Objective, actions, evaluate, increase_of, observation, plan
+from seam.ue_client.policy import Scales
 
 CODECS = ["fp32", "fp16", "bf16", "int8", "int4"]
 HIDDEN = 4096  # wide enough that the bytes on the link matter
@@ -78,7 +78,7 @@ def test_the_observation_folds_the_measured_network_scale_into_the_link():
 
 def test_ppo_learns_to_pick_what_the_exhaustive_search_picks(tmp_path):
     pytest.importorskip("stable_baselines3", reason="the rl extra (stable-baselines3, gymnasium) is not installed")
-    from profiler.rl import against_optimum, evaluation_states, learned_picker, planner_picker, train
+    from seam.profiler.rl import against_optimum, evaluation_states, learned_picker, planner_picker, train
 
     ue, edge = models()
     choices = actions([1, 2, 3, 4], CODECS, 4)

@@ -13,17 +13,17 @@ import time
 import numpy as np
 import pytest
 
-from edge_server.process import edge_server
-from profiler.cost_model import DeviceModel, Link
-from profiler.schema import save
-from runtime.artifact import Artifact
-from runtime.errors import SeamError
-from runtime.sampling import SamplingParams
+from seam.edge_server.process import edge_server
+from seam.profiler.cost_model import DeviceModel, Link
+from seam.profiler.schema import save
+from seam.runtime.artifact import Artifact
+from seam.runtime.errors import SeamError
+from seam.runtime.sampling import SamplingParams
 from test_cost_model import HIDDEN, device
 from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
-from ue_client.client import EdgeClient
-from ue_client.link_estimate import LinkEstimator, Sample, harmonic_mean
-from ue_client.policy import (Constraints, CostModelPolicy, QualityBudget, Scales, calibration, candidate_splits,
+from seam.ue_client.client import EdgeClient
+from seam.ue_client.link_estimate import LinkEstimator, Sample, harmonic_mean
+from seam.ue_client.policy import (Constraints, CostModelPolicy, QualityBudget, Scales, calibration, candidate_splits,
                               choose_split, move_s, rebuild_s)
 
 MBIT = 1e6 / 8
@@ -273,7 +273,7 @@ def synthetic_profiles(artifact: Artifact, tmp_path, ue_scale: float, edge_scale
 
 def ue_client(artifact: Artifact, address: str, *options: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "ue_client.cli", str(artifact.root), "--server", address, "--prompt", "hello edge",
+        [sys.executable, "-m", "seam.ue_client.cli", str(artifact.root), "--server", address, "--prompt", "hello edge",
          "--max-new-tokens", "6", *options],
         capture_output=True, text=True, timeout=120,
     )

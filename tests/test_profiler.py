@@ -10,11 +10,11 @@ import onnxruntime
 import pytest
 
 from conftest import run_seam
-from edge_server.process import edge_server
-from profiler.measure import Grid, _call, _Inputs, profile_device
-from profiler.schema import DeviceProfile, LinkProfile, load
-from runtime.artifact import Artifact
-from runtime.executor import SessionPool
+from seam.edge_server.process import edge_server
+from seam.profiler.measure import Grid, _call, _Inputs, profile_device
+from seam.profiler.schema import DeviceProfile, LinkProfile, load
+from seam.runtime.artifact import Artifact
+from seam.runtime.executor import SessionPool
 
 HAS_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import run_seam
-from profiler.quality import analyze, nll, variants, windows
-from runtime.artifact import Artifact
-from runtime.errors import SeamError
+from seam.profiler.quality import analyze, nll, variants, windows
+from seam.runtime.artifact import Artifact
+from seam.runtime.errors import SeamError
 
 TEXT = "The device keeps the first layers and the edge server runs the rest of the model. " * 6
 

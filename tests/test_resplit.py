@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 
 from conftest import TINY_PRESETS
-from edge_server.process import edge_server
-from runtime.artifact import Artifact
-from runtime.errors import SeamError
-from runtime.executor import SessionPool
-from runtime.migration import pack_kv, resplit, unpack_kv
-from runtime.protocol import Resplit, Resplitted
-from runtime.sampling import SamplingParams
-from runtime.spans import Span
+from seam.edge_server.process import edge_server
+from seam.runtime.artifact import Artifact
+from seam.runtime.errors import SeamError
+from seam.runtime.executor import SessionPool
+from seam.runtime.migration import pack_kv, resplit, unpack_kv
+from seam.runtime.protocol import Resplit, Resplitted
+from seam.runtime.sampling import SamplingParams
+from seam.runtime.spans import Span
 from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
-from ue_client.client import EdgeClient
+from seam.ue_client.client import EdgeClient
 
 
 def scheduled(schedule: dict[int, int]):

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from conftest import TINY_PRESETS
-from edge_server.process import edge_server
-from runtime.artifact import Artifact
-from runtime.executor import SessionPool
-from runtime.generation import LocalSplit, generate
-from runtime.sampling import Sampler, SamplingParams
-from ue_client.client import EdgeClient
+from seam.edge_server.process import edge_server
+from seam.runtime.artifact import Artifact
+from seam.runtime.executor import SessionPool
+from seam.runtime.generation import LocalSplit, generate
+from seam.runtime.sampling import Sampler, SamplingParams
+from seam.ue_client.client import EdgeClient
 
 PROMPTS = [[5, 17, 42, 99, 7, 3, 250], [64, 8, 12]]
 NEW_TOKENS = 10
@@ -97,7 +97,7 @@ def test_ue_client_cli_streams_and_reports(exported):
     artifact = exported("tiny-llama")
     with edge_server(artifact) as (_, address):
         result = subprocess.run(
-            [sys.executable, "-m", "ue_client.cli", str(artifact), "--server", address, "--split", "2",
+            [sys.executable, "-m", "seam.ue_client.cli", str(artifact), "--server", address, "--split", "2",
              "--prompt", "hello edge", "--max-new-tokens", "6"],
             capture_output=True, text=True, timeout=120,
         )

@@ -11,18 +11,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_server.process import edge_server
-from runtime.artifact import Artifact
-from runtime.errors import SeamError
-from runtime.protocol import (
+from seam.edge_server.process import edge_server
+from seam.runtime.artifact import Artifact
+from seam.runtime.errors import SeamError
+from seam.runtime.protocol import (
     PROTOCOL_VERSION, Error, Hello, OpenSession, ProtocolError, SessionOpened, Step, StepResult, Welcome, decode,
     encode,
 )
-from runtime.sampling import SamplingParams
-from runtime.transport import HandshakeRefused, TransportConfig, TransportTimeout, UeSocket
+from seam.runtime.sampling import SamplingParams
+from seam.runtime.transport import HandshakeRefused, TransportConfig, TransportTimeout, UeSocket
 from conftest import run_seam
 from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
-from ue_client.client import EdgeClient
+from seam.ue_client.client import EdgeClient
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_a_killed_edge_with_fallback_finishes_on_the_ue_with_the_same_tokens(exp
 
 def test_ue_client_without_server(exported):
     artifact = exported("tiny-llama")
-    command = [sys.executable, "-m", "ue_client.cli", str(artifact), "--server", "tcp://127.0.0.1:9",
+    command = [sys.executable, "-m", "seam.ue_client.cli", str(artifact), "--server", "tcp://127.0.0.1:9",
                "--prompt", "hi", "--max-new-tokens", "4", "--timeout", "1"]
     refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2

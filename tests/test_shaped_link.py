@@ -8,13 +8,13 @@ import time
 import numpy as np
 import pytest
 
-from edge_server.process import edge_server
-from profiler.probe import round_trip
-from runtime.artifact import Artifact
-from runtime.traces import LinkState, Trace
-from runtime.transport import EmulatedLink, TransportConfig, UeSocket
+from seam.edge_server.process import edge_server
+from seam.profiler.probe import round_trip
+from seam.runtime.artifact import Artifact
+from seam.runtime.traces import LinkState, Trace
+from seam.runtime.transport import EmulatedLink, TransportConfig, UeSocket
 from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
-from ue_client.client import EdgeClient
+from seam.ue_client.client import EdgeClient
 
 pytestmark = pytest.mark.netns
 

@@ -1,6 +1,6 @@
 import pytest
 
-from runtime.spans import Span
+from seam.runtime.spans import Span
 
 
 def test_span_is_half_open():

@@ -13,16 +13,16 @@ import pytest
 pytest.importorskip("peft", reason="split fine-tuning needs the finetune extra (peft)")
 
 from conftest import run_seam  # noqa: E402
-from edge_server.process import edge_server  # noqa: E402
-from finetune.data import batches, tokenize  # noqa: E402
-from finetune.local import LocalTrainer  # noqa: E402
-from finetune.ue import SplitTrainer  # noqa: E402
-from runtime.artifact import Artifact  # noqa: E402
-from runtime.protocol import (CutGradient, Error, Hello, OpenTraining, PROTOCOL_VERSION, TrainBackward,  # noqa: E402
+from seam.edge_server.process import edge_server  # noqa: E402
+from seam.finetune.data import batches, tokenize  # noqa: E402
+from seam.finetune.local import LocalTrainer  # noqa: E402
+from seam.finetune.ue import SplitTrainer  # noqa: E402
+from seam.runtime.artifact import Artifact  # noqa: E402
+from seam.runtime.protocol import (CutGradient, Error, Hello, OpenTraining, PROTOCOL_VERSION, TrainBackward,  # noqa: E402
                               TrainForward, TrainForwarded, TrainingOpened, Welcome)
-from runtime.text import load_tokenizer  # noqa: E402
-from runtime.transport import TransportConfig, UeSocket  # noqa: E402
-from ue_client.client import EdgeClient  # noqa: E402
+from seam.runtime.text import load_tokenizer  # noqa: E402
+from seam.runtime.transport import TransportConfig, UeSocket  # noqa: E402
+from seam.ue_client.client import EdgeClient  # noqa: E402
 
 SAMPLES = ["the cat sat on the mat", "a dog ran in the park today", "hello edge, hello device",
            "split learning keeps the data here", "adapters on both sides of the cut", "one more line of text"]
@@ -70,7 +70,7 @@ def test_split_training_follows_centralised_lora_step_for_step(exported, tmp_pat
 def test_ue_client_train_writes_a_peft_adapter_that_reproduces_the_split_model(exported, tmp_path):
     from peft import PeftModel
 
-    from finetune.parts import load_base
+    from seam.finetune.parts import load_base
 
     artifact = Artifact.open(exported("tiny-llama"))
     samples = tmp_path / "data.txt"
@@ -78,7 +78,7 @@ def test_ue_client_train_writes_a_peft_adapter_that_reproduces_the_split_model(e
     out = tmp_path / "adapter"
     with edge_server(artifact.root, "--train") as (_, address):
         result = subprocess.run(
-            [sys.executable, "-m", "ue_client.cli", str(artifact.root), "train", "--server", address, "--data",
+            [sys.executable, "-m", "seam.ue_client.cli", str(artifact.root), "train", "--server", address, "--data",
              str(samples), "--steps", "12", "--batch", "2", "--rank", "4", "--lr", "0.01", "--out", str(out),
              "--quiet"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -114,7 +114,7 @@ def test_bad_training_data_fails_before_any_traffic(exported, tmp_path):
     for path, fragment in ((tmp_path / "missing.txt", "does not exist"), (empty, "holds no sample"),
                            (binary, "is not UTF-8")):
         result = subprocess.run(
-            [sys.executable, "-m", "ue_client.cli", str(artifact.root), "train", "--server", "tcp://127.0.0.1:9",
+            [sys.executable, "-m", "seam.ue_client.cli", str(artifact.root), "train", "--server", "tcp://127.0.0.1:9",
              "--timeout", "1", "--data", str(path)], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2, result.stderr
         last = result.stderr.strip().splitlines()[-1]
@@ -162,7 +162,7 @@ def test_a_resumed_run_carries_on_exactly_as_an_uninterrupted_one(exported, tmp_
 
     def train(out: str, *options: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "ue_client.cli", str(artifact.root), "train", "--server", address, "--data",
+            [sys.executable, "-m", "seam.ue_client.cli", str(artifact.root), "train", "--server", address, "--data",
              str(samples), "--batch", "2", "--rank", "4", "--lr", "0.01", "--out", str(tmp_path / out), "--quiet",
              *options], capture_output=True, text=True, timeout=300)
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from profiler.surrogate import features, held_out_error
+from seam.profiler.surrogate import features, held_out_error
 
 NUM_LAYERS = 6
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from edge_server.process import edge_server
-from profiler.probe import round_trip
-from runtime.artifact import Artifact
-from runtime.errors import SeamError
-from runtime.traces import LinkState, Trace, generate_traces, load_trace, parse_trace, step_trace
-from runtime.transport import EmulatedLink, TransportConfig, UeSocket
+from seam.edge_server.process import edge_server
+from seam.profiler.probe import round_trip
+from seam.runtime.artifact import Artifact
+from seam.runtime.errors import SeamError
+from seam.runtime.traces import LinkState, Trace, generate_traces, load_trace, parse_trace, step_trace
+from seam.runtime.transport import EmulatedLink, TransportConfig, UeSocket
 from test_runtime import PROMPTS
-from ue_client.client import EdgeClient
+from seam.ue_client.client import EdgeClient
 
 SHIPPED = Path(__file__).resolve().parent.parent / "traces"
 
@@ -111,7 +111,7 @@ def test_ue_client_refuses_a_malformed_trace(exported, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("t_s,up_mbit,down_mbit,rtt_ms\n0,5,5,20\n3,5,oops,20\n")
     result = subprocess.run(
-        [sys.executable, "-m", "ue_client.cli", str(exported("tiny-llama")), "--prompt", "hi", "--link-trace", str(bad)],
+        [sys.executable, "-m", "seam.ue_client.cli", str(exported("tiny-llama")), "--prompt", "hi", "--link-trace", str(bad)],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2

@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from export.byte_tokenizer import build_byte_tokenizer
-from export.corpus import add_corpus_parser, generate_corpus
-from export.presets import PRESETS, preset_dir
-from export.sources import fingerprint, load_model
-from export.training import HELD_OUT_SENTENCES, TrainingSpec, encode_corpus, lr_factor, mean_loss, train_model
+from seam.export.byte_tokenizer import build_byte_tokenizer
+from seam.export.corpus import add_corpus_parser, generate_corpus
+from seam.export.presets import PRESETS, preset_dir
+from seam.export.sources import fingerprint, load_model
+from seam.export.training import HELD_OUT_SENTENCES, TrainingSpec, encode_corpus, lr_factor, mean_loss, train_model
 
 PRESET = "tiny-trained-llama"
 
@@ -77,8 +77,8 @@ def test_training_lowers_held_out_loss(trained):
 
 
 def test_trained_preset_exports_and_validates(trained, tmp_path):
-    from export.exporter import ExportRequest, export
-    from runtime.artifact import Artifact
+    from seam.export.exporter import ExportRequest, export
+    from seam.runtime.artifact import Artifact
 
     out = tmp_path / PRESET
     export(ExportRequest(model=PRESET, out=out, quiet=True))

@@ -1,6 +1,0 @@
-"""Registry of supported model families; importing this package registers every built-in family."""
-
-from export.families.base import FamilyAdapter, family_for, registered_families
-from export.families import gpt2, llama  # noqa: F401  (registration side effect)
-
-__all__ = ["FamilyAdapter", "family_for", "registered_families"]

@@ -1,0 +1,90 @@
+"""``edge_server DIR --bind ...``: maps flags into EdgeConfig, serves until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from seam.edge_server.server import EdgeConfig, EdgeServer
+from seam.runtime.codecs import CODECS
+from seam.runtime.errors import SeamError
+from seam.runtime.transport import TransportConfig
+
+
+def codec_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in CODECS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown codec {unknown[0]!r}; known: {', '.join(CODECS)}")
+    return names
+
+
+def parse(argv: list[str] | None) -> EdgeConfig:
+    parser = argparse.ArgumentParser(prog="edge_server", description="Serve the tail blocks of an artifact to UEs.")
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--bind", default="tcp://0.0.0.0:5555")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--max-sessions", type=int, default=64)
+    parser.add_argument("--kv-budget-mb", type=float, default=4096.0)
+    parser.add_argument("--idle-timeout", type=float, default=300.0, help="seconds")
+    parser.add_argument("--max-length", type=int, default=4096, help="tokens per sequence")
+    parser.add_argument("--max-batch", type=int, default=64, help="sequences per session and per batched decode run")
+    parser.add_argument("--no-batching", action="store_true", help="run each session's decode step on its own")
+    parser.add_argument("--curve-secret", type=Path, default=None, help="server NAME.key_secret (enables CURVE)")
+    parser.add_argument("--allow", type=Path, default=None, help="directory of allowed UE public keys")
+    parser.add_argument("--log-messages", type=Path, default=None, help="append received message headers as JSON")
+    parser.add_argument("--train", action="store_true",
+                        help="also serve split fine-tuning of LoRA adapters (needs the export and finetune extras)")
+    parser.add_argument("--round-timeout", type=float, default=60.0,
+                        help="seconds a federated round waits for its UEs' adapters after the first arrives")
+    parser.add_argument("--codecs", type=codec_list, default=tuple(CODECS),
+                        help=f"activation codecs to offer UEs, comma-separated (default all: {','.join(CODECS)})")
+    args = parser.parse_args(argv)
+    return EdgeConfig(
+        artifact=args.artifact,
+        bind=args.bind,
+        device=args.device,
+        threads=args.threads,
+        max_sessions=args.max_sessions,
+        kv_budget_mb=args.kv_budget_mb,
+        idle_timeout_s=args.idle_timeout,
+        max_length=args.max_length,
+        max_batch=args.max_batch,
+        batch_decode=not args.no_batching,
+        curve_secret=args.curve_secret,
+        allowed_keys=args.allow,
+        log_messages=args.log_messages,
+        codecs=args.codecs,
+        train=args.train,
+        round_timeout_s=args.round_timeout,
+        transport=TransportConfig(),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s edge_server %(message)s", stream=sys.stderr)
+    config = parse(argv)
+    try:
+        server = EdgeServer(config)
+    except SeamError as error:
+        print(f"edge_server: error: {error}", file=sys.stderr)
+        return error.exit_code
+    signal.signal(signal.SIGINT, server.stop)
+    signal.signal(signal.SIGTERM, server.stop)
+    manifest = server.manifest
+    print(
+        f"edge_server: listening on {server.address} ({manifest.source}, {manifest.family}, "
+        f"{manifest.dims.num_layers} layers, {config.device})",
+        file=sys.stderr,
+        flush=True,
+    )
+    server.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Export-time wrappers: the prelude graph and a block of consecutive decoder layers with plain-tensor KV.
+
+A block takes explicit tensors (ids or hidden states, the attention bias and position features built by the
+prelude, and its layers' past keys/values) and returns its output plus the present keys/values, named as
+optimum does (``past_key_values.N.key`` in, ``present.N.key`` out, N the global layer index).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seam.export.families.base import FamilyAdapter
+from seam.runtime.executor import past_names, present_names
+from seam.runtime.spans import Span
+
+
+class PlainCache:
+    """Duck-typed stand-in for a transformers Cache: concatenates each layer's past with its new keys/values."""
+
+    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.past = past
+        self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key, value, layer_idx, cache_kwargs=None):
+        past_key, past_value = self.past[layer_idx]
+        key = torch.cat([past_key, key], dim=-2)  # [B, kv_heads, past + S, head_dim]
+        value = torch.cat([past_value, value], dim=-2)
+        self.present[layer_idx] = (key, value)
+        return key, value
+
+
+class Prelude(nn.Module):
+    """attention_mask [B, T], position_ids [B, S] -> attention_bias [B, 1, S, T] and position features."""
+
+    def __init__(self, family: FamilyAdapter, dtype: torch.dtype):
+        super().__init__()
+        self.family = family
+        self.dtype = dtype
+        self.window = family.attention_window()
+        self.input_names = ["attention_mask", "position_ids"]
+        self.output_names = ["attention_bias", *family.position_features]
+
+    def forward(self, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+        total = attention_mask.shape[1]
+        queries = position_ids.shape[1]
+        key_index = torch.arange(total, device=attention_mask.device)  # [T]
+        query_index = torch.arange(queries, device=attention_mask.device) + (total - queries)  # [S]
+        allowed = key_index[None, :] <= query_index[:, None]  # [S, T], causal by cache index
+        if self.window is not None:
+            allowed = allowed & (key_index[None, :] > query_index[:, None] - self.window)
+        allowed = allowed[None, None, :, :] & attention_mask[:, None, None, :].bool()  # [B, 1, S, T]
+        # The dtype's minimum rather than -inf keeps fully padded query rows finite.
+        zero = torch.zeros((), dtype=self.dtype)
+        blocked = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype)
+        bias = torch.where(allowed, zero, blocked)
+        return (bias, *self.family.position_tensors(position_ids, self.dtype))
+
+
+class Segment(nn.Module):
+    """Layers ``span`` of the model; the first segment embeds tokens and the last applies norm and LM head."""
+
+    def __init__(self, family: FamilyAdapter, span: Span, is_first: bool, is_last: bool):
+        super().__init__()
+        self.family = family
+        self.model = family.model  # registered so tracing sees weights as parameters; unused ones are pruned
+        self.span = span
+        self.is_first = is_first
+        self.is_last = is_last
+        self.layers = [family.layers()[index] for index in span]  # already registered through self.model
+        self.past_input_names = [name for layer in span for name in past_names(layer)]
+        self.input_names = [
+            "input_ids" if is_first else "hidden_states",
+            *(["position_ids"] if is_first else []),
+            "attention_bias",
+            *family.position_features,
+            *self.past_input_names,
+            *(["logits_to_keep"] if is_last else []),
+        ]
+        self.output_names = [
+            "logits" if is_last else "hidden_out",
+            *[name for layer in span for name in present_names(layer)],
+        ]
+
+    def forward(self, *flat: torch.Tensor):
+        named = dict(zip(self.input_names, flat))
+        features = tuple(named[name] for name in self.family.position_features)
+        cache = PlainCache(
+            {
+                layer: (named[key], named[value])
+                for layer, (key, value) in zip(self.span, zip(*[iter(self.past_input_names)] * 2))
+            }
+        )
+        if self.is_first:
+            hidden = self.family.embed(named["input_ids"], named["position_ids"])  # [B, S, H]
+        else:
+            hidden = named["hidden_states"]
+        for layer in self.layers:
+            hidden = self.family.run_layer(layer, hidden, named["attention_bias"], features, cache)
+        if self.is_last:
+            keep = named["logits_to_keep"]
+            hidden = self.family.final_norm()(hidden[:, hidden.shape[1] - keep:, :])  # [B, K, H]
+            hidden = self.family.lm_head()(hidden).float()  # [B, K, V]
+        presents = [tensor for layer in self.span for tensor in cache.present[layer]]
+        return (hidden, *presents)

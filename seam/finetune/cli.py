@@ -1,0 +1,174 @@
+"""``ue_client DIR train --server ADDR --data FILE``: split fine-tuning from the UE's side, against an
+``edge_server DIR --train``. Shows a progress bar with the loss, then writes the adapter of the whole model in
+peft format, the losses (JSON) and a loss curve (PNG) to ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+from seam.runtime.errors import SeamError
+from seam.runtime.protocol import TRAINING_MODES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ue_client DIR train", description=__doc__)
+    parser.add_argument("artifact", type=Path, help="the exported artifact (its source model is what trains)")
+    parser.add_argument("--server", required=True, help="edge_server address, e.g. tcp://10.0.0.2:5555")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="UTF-8 text, one sample per line (or .jsonl of {\"text\": ...})")
+    parser.add_argument("--cut", type=int, default=None, help="layers trained here (default: half the model)")
+    parser.add_argument("--mode", choices=TRAINING_MODES, default="edge-loss",
+                        help="edge-loss: the labels go to the edge, which computes the loss; u-shaped: the head and "
+                             "the labels stay here (default edge-loss)")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps (per round, with --job)")
+    parser.add_argument("--job", default="", help="train with the other UEs of this job: the edge's adapters are "
+                                                  "shared, this device's are averaged with theirs every round")
+    parser.add_argument("--rounds", type=int, default=1, help="federated rounds (with --job)")
+    parser.add_argument("--job-size", type=int, default=0,
+                        help="UEs every round of the job waits for, so that none starts without the slow starters "
+                             "(default: those training in it; a round still closes at edge_server --round-timeout)")
+    parser.add_argument("--name", default="", help="this UE's name in the edge's logs (default host and pid)")
+    parser.add_argument("--round-wait", type=float, default=600.0,
+                        help="seconds to wait for a round's average after uploading")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per sample (longer ones are cut)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the adapters' initialisation and the data order")
+    parser.add_argument("--out", type=Path, default=None, help="where the adapter goes (default DIR/adapters/split)")
+    parser.add_argument("--plan", type=Path, default=None,
+                        help="a 'seam plan-round' plan: train at this UE's (--name) cut, the link held to its rate")
+    parser.add_argument("--rate-mbit", type=float, default=None,
+                        help="hold this UE's link to this rate both ways (the transport's rate limiter)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                        help="write both sides' adapters and optimizer states every STEPS steps to OUT.checkpoint")
+    parser.add_argument("--resume", action="store_true", help="carry on from OUT.checkpoint (same settings and data)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any reply")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from seam.finetune.adapters import save_adapter, split_weights, trained_weights, training_state
+    from seam.finetune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from seam.finetune.data import batches, read_samples, tokenize
+    from seam.finetune.plan_round import planned
+    from seam.finetune.ue import SplitTrainer
+    from seam.runtime.artifact import Artifact
+    from seam.runtime.text import load_tokenizer
+    from seam.runtime.traces import LinkState, Trace
+    from seam.runtime.transport import EmulatedLink, TransportConfig
+    from seam.ue_client.client import EdgeClient
+
+    if args.steps < 1 or args.max_length < 2 or args.rounds < 1:
+        raise SeamError("--steps and --rounds must be at least 1 and --max-length at least 2")
+    if args.rounds > 1 and not args.job:
+        raise SeamError("--rounds are federated rounds: give the --job this UE trains in")
+    if args.job and (args.resume or args.checkpoint_every):
+        raise SeamError("checkpoints cover runs without --job for now; a federated run restarts from its rounds")
+    if args.checkpoint_every < 0:
+        raise SeamError("--checkpoint-every must be 0 (never) or a number of steps")
+    artifact = Artifact.open(args.artifact)
+    cut, rate_mbit = args.cut if args.cut is not None else artifact.num_layers // 2, args.rate_mbit
+    if args.plan is not None:
+        if not args.name or args.cut is not None or args.rate_mbit is not None:
+            raise SeamError("--plan sets the cut and the rate of the UE it names: give --name, not --cut or "
+                            "--rate-mbit")
+        row = planned(args.plan, args.name)
+        cut, rate_mbit = row["cut"], row["rate_mbit"]
+    if rate_mbit is not None and not rate_mbit > 0:
+        raise SeamError(f"the link rate must be positive, got {rate_mbit!r} Mbit/s")
+    # The data is read and checked before anything reaches the edge.
+    sequences = tokenize(read_samples(args.data), load_tokenizer(artifact), args.max_length)
+    data = batches(sequences, args.batch, artifact.manifest.tokenizer["pad_token_id"], args.seed)
+    out = args.out or artifact.root / "adapters" / "split"
+    checkpoints = out.with_name(f"{out.name}.checkpoint")
+    settings = {"cut": cut, "mode": args.mode, "rank": args.rank, "alpha": args.alpha, "lr": args.lr,
+                "weight_decay": args.weight_decay, "seed": args.seed, "batch": args.batch,
+                "max_length": args.max_length, "data_sha256": hashlib.sha256(args.data.read_bytes()).hexdigest()}
+    resumed = load_checkpoint(checkpoints, settings) if args.resume else None
+    if resumed and resumed.step >= args.steps:
+        raise SeamError(f"the checkpoint is at step {resumed.step} already; give more --steps to carry on")
+    losses: list[float] = resumed.losses if resumed else []
+    for _ in range(len(losses)):
+        next(data)  # the batches the checkpoint has trained on, in their seeded order
+    limited = EmulatedLink(Trace((0.0,), (LinkState(rate_mbit, rate_mbit, 0.0),))) if rate_mbit else None
+    with EdgeClient(artifact, args.server, TransportConfig(timeout_s=args.timeout), emulated=limited) as client:
+        trainer = SplitTrainer(artifact, client, cut, args.mode, args.rank, args.alpha, args.lr, args.weight_decay,
+                               args.seed, args.job, args.name or f"{socket.gethostname()}-{os.getpid()}",
+                               (resumed.ue, resumed.edge) if resumed else None, args.job_size)
+        for number in range(args.rounds):
+            label = f"round {number + 1}/{args.rounds}" if args.job else "train"
+            done = len(losses) - number * args.steps
+            with tqdm(total=args.steps, initial=done, unit="step", disable=args.quiet, file=sys.stderr,
+                      desc=label) as bar:
+                for step in range(done, args.steps):
+                    losses.append(trainer.step(next(data)))
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                    bar.update()
+                    if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+                        save_checkpoint(checkpoints, settings, Checkpoint(
+                            step + 1, losses, training_state(trainer.model, trainer.optimizer),
+                            split_weights(trainer.edge.adapter(optimizer=True))))
+            if args.job:
+                average = trainer.edge.federate(number, args.steps * args.batch, trained_weights(trainer.model),
+                                                args.round_wait)
+                trainer.load(split_weights(average))
+                dropped = f"; dropped out: {', '.join(average.dropped)}" if average.dropped else ""
+                print(f"ue_client: {label}: loss {losses[-1]:.4f}; averaged with {len(average.averaged)} UEs "
+                      f"({', '.join(average.averaged)}){dropped}", file=sys.stderr, flush=True)
+        edge_weights = split_weights(trainer.edge.adapter())
+        stats = trainer.edge.close()
+
+    def beside(directory: Path) -> None:
+        (directory / "losses.json").write_text(json.dumps({"cut": cut, "mode": args.mode, "losses": losses}) + "\n")
+        plot_losses(losses, directory / "loss.png", f"split fine-tuning at cut {cut} ({args.mode})")
+
+    save_adapter(artifact, out, [trained_weights(trainer.model), edge_weights], args.rank, args.alpha, args.seed,
+                 beside)
+    limit = f"; link held to {rate_mbit:.2f} Mbit/s" if rate_mbit else ""
+    print(f"ue_client: {len(losses)} steps at cut {cut}/{artifact.num_layers} ({args.mode}); loss {losses[0]:.4f} -> "
+          f"{losses[-1]:.4f}; edge compute {stats['edge_compute_s']:.2f} s{limit}\nue_client: adapter: {out}",
+          file=sys.stderr)
+    return 0
+
+
+def plot_losses(losses: list[float], path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    axes.plot(range(1, len(losses) + 1), losses)
+    axes.set(xlabel="step", ylabel="loss", title=title)
+    axes.grid(alpha=0.3)
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except SeamError as error:
+        print(f"ue_client train: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except ModuleNotFoundError as error:
+        if error.name not in ("torch", "transformers", "peft"):
+            raise
+        print(f"ue_client train: error: training needs {error.name}; install it with: pip install "
+              "'seam[export,finetune]'", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ue_client train: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,163 @@
+"""``seam plan DIR``: predicts every split's latency from a UE profile, an edge profile and a link, per bandwidth.
+
+Prints one table per link (per-token latency and time to first token, each broken into UE, uplink, edge and
+downlink time), marks the best split, and can plot the breakdown and the best split against bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from seam.export.report import table
+from seam.profiler.cli import comma_list
+from seam.profiler.cost_model import DeviceModel, Link, LinkPlan, check_pair, plan
+from seam.profiler.schema import DeviceProfile, LinkProfile, load
+from seam.runtime.artifact import Artifact
+from seam.runtime.errors import SeamError
+from seam.runtime.files import write_atomically
+
+_positive = comma_list(float, positive=True)  # bandwidths in Mbit/s
+
+
+def add_plan_parser(commands) -> None:
+    parser = commands.add_parser("plan", help="predict each split's latency from device and link profiles")
+    parser.add_argument("directory", type=Path, help="the artifact both profiles were measured with")
+    parser.add_argument("--ue-profile", type=Path, required=True, help="device profile of the UE (seam profile)")
+    parser.add_argument("--edge-profile", type=Path, required=True, help="device profile of the edge")
+    parser.add_argument("--bandwidth", type=_positive, default=[], metavar="MBIT[,MBIT...]",
+                        help="link bandwidths to plan for, Mbit/s (down, and up unless --uplink-bandwidth)")
+    parser.add_argument("--uplink-bandwidth", type=_positive, metavar="MBIT[,MBIT...]",
+                        help="uplink Mbit/s: one value for every --bandwidth, or one per bandwidth")
+    parser.add_argument("--rtt", type=float, metavar="MS", help="round-trip time in ms (with --bandwidth)")
+    parser.add_argument("--link", type=Path, action="append", default=[], metavar="LINKPROFILE",
+                        help="a link profile from 'seam probe' (repeatable), instead of or besides --bandwidth")
+    parser.add_argument("--context", type=int, default=512, help="prompt length and past length (default 512)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="also draw the plan to this PNG file")
+    parser.set_defaults(handler=run_plan)
+
+
+def _links(args: argparse.Namespace) -> dict[str, Link]:
+    links: dict[str, Link] = {}
+    if args.bandwidth:
+        if args.rtt is None:
+            raise SeamError("--bandwidth needs --rtt (the round-trip time in ms)")
+        if args.rtt < 0:
+            raise SeamError("--rtt must not be negative")
+        uplinks = args.uplink_bandwidth or [None]
+        if len(uplinks) == 1:
+            uplinks = uplinks * len(args.bandwidth)
+        if len(uplinks) != len(args.bandwidth):
+            raise SeamError(f"--uplink-bandwidth lists {len(uplinks)} values for {len(args.bandwidth)} bandwidths")
+        for down, up in zip(args.bandwidth, uplinks):
+            link = Link.from_mbit(down, args.rtt, up)
+            links[link.label] = link
+    elif args.uplink_bandwidth or args.rtt is not None:
+        raise SeamError("--uplink-bandwidth and --rtt go with --bandwidth")
+    for path in args.link:
+        link = Link.from_profile(load(path, LinkProfile))
+        links[f"{link.label} ({path.name})"] = link
+    if not links:
+        raise SeamError("give the link: --bandwidth MBIT[,MBIT...] with --rtt MS, or --link LINKPROFILE")
+    return links
+
+
+def _device(path: Path, fingerprint: str, split_points: list[int]) -> DeviceModel:
+    profile = load(path, DeviceProfile)
+    if profile.key.artifact_fingerprint != fingerprint:
+        raise SeamError(
+            f"{path} was measured with artifact {profile.key.artifact_fingerprint[:12]}, not this one "
+            f"({fingerprint[:12]}); measure it again with 'seam profile' on this artifact"
+        )
+    model = DeviceModel.from_profile(profile)
+    if model.split_points != split_points:
+        raise SeamError(f"{path} splits at {model.split_points} but the artifact at {split_points}")
+    return model
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def plan_table(link_plan: LinkPlan) -> str:
+    all_local = max(cost.split for cost in link_plan.costs)  # split L: nothing crosses the link
+    rows = []
+    for cost in link_plan.costs:
+        row = [str(cost.split)]
+        for step in (cost.decode, cost.prefill):
+            if cost.split == all_local:
+                row += [_ms(step.ue_s), "-", "-", "-", _ms(step.total_s)]
+            else:
+                row += [_ms(part) for part in (step.ue_s, step.uplink_s, step.edge_s, step.downlink_s, step.total_s)]
+        row.append("<- best" if cost.split == link_plan.best else "")
+        rows.append(row)
+    headers = ["split", "UE", "up", "edge", "down", "per token", "UE", "up", "edge", "down", "first token", ""]
+    return table(headers, rows)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    if args.context < 1 or args.batch < 1:
+        raise SeamError("--context and --batch must be at least 1")
+    links = _links(args)
+    # Planning reads only the manifest; hashing every weight file here would cost minutes on a large model.
+    artifact = Artifact.open(args.directory, verify=False)
+    fingerprint = artifact.manifest.artifact_fingerprint
+    ue = _device(args.ue_profile, fingerprint, artifact.split_points)
+    edge = _device(args.edge_profile, fingerprint, artifact.split_points)
+    check_pair(ue, edge)
+    for side, model, path in (("UE", ue, args.ue_profile), ("edge", edge, args.edge_profile)):
+        for line in model.beyond_measured(args.context, args.batch):
+            print(f"warning: {side} profile {path.name}: {line}; the prediction is extrapolated "
+                  "(profile with longer --prefill-lengths, --past-lengths or --batches to measure it)",
+                  file=sys.stderr)
+    plans = plan(ue, edge, links, args.context, args.batch)
+    print(f"UE {ue.key.device} ({ue.key.provider}), edge {edge.key.device} ({edge.key.provider}), "
+          f"{artifact.num_layers} layers {ue.key.dtype}; context {args.context}, batch {args.batch}")
+    for link_plan in plans:
+        print(f"\n{link_plan.name}, rtt {link_plan.link.rtt_s * 1e3:g} ms: times in ms; "
+              "layers [0, split) on the UE; totals include the rtt")
+        print(plan_table(link_plan))
+    print()
+    for link_plan in plans:
+        print(f"best split at {link_plan.name}: {link_plan.best}")
+    if args.plot:
+        plot(plans, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def plot(plans: list[LinkPlan], path: Path) -> None:
+    """Left: the decode latency parts of each split at the median bandwidth; right: the best split per bandwidth."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError:
+        raise SeamError("--plot needs matplotlib, part of the 'plot' extra; install it with: "
+                        "pip install 'seam[plot]'") from None
+    by_rate = sorted(plans, key=lambda p: p.link.down_bytes_per_s)
+    shown = by_rate[(len(by_rate) - 1) // 2]
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)  # Agg draws without a display and without touching pyplot's global state
+    left, right = figure.subplots(1, 2)
+    splits = [cost.split for cost in shown.costs]
+    bottom = [0.0] * len(splits)
+    parts = [("UE", "ue_s"), ("uplink", "uplink_s"), ("rtt", "rtt_s"), ("edge", "edge_s"), ("downlink", "downlink_s")]
+    for label, name in parts:
+        heights = [getattr(cost.decode, name) * 1e3 for cost in shown.costs]
+        left.bar(splits, heights, bottom=bottom, label=label)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    left.set(title=f"per-token latency at {shown.name}", xlabel="split (layers on the UE)", ylabel="ms",
+             xticks=splits)
+    left.set_ylim(top=max(bottom) * 1.3)  # headroom so the legend does not cover the bars
+    left.legend(ncols=3, loc="upper left", fontsize="small")
+    rates = [p.link.down_mbit for p in by_rate]
+    right.plot(rates, [p.best for p in by_rate], marker="o")
+    right.set(title="best split", xlabel="bandwidth, Mbit/s (down)", ylabel="split (layers on the UE)",
+              yticks=splits, ylim=(min(splits) - 0.5, max(splits) + 0.5))
+    if len(rates) > 1 and rates[-1] / rates[0] > 20:
+        right.set_xscale("log")
+    right.set_xticks(rates, [f"{rate:g}" for rate in rates], minor=False)
+    right.minorticks_off()
+    write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=120), binary=True)

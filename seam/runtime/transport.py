@@ -1,0 +1,258 @@
+"""ZeroMQ transport: the only module that imports zmq.
+
+The edge binds a ROUTER socket and the UE connects a DEALER. Every receive waits at most the configured timeout.
+A UE that cannot reach the edge retries with capped exponential backoff; a request that times out closes the
+socket with LINGER 0 (so nothing stale is delivered later) and raises, since replaying a step would append to
+the edge's KV cache twice. Optional CURVE authentication encrypts the link and admits only allow-listed UE keys.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+import zmq.utils.monitor
+from zmq.auth.thread import ThreadAuthenticator
+
+from seam.runtime.errors import SeamError
+from seam.runtime.protocol import DEFAULT_MAX_MESSAGE_BYTES, Message, decode, encode
+from seam.runtime.traces import Trace
+
+
+class TransportTimeout(SeamError):
+    """The peer did not answer within the timeout."""
+
+
+class HandshakeRefused(SeamError):
+    """The CURVE handshake failed: an unknown key, or security configured on one side only."""
+
+
+HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+@dataclass
+class TransportConfig:
+    timeout_s: float = 30.0  # longest wait for any reply, seconds
+    connect_attempts: int = 5  # handshake attempts before giving up
+    backoff_initial_s: float = 0.2  # first retry delay, doubled per attempt
+    backoff_max_s: float = 2.0  # cap on the retry delay
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # larger messages are refused unread
+
+
+def generate_keypair(directory: Path, name: str) -> tuple[Path, Path]:
+    """Writes NAME.key (public) and NAME.key_secret (secret, mode 0600) in ZeroMQ's certificate format.
+
+    Both files are written in a private scratch directory and renamed into place, so an existing key is never
+    overwritten and an interrupted run leaves no half-written key behind.
+    """
+    if not name or Path(name).name != name or name.startswith("."):
+        raise SeamError(f"key name {name!r} must be a plain file name such as 'edge' or 'ue1'")
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    for path in (public, secret):
+        if path.exists():
+            raise SeamError(f"{path} already exists; choose another --name or remove the old key first")
+    directory.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=directory))
+    try:
+        made_public, made_secret = (Path(p) for p in zmq.auth.create_certificates(str(scratch), name))
+        made_secret.chmod(0o600)
+        made_secret.rename(secret)
+        made_public.rename(public)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return public, secret
+
+
+def _load_secret(path: Path) -> tuple[bytes, bytes]:
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as error:
+        raise SeamError(f"cannot read CURVE key {path}: {error}; create one with 'seam keys'") from None
+    if secret is None:
+        raise SeamError(f"{path} holds no secret key; pass the NAME.key_secret file")
+    return public, secret
+
+
+def _load_public(path: Path) -> bytes:
+    try:
+        return zmq.auth.load_certificate(str(path))[0]
+    except (OSError, ValueError) as error:
+        raise SeamError(f"cannot read CURVE public key {path}: {error}") from None
+
+
+def _socket(context, kind: int, config: TransportConfig):
+    socket = context.socket(kind)
+    socket.setsockopt(zmq.LINGER, 0)
+    # zmq drops a larger message unread; the slack covers the header frame.
+    socket.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + (1 << 16))
+    return socket
+
+
+class EdgeSocket:
+    """The server end: receives (peer, message) pairs and replies to a peer."""
+
+    def __init__(
+        self,
+        address: str,
+        config: TransportConfig,
+        curve_secret: Path | None = None,
+        allowed_keys: Path | None = None,
+    ):
+        self.config = config
+        self.context = zmq.Context()
+        self.authenticator = None
+        self.socket = _socket(self.context, zmq.ROUTER, config)
+        if curve_secret is not None:
+            if allowed_keys is None:
+                raise SeamError("CURVE needs an allow-list of UE public keys (--allow DIR)")
+            self.authenticator = ThreadAuthenticator(self.context)
+            self.authenticator.start()
+            self.authenticator.configure_curve(domain="*", location=str(allowed_keys))
+            public, secret = _load_secret(curve_secret)
+            self.socket.curve_server = True
+            self.socket.curve_publickey = public
+            self.socket.curve_secretkey = secret
+        try:
+            self.socket.bind(address)
+        except zmq.ZMQError as error:
+            self.close()
+            raise SeamError(f"cannot listen on {address}: {error}; choose another --bind address") from None
+        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def receive(self, timeout_s: float) -> tuple[bytes, list] | None:
+        """(peer identity, raw frames), or None when nothing arrived within ``timeout_s``."""
+        if not self.socket.poll(int(timeout_s * 1000)):
+            return None
+        frames = self.socket.recv_multipart(copy=False)
+        return frames[0].bytes, [frame.buffer for frame in frames[1:]]
+
+    def send(self, peer: bytes, message: Message) -> None:
+        self.socket.send_multipart([peer, *encode(message)], copy=False)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
+        self.context.term()
+
+
+class EmulatedLink:
+    """Delays each request as a link following ``trace`` would: before sending, half the round trip and the
+    upload at the trace's uplink rate as it changes; after the reply, the other half and the download. For demos
+    and runs without root; ``tc`` on a network namespace shapes a real link."""
+
+    def __init__(self, trace: Trace, clock=time.monotonic):
+        self.trace = trace
+        self.clock = clock
+        self.started = clock()
+
+    def send_delay_s(self, size: int) -> float:
+        return self._delay_s(size, "up")
+
+    def receive_delay_s(self, size: int) -> float:
+        return self._delay_s(size, "down")
+
+    def _delay_s(self, size: int, direction: str) -> float:
+        now = self.clock() - self.started
+        return self.trace.at(now).rtt_ms / 2e3 + self.trace.transfer_s(now, size, direction)
+
+
+class UeSocket:
+    """The UE end: one request, one reply, each bounded by the timeout."""
+
+    def __init__(
+        self,
+        address: str,
+        config: TransportConfig,
+        curve_secret: Path | None = None,
+        server_key: Path | None = None,
+        emulated: EmulatedLink | None = None,
+    ):
+        self.address = address
+        self.config = config
+        self.emulated = emulated
+        self.curve = (_load_secret(curve_secret), _load_public(server_key)) if curve_secret else None
+        self.context = zmq.Context()
+        self.socket = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._open()
+
+    def _open(self) -> None:
+        self._close_sockets()
+        self.socket = _socket(self.context, zmq.DEALER, self.config)
+        if self.curve:
+            (public, secret), server_public = self.curve
+            self.socket.curve_publickey = public
+            self.socket.curve_secretkey = secret
+            self.socket.curve_serverkey = server_public
+        # Handshake events tell a refused key apart from a server that is simply not there.
+        self.monitor = self.socket.get_monitor_socket(HANDSHAKE_FAILURES)
+        try:
+            self.socket.connect(self.address)
+        except zmq.ZMQError as error:
+            raise SeamError(f"invalid server address {self.address!r}: {error}; use tcp://HOST:PORT") from None
+
+    def _handshake_failure(self) -> str | None:
+        while self.monitor.poll(0):
+            event = zmq.utils.monitor.recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return "the edge server refused this UE's key; add its public NAME.key to the server's --allow directory"
+            if event & HANDSHAKE_FAILURES:
+                return ("the security handshake failed; with CURVE both sides need keys (--curve-secret, and "
+                        "--server-key on the UE), without it neither side may use them")
+        return None
+
+    def request(self, message: Message, timeout_s: float | None = None) -> Message:
+        frames = encode(message)
+        size = sum(len(frame) for frame in frames)
+        if self.emulated:
+            time.sleep(self.emulated.send_delay_s(size))
+        self.socket.send_multipart(frames, copy=False)
+        self.bytes_sent += size
+        timeout = self.config.timeout_s if timeout_s is None else timeout_s
+        if not self.socket.poll(int(timeout * 1000)):
+            refused = self._handshake_failure()
+            self._open()  # drop whatever the late reply would bring
+            if refused:
+                raise HandshakeRefused(f"cannot talk to the edge server at {self.address}: {refused}")
+            raise TransportTimeout(
+                f"no reply from the edge server at {self.address} within {timeout:g} s; "
+                "check that edge_server is running and reachable, or raise --timeout"
+            )
+        reply = self.socket.recv_multipart(copy=False)
+        size = sum(len(frame.buffer) for frame in reply)
+        if self.emulated:
+            time.sleep(self.emulated.receive_delay_s(size))
+        self.bytes_received += size
+        return decode([frame.buffer for frame in reply], self.config.max_message_bytes)
+
+    def request_with_retries(self, message: Message) -> Message:
+        """For the idempotent handshake: retries with capped exponential backoff while the edge is not up."""
+        delay = self.config.backoff_initial_s
+        for attempt in range(self.config.connect_attempts):
+            try:
+                return self.request(message, timeout_s=min(self.config.timeout_s, max(delay * 4, 1.0)))
+            except TransportTimeout:
+                if attempt + 1 == self.config.connect_attempts:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, self.config.backoff_max_s)
+        raise AssertionError("unreachable")
+
+    def _close_sockets(self) -> None:
+        if self.socket is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
+            self.socket.close(linger=0)
+
+    def close(self) -> None:
+        self._close_sockets()
+        self.context.term()

@@ -1,0 +1,300 @@
+"""``ue_client DIR --server ... --split K --prompt ...``: streams generated text to stdout, a summary to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from seam.runtime.codecs import CODECS
+from seam.runtime.errors import SeamError
+from seam.runtime.impairments import parse as parse_impairment
+from seam.runtime.sampling import SamplingParams
+from seam.runtime.traces import load_trace
+from seam.runtime.transport import EmulatedLink, TransportConfig, TransportTimeout
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ue_client",
+        description="Generate text with the tail on an edge server ('ue_client DIR train --help': split fine-tuning).")
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--server", default="tcp://127.0.0.1:5555")
+    parser.add_argument("--split", type=int, default=None, help="layers run on this device (default: half)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for any reply")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--fallback-local", action="store_true",
+                        help="generate on this device if the edge is down, or finish here if it stops answering")
+    parser.add_argument("--allow-token-upload", action="store_true", help="permit --split 0 (sends token ids)")
+    parser.add_argument("--policy", choices=["static", "cost-model", "planner", "learned"], default=None,
+                        help="how the split (and with a quality budget the codec) moves during a generation: "
+                             "planner and learned maximise a reward of speed and quality, learned with a policy "
+                             "from seam train-policy (default: cost-model when both profiles are found, else static)")
+    parser.add_argument("--policy-file", type=Path, default=None,
+                        help="the planner's and learned policy's file (default: DIR/policies/learned)")
+    parser.add_argument("--ue-profile", type=Path, default=None,
+                        help="this device's profile (default: its cached 'seam profile' in the artifact)")
+    parser.add_argument("--edge-profile", type=Path, default=None, help="the edge's profile, copied from the edge")
+    parser.add_argument("--link-profile", type=Path, default=None, help="a 'seam probe' profile to start the link estimate from")
+    parser.add_argument("--min-ue-layers", type=int, default=1,
+                        help="layers that always stay on this device (default 1; 0 needs --allow-token-upload)")
+    parser.add_argument("--ue-memory-mb", type=float, default=None, help="memory budget for weights and KV on this device")
+    parser.add_argument("--link-trace", type=Path, default=None,
+                        help="emulate a link following this CSV trace (t_s,up_mbit,down_mbit,rtt_ms) on top of the real one")
+    parser.add_argument("--max-ppl-increase", type=float, default=None, metavar="PCT",
+                        help="the quality budget: the cost-model policy (with --quality) sends each split's hidden "
+                             "states in the codec with the fewest bytes whose measured perplexity increase stays "
+                             "within PCT %%; planner and learned never pick a (split, codec) predicted beyond it")
+    parser.add_argument("--quality", type=Path, default=None,
+                        help="a 'seam analyze' result of this artifact (planner and learned: check the budget "
+                             "against it instead of the policy file's predictions)")
+    parser.add_argument("--codec", default="fp32", choices=list(CODECS),
+                        help="how hidden states cross the link (falls back, with a warning, to one the edge has)")
+    parser.add_argument("--impair", default=None, metavar="SPEC",
+                        help="research: corrupt the hidden states at the cut, erasure:P or awgn:SNR_DB")
+    parser.add_argument("--impair-seed", type=int, default=0)
+    parser.add_argument("--ue-slowdown", type=float, default=1.0,
+                        help="emulate a device this many times slower than this one, its profile scaled alike "
+                             "(demos and benchmarks on one machine)")
+    parser.add_argument("--curve-secret", type=Path, default=None, help="this UE's NAME.key_secret")
+    parser.add_argument("--server-key", type=Path, default=None, help="the server's public NAME.key")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from seam.runtime.artifact import Artifact
+    from seam.runtime.executor import SessionPool
+    from seam.runtime.generation import LocalSplit, generate
+    from seam.runtime.sampling import Sampler
+    from seam.runtime.text import StreamDecoder, load_tokenizer
+    from seam.ue_client.client import EdgeClient
+
+    if args.max_new_tokens < 1:
+        raise SeamError("--max-new-tokens must be at least 1")
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    artifact = Artifact.open(args.artifact)
+    split = args.split if args.split is not None else artifact.default_split
+    tokenizer = load_tokenizer(artifact)
+    prompt_ids = tokenizer.encode(args.prompt).ids
+    if not prompt_ids:
+        raise SeamError("--prompt encodes to no tokens; give some text")
+    decoder = StreamDecoder(tokenizer)
+    eos = artifact.manifest.tokenizer.get("eos_token_id")
+
+    def stream(tokens) -> bool:
+        token = int(tokens[0])
+        if token == eos:
+            return False
+        sys.stdout.write(decoder.push(token))
+        sys.stdout.flush()
+        return True
+
+    policy, prior = choose_policy(args, artifact)
+    impairment = parse_impairment(args.impair) if args.impair else None
+    emulated = EmulatedLink(load_trace(args.link_trace)) if args.link_trace else None
+    transport = TransportConfig(timeout_s=args.timeout)
+    try:
+        client = EdgeClient(artifact, args.server, transport, args.threads, args.curve_secret, args.server_key, prior,
+                            emulated, args.ue_slowdown, args.codec)
+    except TransportTimeout:
+        if not args.fallback_local:
+            raise
+        print(f"ue_client: edge server at {args.server} unreachable; generating locally", file=sys.stderr)
+        local = LocalSplit(SessionPool(artifact, args.threads), artifact.num_layers)
+        sampler = Sampler(sampling)
+        pad = artifact.manifest.tokenizer["pad_token_id"]
+        for tokens, _ in generate(local, [prompt_ids], args.max_new_tokens, pad, lambda logits, _: sampler(logits)):
+            if not stream(tokens):
+                break
+        print()
+        return 0
+    for warning in client.warnings:
+        print(f"ue_client: warning: {warning}", file=sys.stderr)
+    status = StatusLine(sys.stderr, artifact.num_layers)
+    with client, client.session(split, sampling, args.allow_token_upload, args.fallback_local) as session:
+        session.impairment, session.impairment_rng = impairment, np.random.default_rng(args.impair_seed)
+        if policy is not None:
+            policy.preload(session)
+        for tokens in session.generate([prompt_ids], args.max_new_tokens, policy):
+            status.update(session)
+            if not stream(tokens):
+                break
+        print()
+        status.finish()
+        stats = session.stats
+        medians = stats.decode_medians_ms()
+        moves = f"; {len(session.moves)} moves, ended at split {session.split}" if session.moves else ""
+        print(
+            f"ue_client: split {split}/{artifact.num_layers}{moves}; {len(stats.arrivals)} tokens; "
+            f"time to first token {1e3 * stats.time_to_first_token_s:.1f} ms; {stats.tokens_per_second:.1f} tokens/s\n"
+            f"ue_client: per token (median): UE {medians['ue_s']:.2f} ms, network {medians['network_s']:.2f} ms, "
+            f"edge {medians['edge_s']:.2f} ms; sent {client.socket.bytes_sent} B, "
+            f"received {client.socket.bytes_received} B",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def choose_policy(args: argparse.Namespace, artifact):
+    """The split policy (None = static) and the link prior the arguments ask for, refusing half a cost model."""
+    from seam.profiler.cost_model import Link
+    from seam.profiler.schema import LinkProfile, load
+    from seam.ue_client.policy import Constraints, CostModelPolicy
+
+    prior = Link.from_profile(load(args.link_profile, LinkProfile)) if args.link_profile else None
+    if args.policy == "static" and (args.quality is not None or args.max_ppl_increase is not None):
+        raise SeamError("--quality and --max-ppl-increase choose codecs for the other policies, not --policy static")
+    if args.policy == "static":
+        return None, prior
+    ue_path = args.ue_profile or cached_profile(artifact, args.threads)
+    if ue_path is None or args.edge_profile is None:
+        if args.policy is not None or args.quality is not None or args.max_ppl_increase is not None:
+            missing = "--edge-profile" if ue_path else "--ue-profile (or run 'seam profile' on this device)"
+            raise SeamError(f"the {args.policy or 'cost-model'} policy (and a quality budget with it) needs both "
+                            f"device profiles; give {missing}")
+        return None, prior
+    if args.min_ue_layers < 0 or (args.min_ue_layers == 0 and not args.allow_token_upload):
+        raise SeamError("--min-ue-layers 0 lets the policy send token ids; it needs --allow-token-upload")
+    ue, edge = device_models(artifact, ue_path, args.edge_profile, args.ue_slowdown)
+    memory = None if args.ue_memory_mb is None else int(args.ue_memory_mb * 2**20)
+    constraints = Constraints(args.min_ue_layers, memory)
+    if args.policy in ("learned", "planner"):
+        return learned_policy(args, artifact, ue, edge, constraints), prior
+    return CostModelPolicy(ue, edge, constraints, quality=quality_budget(args)), prior
+
+
+def cached_profile(artifact, threads: int | None):
+    """This device's cached ``seam profile`` of ``artifact`` at ``threads``, or None."""
+    from seam.profiler.measure import profile_key
+    from seam.runtime.ort_options import default_threads
+
+    key = profile_key(artifact, "cpu", threads or default_threads(), artifact.manifest.dtype)
+    cached = artifact.root / "profiles" / key.file_name()
+    return cached if cached.is_file() else None
+
+
+def device_models(artifact, ue_path: Path, edge_path: Path, ue_slowdown: float = 1.0):
+    """The UE's and the edge's cost models from their profiles, checked to describe ``artifact``."""
+    from seam.profiler.cost_model import DeviceModel, check_pair
+    from seam.profiler.schema import DeviceProfile, load
+
+    ue_profile, edge_profile = (load(path, DeviceProfile) for path in (ue_path, edge_path))
+    ue, edge = DeviceModel.from_profile(ue_profile.slowed(ue_slowdown)), DeviceModel.from_profile(edge_profile)
+    check_pair(ue, edge)
+    if ue.key.artifact_fingerprint != artifact.manifest.artifact_fingerprint:
+        raise SeamError(f"the profiles were measured with another artifact than {artifact.root}; profile it again")
+    return ue, edge
+
+
+def learned_policy(args: argparse.Namespace, artifact, ue, edge, constraints):
+    """``--policy learned`` or ``planner`` from its policy file, checking the budget against a measured
+    analysis when ``--quality`` gives one."""
+    from seam.ue_client.learned import LearnedPolicy, PolicyFile
+
+    policy = PolicyFile.load(args.policy_file or artifact.root / "policies" / "learned")
+    if policy.artifact_fingerprint != artifact.manifest.artifact_fingerprint:
+        raise SeamError(f"the policy {policy.root} was trained for another artifact than {artifact.root}; "
+                        "train it again with seam train-policy")
+    budget = math.inf if args.max_ppl_increase is None else args.max_ppl_increase
+    if budget < 0:
+        raise SeamError("--max-ppl-increase is a percentage of perplexity and cannot be negative")
+    measured = read_analysis(args.quality).increase_pct if args.quality else None
+    return LearnedPolicy(ue, edge, policy, args.policy == "planner", constraints, budget, measured)
+
+
+def read_cells(path: Path) -> list[dict]:
+    """The cells of a ``seam analyze`` result, checked to hold codec results a ``QualityBudget`` can read."""
+    import json
+
+    from seam.ue_client.policy import QualityBudget
+
+    try:
+        cells = json.loads(path.read_text())["cells"]
+        QualityBudget.from_analysis(cells, math.inf)
+        return cells
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise SeamError(f"cannot read the quality analysis {path} ({type(error).__name__}: {error}); "
+                        "write it with seam analyze") from None
+
+
+def read_analysis(path: Path, max_increase_pct: float = math.inf):
+    """The codec cells of a ``seam analyze`` result as a ``QualityBudget``."""
+    from seam.ue_client.policy import QualityBudget
+
+    return QualityBudget.from_analysis(read_cells(path), max_increase_pct)
+
+
+def quality_budget(args: argparse.Namespace):
+    """The quality budget ``--quality`` and ``--max-ppl-increase`` give, or None without them."""
+    if (args.quality is None) != (args.max_ppl_increase is None):
+        raise SeamError("--quality and --max-ppl-increase go together: the analysis and the increase it may cost")
+    if args.quality is None:
+        return None
+    if args.max_ppl_increase < 0:
+        raise SeamError("--max-ppl-increase is a percentage of perplexity and cannot be negative")
+    return read_analysis(args.quality, args.max_ppl_increase)
+
+
+class StatusLine:
+    """A line of its own for every move, and a live line (split, link estimate) on a terminal whose text is
+    not streaming there too (stdout redirected), since redrawing the line would wipe the text."""
+
+    def __init__(self, stream, num_layers: int):
+        self.stream = stream
+        self.live = stream.isatty() and not sys.stdout.isatty()
+        self.text_here = stream.isatty() and sys.stdout.isatty()  # a move's line must not run on from the text
+        self.num_layers = num_layers
+        self.moves_shown = 0
+
+    def update(self, session) -> None:
+        for move in session.moves[self.moves_shown:]:
+            self._clear()
+            why = f": {move.reason}" if move.reason else ""
+            lead = "\n" if self.text_here else ""
+            self.stream.write(f"{lead}ue_client: before token {move.before_step + 1}, split {move.from_split} -> "
+                              f"{move.to_split} ({move.sent_bytes / 1e6:.2f} MB sent in {1e3 * move.seconds:.0f} ms){why}\n")
+        self.moves_shown = len(session.moves)
+        if self.live:
+            link = session.link.link()
+            self.stream.write(f"\r\x1b[2Kue_client: token {len(session.stats.arrivals)}, split {session.split}/"
+                              f"{self.num_layers}, link up {link.up_mbit:.1f} down {link.down_mbit:.1f} Mbit/s, "
+                              f"rtt {1e3 * link.rtt_s:.1f} ms")
+        self.stream.flush()
+
+    def _clear(self) -> None:
+        if self.live:
+            self.stream.write("\r\x1b[2K")
+
+    def finish(self) -> None:
+        self._clear()
+        self.stream.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[1:2] == ["train"]:  # ue_client DIR train ...: split fine-tuning
+        from seam.finetune.cli import main as train
+
+        return train([argv[0], *argv[2:]])
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except SeamError as error:
+        print(f"ue_client: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("ue_client: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Split policies: which split the next step should run at, from the cost model, the link estimate and the
+generation's state.
+
+``choose_split`` is a pure function. It predicts every allowed split's per-token latency at the current context,
+scales each side's compute by what the running session measured against its profile (an edge busy with other
+UEs, a UE warmer than when it was profiled), and moves only when the time saved over the tokens still to come
+pays for the move, and the new split is faster by a margin, so that noise in the estimate never makes the split
+flap. A move carries the moved layers' KV cache across, or lets the side that takes them over recompute it from
+hidden states (or tokens), whichever the model says is quicker: a cache holds two tensors per layer per position,
+the hidden states one. The network part is scaled the same way by the steps' own network times, which see a
+collapsed link before any bandwidth sample does. Policies: ``static`` (never moves) and ``cost-model`` here;
+``planner`` and ``learned`` (``ue_client.learned``) choose the target differently and move the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from seam.profiler.cost_model import ID_BYTES, DeviceModel, Link, predict
+from seam.runtime.codecs import CODECS, encoded_bytes
+from seam.runtime.errors import SeamError
+from seam.runtime.spans import Span
+
+STEP_PROBE_AGE_S = 2.0  # step-sized probes older than this no longer describe the link
+# Measured network time over predicted may range this far: a collapsed link makes steps a hundred times slower
+# than the estimate from before, and a recovered one the other way round, before any rate sample shows it.
+NETWORK_SCALE_BOUNDS = (1e-3, 1e3)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    min_ue_layers: int = 0  # privacy: layers that always run on the UE
+    ue_memory_bytes: int | None = None  # the UE's budget for weights and KV cache
+    allowed: tuple[int, ...] | None = None  # split points the policy may choose; None = all
+
+
+@dataclass(frozen=True)
+class Decision:
+    split: int
+    per_token_s: dict[int, float]  # predicted decode latency of each candidate
+    reason: str
+    rebuild: bool = False  # the side taking layers over recomputes their cache instead of receiving it
+    codec: str | None = None  # how the hidden states should cross at the chosen split (None: as they are)
+
+
+def candidate_splits(ue: DeviceModel, constraints: Constraints, kv_bytes_per_token: Sequence[int], batch: int,
+                     max_length: int, weight_bytes: Sequence[int]) -> list[int]:
+    """Split points the constraints allow: ``weight_bytes[i]`` and ``kv_bytes_per_token[i]`` describe block i."""
+    splits = []
+    for split in ue.split_points:
+        if split < constraints.min_ue_layers or (constraints.allowed is not None and split not in constraints.allowed):
+            continue
+        inside = [i for i, fit in enumerate(ue.blocks) if fit.layers[1] <= split]
+        needed = sum(weight_bytes[i] + kv_bytes_per_token[i] * batch * max_length for i in inside)
+        if constraints.ue_memory_bytes is None or needed <= constraints.ue_memory_bytes:
+            splits.append(split)
+    if not splits:
+        raise SeamError("no split satisfies the constraints (minimum UE layers, UE memory, allowed splits)")
+    return splits
+
+
+@dataclass(frozen=True)
+class Scales:
+    """Measured over predicted, per part of a step, from the running session (1 = as predicted)."""
+
+    ue: float = 1.0
+    edge: float = 1.0
+    network: float = 1.0
+
+
+def per_token_s(ue: DeviceModel, edge: DeviceModel, link: Link, split: int, context: int, batch: int,
+                scales: Scales = Scales(), codec: str | None = None) -> float:
+    step = predict(ue, edge, link, split, context, batch, codec).decode
+    network = step.uplink_s + step.downlink_s + step.rtt_s
+    return step.ue_s * scales.ue + step.edge_s * scales.edge + network * scales.network
+
+
+# Bytes rank the codecs alike at any hidden size; of two as small, the better one (first in CODECS) comes first.
+FEWEST_BYTES_FIRST = sorted(CODECS, key=lambda name: encoded_bytes(name, (1, 1, 64)))
+
+
+@dataclass(frozen=True)
+class QualityBudget:
+    """What each codec costs in quality at each cut, as ``seam analyze`` measured it (perplexity increase in %),
+    and how much of it the user accepts. The UE reads the measured table rather than the surrogate: it runs
+    without torch, and a table of a few dozen cells covers every choice it can make."""
+
+    increase_pct: dict[tuple[int, str], float]  # (cut, codec) -> measured perplexity increase
+    max_increase_pct: float
+
+    @classmethod
+    def from_analysis(cls, cells: Sequence[dict], max_increase_pct: float) -> QualityBudget:
+        table = {(cell["cut"], cell["variant"].split(":", 1)[1]): cell["increase_pct"]
+                 for cell in cells if cell["variant"].startswith("codec:")}
+        if not table:
+            raise SeamError("the quality analysis holds no codec results; run seam analyze with --codecs")
+        return cls(table, max_increase_pct)
+
+    def codec(self, split: int, offered: Sequence[str]) -> str:
+        """The codec with the fewest bytes whose measured increase at ``split`` stays within the budget; fp32
+        (lossless) when none does or the cut was not analysed."""
+        fitting = [name for name in offered if name == "fp32"
+                   or self.increase_pct.get((split, name), math.inf) <= self.max_increase_pct]
+        return min(fitting or ["fp32"], key=FEWEST_BYTES_FIRST.index)
+
+
+def move_s(link: Link, current: int, split: int, kv_bytes_per_token_per_layer: int, batch: int, context: int) -> float:
+    """Time to carry the cache of the layers between ``current`` and ``split`` across the link."""
+    moved = abs(split - current) * kv_bytes_per_token_per_layer * batch * context
+    rate = link.up_bytes_per_s if split < current else link.down_bytes_per_s
+    return link.rtt_s + moved / rate
+
+
+def rebuild_s(ue: DeviceModel, edge: DeviceModel, link: Link, current: int, split: int, batch: int, context: int,
+              scales: Scales, boundary_bytes_per_token: int, kept: Collection[int]) -> float:
+    """Time for the side that takes layers over to recompute their cache instead of receiving it.
+
+    Layers the UE takes over it recomputes from the hidden states it kept at ``current`` (else from the tokens),
+    and a message tells the edge to drop them; layers the edge takes over it recomputes from the hidden states at
+    ``split``, which the UE must have kept (``kept``) and sends: ``boundary_bytes_per_token`` per position."""
+    if split > current:
+        start = current if current in kept else 0
+        return ue.compute_s(start, split, "prefill", context, batch) * scales.ue + link.rtt_s * scales.network
+    if split not in kept:
+        return math.inf
+    upload = batch * context * boundary_bytes_per_token / link.up_bytes_per_s
+    return link.rtt_s + upload + edge.compute_s(split, current, "prefill", context, batch) * scales.edge
+
+
+def choose_split(
+    ue: DeviceModel,
+    edge: DeviceModel,
+    link: Link,
+    *,
+    current: int,
+    candidates: Sequence[int],
+    context: int,
+    remaining: int,
+    batch: int,
+    kv_bytes_per_token_per_layer: int,
+    boundary_bytes_per_token: int = 0,
+    kept: Collection[int] = (),
+    margin: float = 0.1,
+    scales: Scales = Scales(),
+    codecs: Mapping[int, str] | None = None,
+) -> Decision:
+    """The split for the next step: the candidate with the largest net saving over the ``remaining`` tokens.
+    ``kept``: the cuts where the UE holds the hidden states of every position so far (see ``rebuild_s``);
+    ``codecs``: the codec each split's hidden states would cross in (none: the artifact's own dtype)."""
+    codecs = codecs or {}
+    costs = {
+        split: per_token_s(ue, edge, link, split, context, batch, scales, codecs.get(split))
+        for split in sorted({*candidates, current})
+    }
+    now = costs[current]
+
+    def carry_and_recompute_s(start: int, end: int) -> tuple[float, float]:
+        return (move_s(link, start, end, kv_bytes_per_token_per_layer, batch, context),
+                rebuild_s(ue, edge, link, start, end, batch, context, scales, boundary_bytes_per_token, kept))
+
+    best, best_gain, best_rebuild = current, 0.0, False
+    for split in candidates:
+        if split == current:
+            continue
+        moving, rebuilding = carry_and_recompute_s(current, split)
+        # Links rarely hold still: a move must also pay for the way back, which a move onto a link that is
+        # merely worse (not gone) makes dear.
+        gain = (now - costs[split]) * remaining - min(moving, rebuilding) - min(carry_and_recompute_s(split, current))
+        if gain > best_gain and costs[split] < now * (1 - margin):
+            best, best_gain, best_rebuild = split, gain, rebuilding < moving
+    label = f"link up {link.up_mbit:.1f}, down {link.down_mbit:.1f} Mbit/s, rtt {link.rtt_s * 1e3:.1f} ms"
+    if best == current:
+        return Decision(current, costs, f"{label}: split {current} stays ({1e3 * now:.1f} ms/token)",
+                        codec=codecs.get(current))
+    how = "moving the cache" if not best_rebuild else "recomputing the cache " + ("here" if best > current else "there")
+    return Decision(
+        best,
+        costs,
+        f"{label}: {1e3 * now:.1f} -> {1e3 * costs[best]:.1f} ms/token, "
+        f"saves {best_gain:.2f} s over the next {remaining} tokens after {how} and the way back",
+        best_rebuild,
+        codecs.get(best),
+    )
+
+
+def calibration(measured_s: Sequence[float], predicted_s: float, bounds: tuple[float, float] = (0.25, 4.0)) -> float:
+    """How much slower (> 1) or faster a part of a step runs than predicted, from recent measured steps;
+    bounded so that one stall cannot make the policy believe a device is useless."""
+    if not measured_s or predicted_s <= 0:
+        return 1.0
+    return min(max(statistics.median(measured_s) / predicted_s, bounds[0]), bounds[1])
+
+
+class CostModelPolicy:
+    """The ``cost-model`` policy for ``RemoteSession.generate``: before each step it calibrates both sides'
+    compute against the session's steps since its last move and moves the split when ``choose_split`` says so,
+    over the link as the session estimates it (kept fresh by the session's background probes)."""
+
+    def __init__(self, ue: DeviceModel, edge: DeviceModel, constraints: Constraints = Constraints(),
+                 margin: float = 0.1, window: int = 2, horizon: int = 128, settle_tokens: int = 64,
+                 quality: QualityBudget | None = None):
+        self.ue, self.edge = ue, edge
+        self.quality = quality  # with it, each split's hidden states cross in the cheapest codec the budget allows
+        self.constraints = constraints
+        self.margin = margin
+        self.window = window  # steps to calibrate on: the median of two is their mean, so one step slowed by a
+        # collapsed link shows at once, and one slowed by a hiccup of a few tens of ms barely does
+        self.horizon = horizon  # tokens a move must pay back within: links rarely hold still for much longer
+        # Each move within this many tokens doubles the margin the next one needs: on a link that hovers where
+        # two splits cost about the same, predictions err both ways and would otherwise bounce the split.
+        self.settle_tokens = settle_tokens
+        self.decisions: list[Decision] = []
+        self.loaded = 0  # layers [0, loaded) have their sessions open on the UE
+
+    def candidates(self, session) -> list[int]:
+        """The splits ``session`` may move to; its batch and max_length bound the cache they must hold (before a
+        generation sets them, weights alone count)."""
+        manifest = session.client.artifact.manifest
+        per_layer, blocks = manifest.kv_bytes_per_token_per_layer, manifest.blocks
+        constraints = self.constraints
+        if not session.allow_token_upload:  # split 0 would send token ids
+            constraints = replace(constraints, min_ue_layers=max(constraints.min_ue_layers, 1))
+        return candidate_splits(
+            self.ue, constraints, [len(b.layers) * per_layer for b in blocks], max(session.batch, 1),
+            session.max_length, [b.variants[session.head.variant].weight_bytes for b in blocks],
+        )
+
+    def preload(self, session, candidates: Sequence[int] | None = None) -> None:
+        """Opens every block a move may need on this device, so that no move waits for one to load; the CLI calls
+        it before the prompt, a policy used without it pays once, at its first decision."""
+        deepest = max(candidates or self.candidates(session))
+        if deepest > self.loaded:
+            session.client.pool.preload(Span(0, deepest), session.head.variant)
+            self.loaded = deepest
+
+    def targets(self, session, link: Link, scales: Scales,
+                candidates: list[int]) -> tuple[list[int], dict[int, str]]:
+        """The splits a move may go to and the codec each would send its hidden states in: every candidate, and
+        with a quality budget the cheapest codec it allows there."""
+        if self.quality is None:
+            return candidates, {}
+        offered = session.client.codecs
+        return candidates, {split: self.quality.codec(split, offered)
+                            for split in candidates if 0 < split < session.num_layers}
+
+    def __call__(self, session, step: int) -> None:
+        manifest = session.client.artifact.manifest
+        per_layer = manifest.kv_bytes_per_token_per_layer
+        candidates = self.candidates(session)
+        self.preload(session, candidates)
+        now = time.perf_counter()
+        probed = [seconds for at, seconds in session.step_probes if now - at < STEP_PROBE_AGE_S][-self.window:]
+        if session.split == session.num_layers and not probed:
+            # Alone on the UE, nothing measures the link but the background probes: offloading without them
+            # could push a whole cache into a link that has collapsed.
+            return
+        link = session.link.link()
+        since_move = session.moves[-1].before_step if session.moves else 1  # the prefill is no decode step
+        recent = session.stats.timings[max(since_move, 1):][-self.window:]
+        predicted = predict(self.ue, self.edge, link, session.split, session.past, session.batch,
+                            session.codec).decode
+        # Steps, or alone on the UE step-sized probes, measure the network exactly where the link estimate is
+        # weakest: small messages on a link whose rate has not been sampled lately.
+        if session.split < session.num_layers:
+            network, offloaded = [t.network_s for t in recent], predicted
+        else:
+            network = probed
+            offloaded = predict(self.ue, self.edge, link, min(candidates), session.past, session.batch).decode
+        scales = Scales(
+            ue=calibration([t.ue_s for t in recent], predicted.ue_s),
+            edge=calibration([t.edge_s for t in recent], predicted.edge_s),
+            network=calibration(network, offloaded.uplink_s + offloaded.downlink_s + offloaded.rtt_s,
+                                NETWORK_SCALE_BOUNDS),
+        )
+        candidates, codecs = self.targets(session, link, scales, candidates)
+        decision = choose_split(
+            self.ue, self.edge, link, current=session.split, candidates=candidates, context=session.past,
+            remaining=min(session.max_length - session.past - 1, self.horizon), batch=session.batch,
+            kv_bytes_per_token_per_layer=per_layer,
+            # The hidden states of a position and its mask entry:
+            boundary_bytes_per_token=manifest.dims.hidden_size * session.head.kv_dtype.itemsize + ID_BYTES,
+            kept=[cut for cut in range(session.num_layers + 1) if session.kept_boundary(cut)], scales=scales,
+            margin=self.margin * 2 ** sum(move.before_step > step - self.settle_tokens for move in session.moves),
+            codecs=codecs,
+        )
+        self.decisions.append(decision)
+        session.move_split(decision.split, decision.reason, decision.rebuild)
+        if decision.codec is not None:
+            session.codec = decision.codec
