@@ -34,7 +34,8 @@ from seam.profiler.cost_model import ID_BYTES, DeviceModel, Link
 from seam.runtime.artifact import Artifact
 from seam.runtime.spans import Span
 from seam.runtime.traces import Trace, load_trace
-from seam.runtime.transport import EmulatedLink, TransportConfig
+from seam.runtime.emulation import EmulatedLink
+from seam.runtime.transport import TransportConfig
 from seam.ue_client.client import EdgeClient
 from seam.ue_client.policy import Constraints, CostModelPolicy, Scales, move_s, rebuild_s
 

@@ -42,7 +42,8 @@ from seam.runtime.codecs import CODECS
 from seam.runtime.errors import SeamError
 from seam.runtime.spans import Span
 from seam.runtime.traces import LinkState, Trace
-from seam.runtime.transport import EmulatedLink, TransportConfig
+from seam.runtime.emulation import EmulatedLink
+from seam.runtime.transport import TransportConfig
 from seam.ue_client.client import EdgeClient
 from seam.ue_client.learned import PolicyFile
 from seam.ue_client.planner import Objective, increase_of

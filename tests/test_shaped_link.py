@@ -12,7 +12,8 @@ from seam.edge_server.process import edge_server
 from seam.profiler.probe import round_trip
 from seam.runtime.artifact import Artifact
 from seam.runtime.traces import LinkState, Trace
-from seam.runtime.transport import EmulatedLink, TransportConfig, UeSocket
+from seam.runtime.emulation import EmulatedLink
+from seam.runtime.transport import TransportConfig, UeSocket
 from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
 from seam.ue_client.client import EdgeClient
 

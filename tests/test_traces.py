@@ -15,7 +15,8 @@ from seam.profiler.probe import round_trip
 from seam.runtime.artifact import Artifact
 from seam.runtime.errors import SeamError
 from seam.runtime.traces import LinkState, Trace, generate_traces, load_trace, parse_trace, step_trace
-from seam.runtime.transport import EmulatedLink, TransportConfig, UeSocket
+from seam.runtime.emulation import EmulatedLink, EmulatedSocket
+from seam.runtime.transport import TransportConfig, UeSocket
 from test_runtime import PROMPTS
 from seam.ue_client.client import EdgeClient
 
@@ -62,21 +63,21 @@ def test_the_emulator_follows_the_trace_clock():
     now = [0.0]
     link = EmulatedLink(Trace((0.0, 10.0), (LinkState(8, 80, 20), LinkState(1, 1, 100))), clock=lambda: now[0])
 
-    assert link.send_delay_s(1_000_000) == pytest.approx(0.01 + 1.0)
-    assert link.receive_delay_s(1_000_000) == pytest.approx(0.01 + 0.1)
+    assert link.delay_s(1_000_000, "up") == pytest.approx(0.01 + 1.0)
+    assert link.delay_s(1_000_000, "down") == pytest.approx(0.01 + 0.1)
     now[0] = 12.0
-    assert link.send_delay_s(125_000) == pytest.approx(0.05 + 1.0)
+    assert link.delay_s(125_000, "up") == pytest.approx(0.05 + 1.0)
     # A transfer that starts before the link slows down crosses at each rate in turn: 9.5 s at 8 Mbit/s cover
     # 9.5 MB of 10, the last 0.5 MB take 4 s at 1 Mbit/s.
     now[0] = 0.5
-    assert link.send_delay_s(10_000_000) == pytest.approx(0.01 + 9.5 + 4.0)
+    assert link.delay_s(10_000_000, "up") == pytest.approx(0.01 + 9.5 + 4.0)
 
 
 def test_the_link_estimate_measures_an_emulated_link(exported):
     artifact = Artifact.open(exported("tiny-llama"))
     trace = Trace((0.0,), (LinkState(up_mbit=4.0, down_mbit=16.0, rtt_ms=30.0),))
     with edge_server(artifact.root) as (_, address):
-        socket = UeSocket(address, TransportConfig(timeout_s=10), emulated=EmulatedLink(trace))
+        socket = EmulatedSocket(EmulatedLink(trace), address, TransportConfig(timeout_s=10))
         started = time.perf_counter()
         round_trip(socket, 1, 50_000, 0)
         assert time.perf_counter() - started >= 0.03 + 50_000 * 8 / 4e6  # the round trip plus 0.1 s of upload

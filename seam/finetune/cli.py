@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     from seam.runtime.artifact import Artifact
     from seam.runtime.text import load_tokenizer
     from seam.runtime.traces import LinkState, Trace
-    from seam.runtime.transport import EmulatedLink, TransportConfig
+    from seam.runtime.emulation import EmulatedLink
+    from seam.runtime.transport import TransportConfig
     from seam.ue_client.client import EdgeClient
 
     if args.steps < 1 or args.max_length < 2 or args.rounds < 1:

@@ -215,6 +215,15 @@ class Artifact:
         """Every layer index the model can be split at: 0 (all on the edge), each cut, and L (all on the UE)."""
         return [0, *self.manifest.cuts, self.num_layers]
 
+    def check_split(self, split: int, allow_token_upload: bool) -> None:
+        """Refuses a split that is no split point of this artifact, or split 0 (raw token ids cross) unless the
+        UE allowed token upload."""
+        if split not in self.split_points:
+            raise SeamError(f"split {split} is not a split point; choose one of {self.split_points}")
+        if split == 0 and not allow_token_upload:
+            raise SeamError("split 0 sends raw token ids to the edge; the UE must allow token upload explicitly "
+                            "(ue_client --allow-token-upload)")
+
     @property
     def default_split(self) -> int:
         """The middle split point: the UE and the edge each get about half of the cuts."""
@@ -223,10 +232,7 @@ class Artifact:
     def blocks_for(self, span: Span) -> list[Block]:
         """The blocks that make up ``span``; its ends must be split points."""
         for end in (span.start, span.end):
-            if end not in self.split_points:
-                raise SeamError(
-                    f"layer {end} is not a split point of this artifact; choose one of {self.split_points}"
-                )
+            self.check_split(end, allow_token_upload=True)
         return [block for block in self.manifest.blocks if span.covers(block.layers)]
 
     def path(self, onnx_file: OnnxFile) -> Path:

@@ -247,3 +247,26 @@ def negotiate(ours: Sequence[str], theirs: Sequence[str], wanted: str) -> tuple[
     chosen = [name for name in common if order.index(name) < order.index(wanted)][-1]
     missing = [side for side, names in (("this side", ours), ("the peer", theirs)) if wanted not in names]
     return chosen, f"activation codec {wanted} is not supported by {' or '.join(missing)}; using {chosen}"
+
+
+# --- how a coded activation travels in a message ----------------------------------------------------------------
+# A step carries the codec's "data" array as ``hidden_states`` and its "scale" array as ``hidden_scale``, with the
+# codec's name in ``codec``; an activation in the artifact's own dtype travels as it is, with no codec named.
+
+
+def to_message_fields(hidden: np.ndarray, name: str, own_dtype: str) -> dict[str, object]:
+    """The message fields that carry ``hidden`` [B, S, H] coded with codec ``name``."""
+    if name == own_dtype:
+        return {"hidden_states": hidden}
+    encoded = codec(name).encode(hidden.astype(np.float32, copy=False))
+    return {"hidden_states": encoded.arrays["data"], "hidden_scale": encoded.arrays.get("scale"), "codec": name}
+
+
+def from_message_fields(name: str, data: np.ndarray, scale: np.ndarray | None, shape: Shape,
+                        dtype: np.dtype) -> np.ndarray:
+    """The activation of ``shape`` in ``dtype`` that ``to_message_fields`` coded with codec ``name`` ("" for
+    none); raises CodecError when the arrays do not match that codec."""
+    if not name:
+        return data
+    arrays = {"data": data} if scale is None else {"data": data, "scale": scale}
+    return decode(EncodedActivation(name, shape, arrays)).astype(dtype, copy=False)

@@ -16,12 +16,14 @@ from typing import ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+from seam.runtime.errors import SeamError
+
+PROTOCOL_VERSION = 2
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 ALLOWED_DTYPES = frozenset({"float32", "float16", "int64", "int8", "uint8", "uint16"})
 
 
-class ProtocolError(Exception):
+class ProtocolError(SeamError):
     """A message that does not follow the protocol; the receiver answers with an Error and carries on."""
 
 
@@ -70,7 +72,7 @@ class OpenSession(Message):
     sampler_state: dict = field(default_factory=dict)  # continues the UE's sampler when it generated locally so far
     kv: np.ndarray | None = None  # the cache of layers [split, L) when sequences are already running (see Resplit)
     hidden_states: np.ndarray | None = None  # or, instead of the cache, what to recompute it from (see Resplit)
-    attention_mask: np.ndarray | None = None
+    attention_mask: np.ndarray | None = None  # [B, past] int64 of the positions already run, with kv or hidden_states
 
 
 @dataclass
@@ -81,12 +83,14 @@ class SessionOpened(Message):
 
 @dataclass
 class Step(Message):
-    """One prefill or decode step: the UE's boundary output for positions it has not sent before."""
+    """One prefill or decode step: the UE's boundary output for positions it has not sent before. The edge keeps
+    the mask of every position its session has seen (from the open and the steps), so a step carries only the
+    mask columns of its own positions: a whole mask would grow by 8 bytes a position per token."""
 
     kind = "step"
     session_id: str
     step: int
-    attention_mask: np.ndarray  # [B, past + S] int64, or [B, S] once the edge holds the session's past mask
+    attention_mask: np.ndarray  # [B, S] int64: the mask columns of this step's positions
     position_ids: np.ndarray  # [B, S] int64
     hidden_states: np.ndarray | None = None  # [B, S, H], when the UE runs at least one layer
     input_ids: np.ndarray | None = None  # [B, S], only with allow_token_upload and split 0

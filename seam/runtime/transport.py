@@ -20,8 +20,7 @@ import zmq.utils.monitor
 from zmq.auth.thread import ThreadAuthenticator
 
 from seam.runtime.errors import SeamError
-from seam.runtime.protocol import DEFAULT_MAX_MESSAGE_BYTES, Message, decode, encode
-from seam.runtime.traces import Trace
+from seam.runtime.protocol import DEFAULT_MAX_MESSAGE_BYTES, Message, ProtocolError, decode, encode
 
 
 class TransportTimeout(SeamError):
@@ -126,12 +125,17 @@ class EdgeSocket:
             raise SeamError(f"cannot listen on {address}: {error}; choose another --bind address") from None
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def receive(self, timeout_s: float) -> tuple[bytes, list] | None:
-        """(peer identity, raw frames), or None when nothing arrived within ``timeout_s``."""
+    def receive(self, timeout_s: float) -> tuple[bytes, Message | ProtocolError] | None:
+        """(peer identity, its message, or the ProtocolError that decoding it raised for the server to answer),
+        or None when nothing arrived within ``timeout_s``."""
         if not self.socket.poll(int(timeout_s * 1000)):
             return None
         frames = self.socket.recv_multipart(copy=False)
-        return frames[0].bytes, [frame.buffer for frame in frames[1:]]
+        try:
+            message = decode([frame.buffer for frame in frames[1:]], self.config.max_message_bytes)
+        except ProtocolError as error:
+            message = error
+        return frames[0].bytes, message
 
     def send(self, peer: bytes, message: Message) -> None:
         self.socket.send_multipart([peer, *encode(message)], copy=False)
@@ -143,27 +147,6 @@ class EdgeSocket:
         self.context.term()
 
 
-class EmulatedLink:
-    """Delays each request as a link following ``trace`` would: before sending, half the round trip and the
-    upload at the trace's uplink rate as it changes; after the reply, the other half and the download. For demos
-    and runs without root; ``tc`` on a network namespace shapes a real link."""
-
-    def __init__(self, trace: Trace, clock=time.monotonic):
-        self.trace = trace
-        self.clock = clock
-        self.started = clock()
-
-    def send_delay_s(self, size: int) -> float:
-        return self._delay_s(size, "up")
-
-    def receive_delay_s(self, size: int) -> float:
-        return self._delay_s(size, "down")
-
-    def _delay_s(self, size: int, direction: str) -> float:
-        now = self.clock() - self.started
-        return self.trace.at(now).rtt_ms / 2e3 + self.trace.transfer_s(now, size, direction)
-
-
 class UeSocket:
     """The UE end: one request, one reply, each bounded by the timeout."""
 
@@ -173,11 +156,9 @@ class UeSocket:
         config: TransportConfig,
         curve_secret: Path | None = None,
         server_key: Path | None = None,
-        emulated: EmulatedLink | None = None,
     ):
         self.address = address
         self.config = config
-        self.emulated = emulated
         self.curve = (_load_secret(curve_secret), _load_public(server_key)) if curve_secret else None
         self.context = zmq.Context()
         self.socket = None
@@ -211,13 +192,15 @@ class UeSocket:
         return None
 
     def request(self, message: Message, timeout_s: float | None = None) -> Message:
-        frames = encode(message)
-        size = sum(len(frame) for frame in frames)
-        if self.emulated:
-            time.sleep(self.emulated.send_delay_s(size))
+        """Sends ``message`` and returns the decoded reply; raises TransportTimeout, HandshakeRefused, or
+        ProtocolError for a malformed reply."""
+        reply = self.exchange(encode(message), self.config.timeout_s if timeout_s is None else timeout_s)
+        return decode(reply, self.config.max_message_bytes)
+
+    def exchange(self, frames: list, timeout: float) -> list:
+        """Sends encoded frames and returns the reply's raw frames, waiting at most ``timeout`` seconds."""
         self.socket.send_multipart(frames, copy=False)
-        self.bytes_sent += size
-        timeout = self.config.timeout_s if timeout_s is None else timeout_s
+        self.bytes_sent += sum(len(frame) for frame in frames)
         if not self.socket.poll(int(timeout * 1000)):
             refused = self._handshake_failure()
             self._open()  # drop whatever the late reply would bring
@@ -227,12 +210,9 @@ class UeSocket:
                 f"no reply from the edge server at {self.address} within {timeout:g} s; "
                 "check that edge_server is running and reachable, or raise --timeout"
             )
-        reply = self.socket.recv_multipart(copy=False)
-        size = sum(len(frame.buffer) for frame in reply)
-        if self.emulated:
-            time.sleep(self.emulated.receive_delay_s(size))
-        self.bytes_received += size
-        return decode([frame.buffer for frame in reply], self.config.max_message_bytes)
+        reply = [frame.buffer for frame in self.socket.recv_multipart(copy=False)]
+        self.bytes_received += sum(len(frame) for frame in reply)
+        return reply
 
     def request_with_retries(self, message: Message) -> Message:
         """For the idempotent handshake: retries with capped exponential backoff while the edge is not up."""

@@ -14,7 +14,8 @@ from seam.runtime.errors import SeamError
 from seam.runtime.impairments import parse as parse_impairment
 from seam.runtime.sampling import SamplingParams
 from seam.runtime.traces import load_trace
-from seam.runtime.transport import EmulatedLink, TransportConfig, TransportTimeout
+from seam.runtime.emulation import EmulatedLink
+from seam.runtime.transport import TransportConfig, TransportTimeout
 
 
 def build_parser() -> argparse.ArgumentParser:

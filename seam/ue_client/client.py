@@ -24,8 +24,7 @@ from typing import TypeVar
 import numpy as np
 
 from seam.runtime.artifact import Artifact
-from seam.runtime.codecs import CODECS, CODECS_CAPABILITY, negotiate, offered
-from seam.runtime.codecs import codec as find_codec
+from seam.runtime.codecs import CODECS, CODECS_CAPABILITY, negotiate, offered, to_message_fields
 from seam.runtime.errors import SeamError
 from seam.runtime.executor import SessionPool, SpanRunner
 from seam.runtime.generation import left_pad, positions_from_mask
@@ -51,7 +50,8 @@ from seam.runtime.protocol import (
 from seam.profiler.cost_model import Link, downlink_bytes, uplink_bytes
 from seam.runtime.sampling import Sampler, SamplingParams
 from seam.runtime.spans import Span
-from seam.runtime.transport import EmulatedLink, TransportConfig, TransportTimeout, UeSocket
+from seam.runtime.emulation import EmulatedLink
+from seam.runtime.transport import TransportConfig, TransportTimeout, UeSocket
 from seam.ue_client.link_estimate import LinkEstimator, Sample
 
 
@@ -178,7 +178,7 @@ class RemoteSession:
         self.fallback_local = fallback_local  # if the edge stops answering, finish on this device
         self.num_layers = client.artifact.num_layers
         self.allow_token_upload = allow_token_upload
-        self._check_split(split)
+        self.client.artifact.check_split(split, self.allow_token_upload)
         self.split = split
         self.sampling = sampling
         self.sampler = Sampler(sampling)  # samples while this device holds every layer; travels with the split
@@ -197,12 +197,6 @@ class RemoteSession:
         self.link = LinkEstimator(client.link)
         self.probes = 0
         self.step_probes: deque[tuple[float, float]] = deque(maxlen=5)  # (at, seconds) of step-sized pings
-
-    def _check_split(self, split: int) -> None:
-        if split not in self.client.artifact.split_points:
-            raise SeamError(f"split {split} is not a split point; choose one of {self.client.artifact.split_points}")
-        if split == 0 and not self.allow_token_upload:
-            raise SeamError("split 0 sends raw token ids to the edge; pass --allow-token-upload to permit it")
 
     def _request(self, message: Message, kind: type) -> Message:
         return self._exchange(message, kind, self.client.socket)[0]
@@ -245,7 +239,7 @@ class RemoteSession:
         return self._exchange(Ping(self.probes, down, payload), Pong, socket)[1]
 
     def _open(self, kv: np.ndarray | None = None, hidden: np.ndarray | None = None) -> None:
-        mask = self.mask[:, : self.past] if hidden is not None else None
+        mask = self.mask[:, : self.past] if self.past else None  # the edge keeps the mask of the positions so far
         opening = OpenSession(self.session_id, self.split, self.batch, vars(self.sampling), self.max_length,
                               self.allow_token_upload, self.sampler.state, kv, hidden, mask)
         self._request(opening, SessionOpened)
@@ -341,10 +335,7 @@ class RemoteSession:
             timing = StepTiming(arrived - began, 0.0, 0.0)
         else:
             carried = {"input_ids": output} if self.split == 0 else self._coded(output)
-            # A decode step's mask would otherwise grow by a column per token and outweigh the hidden states
-            # (8 bytes a position): the edge keeps the mask of every step its session ran, so after the first
-            # one a step sends only its new columns.
-            unseen = mask[:, mask.shape[1] - positions.shape[1]:] if self.edge_step else mask
+            unseen = mask[:, mask.shape[1] - positions.shape[1]:]  # the edge holds the columns before these
             sent = time.perf_counter()
             result = self._request(Step(self.session_id, self.edge_step, unseen, positions, **carried), StepResult)
             arrived = time.perf_counter()
@@ -361,11 +352,7 @@ class RemoteSession:
             raise SeamError(f"the edge offered no {self.codec!r} codec; choose one of {', '.join(self.client.codecs)}")
         if self.impairment is not None:
             hidden = self.impairment.apply(hidden.astype(np.float32), self.impairment_rng).astype(hidden.dtype)
-        if self.codec == self.client.artifact.manifest.dtype:  # the artifact's own dtype travels as it is
-            return {"hidden_states": hidden}
-        encoded = find_codec(self.codec).encode(hidden.astype(np.float32, copy=False))
-        return {"hidden_states": encoded.arrays["data"], "hidden_scale": encoded.arrays.get("scale"),
-                "codec": self.codec}
+        return to_message_fields(hidden, self.codec, self.client.artifact.manifest.dtype)
 
     def move_split(self, split: int, reason: str = "", rebuild: bool = False) -> None:
         """Moves the split between two steps; the layers that change side take their KV cache along, so the
@@ -377,7 +364,7 @@ class RemoteSession:
         old, last = self.split, self.num_layers
         if split == old:
             return
-        self._check_split(split)
+        self.client.artifact.check_split(split, self.allow_token_upload)
         if rebuild and split < old and not self.kept_boundary(split):
             raise SeamError(f"this device kept no hidden states at layer {split} to rebuild from; move the cache")
         started = time.perf_counter()
