@@ -50,9 +50,9 @@ def profiled_pair(out: Path, ue_slowdown: float):
     the edge on two threads, the UE on one thread pinned to CPU 0 and ``ue_slowdown`` times slower."""
     import subprocess
 
-    from seam.profiler.cost_model import DeviceModel
-    from seam.profiler.measure import profile_key
-    from seam.profiler.schema import DeviceProfile, load
+    from seam.planning.cost_model import DeviceModel
+    from seam.planning.loading import profile_key
+    from seam.planning.schema import DeviceProfile, load
     from seam.runtime.artifact import Artifact
 
     artifact = Artifact.open(out)

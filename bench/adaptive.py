@@ -29,15 +29,16 @@ from _common import RESULTS, WORK, profiled_pair, report
 
 from seam.edge_server.process import edge_server
 from seam.export.exporter import ExportRequest, export
-from seam.export.report import table
-from seam.profiler.cost_model import ID_BYTES, DeviceModel, Link
+from seam.runtime.shell import table
+from seam.planning.cost_model import DeviceModel, Link
+from seam.planning.wire_sizes import ID_BYTES
 from seam.runtime.artifact import Artifact
 from seam.runtime.spans import Span
 from seam.runtime.traces import Trace, load_trace
 from seam.runtime.emulation import EmulatedLink
 from seam.runtime.transport import TransportConfig
 from seam.ue_client.client import EdgeClient
-from seam.ue_client.policy import Constraints, CostModelPolicy, Scales, move_s, rebuild_s
+from seam.planning.policy import Constraints, CostModelPolicy, Scales, move_s, rebuild_s
 
 TRACES = RESULTS.parent.parent / "traces"
 PROMPT_LENGTH = 32

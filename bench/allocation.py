@@ -26,7 +26,7 @@ import numpy as np
 
 from _common import RESULTS, report
 
-from seam.export.report import table
+from seam.runtime.shell import table
 from seam.finetune.dashf import DashfSetup, Fixed, dinkelbach, evaluate, plain, random_association
 from seam.finetune.fedsllm import FedsllmSetup, equal_shares, local_iterations, plan, solve_cvxpy
 

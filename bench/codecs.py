@@ -18,7 +18,7 @@ import numpy as np
 
 from _common import report
 
-from seam.export.report import table
+from seam.runtime.shell import table
 from seam.runtime.codecs import CODECS, decode, encoded_bytes
 
 OUTLIER_CHANNELS = 4

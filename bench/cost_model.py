@@ -16,11 +16,11 @@ import numpy as np
 from _common import report, small_llama_every_layer
 
 from seam.edge_server.process import edge_server
-from seam.export.report import table
-from seam.profiler.cost_model import Link, median_relative_error, predict
-from seam.profiler.measure import profile_key
+from seam.runtime.shell import table
+from seam.planning.cost_model import Link, median_relative_error, predict
+from seam.planning.loading import profile_key
 from seam.profiler.probe import probe_link
-from seam.profiler.schema import DeviceProfile, load
+from seam.planning.schema import DeviceProfile, load
 from seam.runtime.artifact import Artifact
 from seam.runtime.ort_options import default_threads
 from seam.runtime.transport import TransportConfig, UeSocket

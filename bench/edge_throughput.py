@@ -18,11 +18,11 @@ import numpy as np
 from _common import report, small_llama_every_layer
 
 from seam.edge_server.process import edge_server
-from seam.export.report import table
+from seam.runtime.shell import table
 from seam.runtime.artifact import Artifact
 from seam.runtime.protocol import PROTOCOL_VERSION, Close, Hello, OpenSession, SessionOpened, Step, StepResult, Welcome
 from seam.runtime.transport import TransportConfig, UeSocket
-from seam.ue_client.client import expect
+from seam.ue_client.connection import expect
 
 
 def one_ue(index: int, address: str, artifact: Artifact, split: int, prompt_length: int, steps: int,

@@ -16,7 +16,7 @@ import numpy as np
 from _common import WORK, median_ms, report
 
 from seam.export.exporter import ExportRequest, export
-from seam.export.report import table
+from seam.runtime.shell import table
 from seam.runtime.artifact import Artifact
 from seam.runtime.executor import SessionPool
 from seam.runtime.spans import Span

@@ -27,7 +27,7 @@ import numpy as np
 from _common import profiled_pair, report, trained_llama
 
 from seam.export.corpus import generate_corpus
-from seam.export.report import table
+from seam.runtime.shell import table
 from seam.profiler.quality import Variant, analyze
 from seam.profiler.rl import (DirectQuality, against_optimum, evaluation_states, learned_picker, planner_picker,
                          save_policy, surrogate_table, train)
@@ -35,8 +35,8 @@ from seam.profiler.surrogate import fit, samples
 from seam.runtime.artifact import Artifact
 from seam.runtime.codecs import CODECS
 from seam.runtime.text import load_tokenizer
-from seam.ue_client.planner import actions
-from seam.ue_client.policy import QualityBudget
+from seam.planning.planner import actions
+from seam.planning.policy import QualityBudget
 
 ALPHA, BETA = 10.0, 1.0
 

@@ -34,8 +34,8 @@ import psutil
 from _common import RESULTS, profiled_pair, report, trained_llama
 
 from seam.edge_server.process import edge_server
-from seam.export.report import table
-from seam.profiler.cost_model import Link
+from seam.runtime.shell import table
+from seam.planning.cost_model import Link
 from seam.profiler.rl import State, learned_picker, planner_picker
 from seam.runtime.artifact import Artifact
 from seam.runtime.codecs import CODECS
@@ -45,9 +45,9 @@ from seam.runtime.traces import LinkState, Trace
 from seam.runtime.emulation import EmulatedLink
 from seam.runtime.transport import TransportConfig
 from seam.ue_client.client import EdgeClient
-from seam.ue_client.learned import PolicyFile
-from seam.ue_client.planner import Objective, increase_of
-from seam.ue_client.policy import QualityBudget, Scales
+from seam.planning.learned import PolicyFile
+from seam.planning.planner import Objective, increase_of
+from seam.planning.policy import QualityBudget, Scales
 
 PROMPT_LENGTH = 32
 BUDGETS_PCT = (math.inf, 0.1)

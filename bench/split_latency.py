@@ -20,7 +20,7 @@ import numpy as np
 from _common import median_ms, report, small_llama_every_layer
 
 from seam.edge_server.process import edge_server
-from seam.export.report import table
+from seam.runtime.shell import table
 from seam.runtime.artifact import Artifact
 from seam.runtime.executor import SessionPool
 from seam.runtime.generation import LocalSplit, generate

@@ -20,7 +20,7 @@ from _common import report, small_llama_every_layer
 
 from seam.edge_server.process import edge_server
 from seam.export.corpus import generate_corpus
-from seam.export.report import table
+from seam.runtime.shell import table
 from seam.finetune.data import batches, tokenize
 from seam.finetune.local import LocalTrainer
 from seam.finetune.ue import SplitTrainer

@@ -70,8 +70,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def adaptive_run(artifact, address: str, split: int, args: argparse.Namespace) -> int:
     """The same split generation over an emulated link that drops to 0.1 Mbit/s and recovers, the split moving."""
-    from seam.profiler.measure import profile_key
-    from seam.runtime.ort_options import default_threads
+    from seam.planning.loading import cached_profile
     from seam.runtime.traces import step_trace
     from seam.cli import main as seam_main
     from seam.ue_client.cli import main as ue_client_main
@@ -79,8 +78,7 @@ def adaptive_run(artifact, address: str, split: int, args: argparse.Namespace) -
     print(f"\n\n== profile the blocks on this machine (cached in {artifact.root / 'profiles'})", flush=True)
     if seam_main(["profile", str(artifact.root), "--quiet"]) != 0:
         return 1
-    key = profile_key(artifact, "cpu", default_threads(), artifact.manifest.dtype)
-    profile = artifact.root / "profiles" / key.file_name()
+    profile = cached_profile(artifact, None)
     trace = step_trace(DEMO_LINK_MBIT, DEMO_DROP_MBIT, rtt_ms=20, drop_s=4, recover_s=10, end_s=30)
     print(f"== the split follows the link: {DEMO_LINK_MBIT:g} Mbit/s, {DEMO_DROP_MBIT:g} Mbit/s from 4 s to 10 s, "
           f"then {DEMO_LINK_MBIT:g} again (20 ms round trip); the UE runs {args.ue_slowdown:g}x slower than this "

@@ -13,17 +13,15 @@ import pytest
 pytest.importorskip("scipy", reason="finetune needs scipy")
 
 from seam.finetune.allocation import min_share, rate_bps  # noqa: E402  (after the skip)
+from seam.finetune.dashf_offload import _ascend, _offload_value, offload_sdr  # noqa: E402
 from seam.finetune.dashf import (  # noqa: E402
     DashfAllocation,
     DashfSetup,
     Fixed,
-    _ascend,
-    _offload_value,
     associate,
     best_powers,
     dinkelbach,
     evaluate,
-    offload_sdr,
     plain,
     random_association,
     slot_values,

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from seam.profiler import cost_model
-from seam.profiler.cost_model import (
+from seam.planning import wire_sizes
+from seam.planning.cost_model import (
     DecodeFit,
     DeviceModel,
     Link,
@@ -21,7 +21,7 @@ from seam.profiler.cost_model import (
     score,
 )
 from seam.profiler.plan import add_plan_parser
-from seam.profiler.schema import (
+from seam.planning.schema import (
     BlockProfile,
     DeviceProfile,
     LinkProfile,
@@ -178,9 +178,9 @@ def test_header_constants_match_encoded_messages():
     sizes = [sum(len(frame) for frame in encode(message)) for message in (step, tokens, result)]
 
     # Shapes and the step number are decimal text in the header, so a few bytes of difference are expected.
-    assert sizes[0] == pytest.approx(cost_model.uplink_bytes(2, 2, 8, HIDDEN, 4), abs=8)
-    assert sizes[1] == pytest.approx(cost_model.uplink_bytes(0, 2, 8, HIDDEN, 4), abs=8)
-    assert sizes[2] == pytest.approx(cost_model.downlink_bytes(2), abs=8)
+    assert sizes[0] == pytest.approx(wire_sizes.uplink_bytes(2, 2, 8, HIDDEN, 4), abs=8)
+    assert sizes[1] == pytest.approx(wire_sizes.uplink_bytes(0, 2, 8, HIDDEN, 4), abs=8)
+    assert sizes[2] == pytest.approx(wire_sizes.downlink_bytes(2), abs=8)
 
 
 def test_prediction_parts_add_up_and_bytes_follow_the_formula():
@@ -191,9 +191,9 @@ def test_prediction_parts_add_up_and_bytes_follow_the_formula():
 
     H, B, C = HIDDEN, 4, 100
     decode, prefill = cost.decode, cost.prefill
-    assert decode.uplink_bytes == B * H * 4 + B * 8 + B * 8 + cost_model.STEP_HEADER_BYTES
-    assert prefill.uplink_bytes == B * C * H * 4 + B * C * 8 + B * C * 8 + cost_model.STEP_HEADER_BYTES
-    assert decode.downlink_bytes == prefill.downlink_bytes == B * 8 + cost_model.RESULT_HEADER_BYTES
+    assert decode.uplink_bytes == B * H * 4 + B * 8 + B * 8 + wire_sizes.STEP_HEADER_BYTES
+    assert prefill.uplink_bytes == B * C * H * 4 + B * C * 8 + B * C * 8 + wire_sizes.STEP_HEADER_BYTES
+    assert decode.downlink_bytes == prefill.downlink_bytes == B * 8 + wire_sizes.RESULT_HEADER_BYTES
     assert decode.ue_s == pytest.approx(decode_s(0.01, C, B) + 2 * decode_s(3.0, C, B))
     assert decode.edge_s == pytest.approx(decode_s(0.01, C, B) + 2 * decode_s(0.5, C, B))
     assert decode.uplink_s == pytest.approx(decode.uplink_bytes / 1.25e6)
@@ -208,7 +208,7 @@ def test_split_zero_sends_token_ids_and_runs_nothing_on_the_ue():
     cost = predict(device(), device(name="edge"), Link.from_mbit(10, 20), split=0, context=100)
 
     assert cost.decode.ue_s == 0.0
-    assert cost.decode.uplink_bytes == 8 + 8 + 8 + cost_model.TOKEN_STEP_HEADER_BYTES
+    assert cost.decode.uplink_bytes == 8 + 8 + 8 + wire_sizes.TOKEN_STEP_HEADER_BYTES
 
 
 def test_all_local_split_uses_no_link_and_no_edge():
@@ -294,7 +294,7 @@ def test_int8_blocks_still_send_hidden_states_in_the_export_dtype():
 
     cost = predict(quantised, device(dtype="fp16", name="edge"), Link.from_mbit(10, 20), split=2, context=100)
 
-    assert cost.decode.uplink_bytes == HIDDEN * 2 + 8 + 8 + cost_model.STEP_HEADER_BYTES
+    assert cost.decode.uplink_bytes == HIDDEN * 2 + 8 + 8 + wire_sizes.STEP_HEADER_BYTES
 
 
 def test_plan_names_links_by_mapping_key():

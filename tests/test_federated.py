@@ -66,7 +66,7 @@ def trainer(artifact: Artifact, address: str, name: str, tmp_path) -> subprocess
     data = tmp_path / f"{name}.txt"
     data.write_text("\n".join(DATA[name]) + "\n")
     return subprocess.Popen(
-        [sys.executable, "-m", "seam.ue_client.cli", str(artifact.root), "train", "--server", address, "--data", str(data),
+        [sys.executable, "-m", "seam.finetune.cli", str(artifact.root), "--server", address, "--data", str(data),
          "--job", "fed", "--job-size", "3", "--rounds", "3", "--steps", "4", "--batch", "2", "--rank", "4", "--lr", "0.01",
          "--name", name, "--out", str(tmp_path / f"adapter-{name}"), "--quiet", "--timeout", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

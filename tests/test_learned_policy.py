@@ -12,13 +12,13 @@ import pytest
 
 from conftest import run_seam
 from seam.edge_server.process import edge_server
-from seam.profiler.cost_model import DeviceModel, Link
+from seam.planning.cost_model import DeviceModel, Link
 from seam.runtime.artifact import Artifact
 from test_cost_model import device
 from test_policy import synthetic_profiles, ue_client
-from seam.ue_client.learned import PolicyFile, actor_logits, allowed_actions, best_actions
-from seam.ue_client.planner import Objective, actions, evaluate, increase_of, observation, plan
-from seam.ue_client.policy import Scales
+from seam.planning.learned import PolicyFile, actor_logits, allowed_actions, best_actions
+from seam.planning.planner import Objective, actions, evaluate, increase_of, observation, plan
+from seam.planning.policy import Scales
 
 CODECS = ["fp32", "fp16", "bf16", "int8", "int4"]
 HIDDEN = 4096  # wide enough that the bytes on the link matter

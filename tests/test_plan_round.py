@@ -46,7 +46,7 @@ def test_plan_round_then_train_by_the_plan(exported, tmp_path):
 
     samples = tmp_path / "data.txt"
     samples.write_text("the cat sat on the mat\na dog ran in the park\n")
-    command = [sys.executable, "-m", "seam.ue_client.cli", str(artifact.root), "train", "--data", str(samples),
+    command = [sys.executable, "-m", "seam.finetune.cli", str(artifact.root), "--data", str(samples),
                "--steps", "2", "--batch", "2", "--quiet", "--out", str(tmp_path / "adapter"), "--plan", str(plan_path)]
     with edge_server(artifact.root, "--train") as (_, address):
         trained = subprocess.run([*command, "--server", address, "--name", "far"], capture_output=True, text=True,

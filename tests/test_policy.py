@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 
 from seam.edge_server.process import edge_server
-from seam.profiler.cost_model import DeviceModel, Link
-from seam.profiler.schema import save
+from seam.planning.cost_model import DeviceModel, Link
+from seam.planning.schema import save
 from seam.runtime.artifact import Artifact
 from seam.runtime.errors import SeamError
 from seam.runtime.sampling import SamplingParams
 from test_cost_model import HIDDEN, device
 from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
 from seam.ue_client.client import EdgeClient
-from seam.ue_client.link_estimate import LinkEstimator, Sample, harmonic_mean
-from seam.ue_client.policy import (Constraints, CostModelPolicy, QualityBudget, Scales, calibration, candidate_splits,
+from seam.planning.link_estimate import LinkEstimator, Sample, harmonic_mean
+from seam.planning.policy import (Constraints, CostModelPolicy, QualityBudget, Scales, calibration, candidate_splits,
                               choose_split, move_s, rebuild_s)
 
 MBIT = 1e6 / 8
@@ -247,9 +247,9 @@ def test_the_cost_model_policy_moves_a_local_start_to_the_edge_without_changing_
     }
     policy = CostModelPolicy(profile["ue"], profile["edge"])  # split 0 stays out: token upload is not allowed
 
-    def slow_policy(session, step):  # steps as slow as the hopeless UE's, so that the probes measure the link
+    def slow_policy(snapshot):  # steps as slow as the hopeless UE's, so that the probes measure the link
         time.sleep(0.05)
-        policy(session, step)
+        return policy(snapshot)
 
     params = SamplingParams(temperature=0.8, seed=3)
     with edge_server(artifact.root) as (_, address), EdgeClient(artifact, address) as client:

@@ -12,7 +12,7 @@ import pytest
 from conftest import run_seam
 from seam.edge_server.process import edge_server
 from seam.profiler.measure import Grid, _call, _Inputs, profile_device
-from seam.profiler.schema import DeviceProfile, LinkProfile, load
+from seam.planning.schema import DeviceProfile, LinkProfile, load
 from seam.runtime.artifact import Artifact
 from seam.runtime.executor import SessionPool
 

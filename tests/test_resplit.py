@@ -7,6 +7,7 @@ import pytest
 
 from conftest import TINY_PRESETS
 from seam.edge_server.process import edge_server
+from seam.planning.snapshot import Decision
 from seam.runtime.artifact import Artifact
 from seam.runtime.errors import SeamError
 from seam.runtime.executor import SessionPool
@@ -20,7 +21,7 @@ from seam.ue_client.client import EdgeClient
 
 def scheduled(schedule: dict[int, int]):
     """A policy that moves the split to ``schedule[step]`` before that step."""
-    return lambda session, step: session.move_split(schedule[step]) if step in schedule else None
+    return lambda snapshot: Decision(schedule[snapshot.step], {}, "scheduled") if snapshot.step in schedule else None
 
 
 def moving_tokens(client: EdgeClient, start: int, schedule: dict[int, int], sampling: SamplingParams):
@@ -59,10 +60,12 @@ def test_recomputing_the_moved_layers_instead_of_carrying_their_cache_keeps_the_
 
     kept = []
 
-    def policy(session, step):
-        kept.append((session.kept_boundary(1), session.kept_boundary(2)))
-        if step in moves:
-            session.move_split(*moves[step][:1], rebuild=moves[step][1])
+    def policy(snapshot):
+        kept.append((1 in snapshot.kept, 2 in snapshot.kept))
+        if snapshot.step in moves:
+            split, rebuild = moves[snapshot.step]
+            return Decision(split, {}, "scheduled", rebuild)
+        return None
 
     with edge_server(artifact.root) as (_, address), EdgeClient(artifact, address) as client:
         with client.session(1, params) as session:
@@ -90,10 +93,10 @@ def test_recomputing_needs_the_hidden_states_at_the_new_split(exported):
             # A mask that does not match the edge's sequences is refused, and the session goes on.
             hidden = session.head.boundary(1)
             with pytest.raises(SeamError, match="attention mask of a recomputed cache"):
-                session._request(Resplit(session.session_id, session.edge_step, 1, hidden_states=hidden,
+                session.request(Resplit(session.session_id, session.edge_step, 1, hidden_states=hidden,
                                          attention_mask=session.mask[:, :-2]), Resplitted)
             with pytest.raises(SeamError, match="boundary hidden states must be float32"):
-                session._request(Resplit(session.session_id, session.edge_step, 1, hidden_states=hidden[:, :, :-1],
+                session.request(Resplit(session.session_id, session.edge_step, 1, hidden_states=hidden[:, :, :-1],
                                          attention_mask=session.mask[:, : session.past]), Resplitted)
             produced += list(steps)
     assert (np.stack(produced, axis=1) == local_tokens(artifact, PROMPTS, SamplingParams())).all()
@@ -122,7 +125,7 @@ def test_the_edge_refuses_bad_moves_and_keeps_the_session(exported):
             # A cache of the wrong length is refused by the edge, which goes on serving the session.
             wrong = pack_kv(session.head.cache, Span(1, 2))[:, :, :-1]
             with pytest.raises(SeamError, match="KV cache of layers \\[1, 2\\) must be"):
-                session._request(Resplit(session.session_id, session.edge_step, 1, kv=wrong), Resplitted)
+                session.request(Resplit(session.session_id, session.edge_step, 1, kv=wrong), Resplitted)
             produced += list(steps)
     expected = local_tokens(artifact, PROMPTS, SamplingParams())
     assert (np.stack(produced, axis=1) == expected).all()

@@ -78,7 +78,7 @@ def test_ue_client_train_writes_a_peft_adapter_that_reproduces_the_split_model(e
     out = tmp_path / "adapter"
     with edge_server(artifact.root, "--train") as (_, address):
         result = subprocess.run(
-            [sys.executable, "-m", "seam.ue_client.cli", str(artifact.root), "train", "--server", address, "--data",
+            [sys.executable, "-m", "seam.finetune.cli", str(artifact.root), "--server", address, "--data",
              str(samples), "--steps", "12", "--batch", "2", "--rank", "4", "--lr", "0.01", "--out", str(out),
              "--quiet"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -114,7 +114,7 @@ def test_bad_training_data_fails_before_any_traffic(exported, tmp_path):
     for path, fragment in ((tmp_path / "missing.txt", "does not exist"), (empty, "holds no sample"),
                            (binary, "is not UTF-8")):
         result = subprocess.run(
-            [sys.executable, "-m", "seam.ue_client.cli", str(artifact.root), "train", "--server", "tcp://127.0.0.1:9",
+            [sys.executable, "-m", "seam.finetune.cli", str(artifact.root), "--server", "tcp://127.0.0.1:9",
              "--timeout", "1", "--data", str(path)], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2, result.stderr
         last = result.stderr.strip().splitlines()[-1]
@@ -162,7 +162,7 @@ def test_a_resumed_run_carries_on_exactly_as_an_uninterrupted_one(exported, tmp_
 
     def train(out: str, *options: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "seam.ue_client.cli", str(artifact.root), "train", "--server", address, "--data",
+            [sys.executable, "-m", "seam.finetune.cli", str(artifact.root), "--server", address, "--data",
              str(samples), "--batch", "2", "--rank", "4", "--lr", "0.01", "--out", str(tmp_path / out), "--quiet",
              *options], capture_output=True, text=True, timeout=300)
 

@@ -1,4 +1,5 @@
 """Cutting a Hugging Face decoder LLM into ONNX blocks: model sources, family adapters, export and validation.
 
-The only package that imports torch and transformers.
+Imports torch and transformers, as fine-tuning (``seam.finetune``) and the profiler's training do; the UE and
+the edge never import this package.
 """

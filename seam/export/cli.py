@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from seam.export.report import blocks_table, table, validation_table
+from seam.export.report import blocks_table, validation_table
+from seam.runtime.shell import table
 
 
 def add_export_parser(commands) -> None:

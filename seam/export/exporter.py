@@ -15,7 +15,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import seam
 from seam.export import onnx_writer
 from seam.export.segment import Prelude, Segment
 from seam.export.sources import LoadedModel, fingerprint, load_model, merge_adapter
@@ -24,6 +23,7 @@ from seam.runtime.artifact import MANIFEST_NAME, Artifact, Block, Dimensions, Ma
 from seam.runtime.errors import SeamError
 from seam.runtime.files import replace_directory
 from seam.runtime.spans import Span
+from seam.runtime.version import VERSION
 
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = ("int8",)
@@ -210,7 +210,7 @@ def export(request: ExportRequest) -> ExportOutcome:
             blocks=blocks,
             tokenizer=_copy_model_files(loaded, staging),
             export_args=export_args,
-            seam_version=seam.__version__,
+            seam_version=VERSION,
         )
         manifest.write(staging)
         if request.validate:

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 from seam.runtime.artifact import Manifest
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
-    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *[line(row) for row in rows]])
+from seam.runtime.shell import table
 
 
 def blocks_table(manifest: Manifest) -> str:

@@ -89,10 +89,8 @@ def fingerprint(model) -> str:
 def merge_adapter(loaded: LoadedModel, adapter: Path) -> str:
     """Merges a peft LoRA adapter (``ue_client DIR train --out``) into ``loaded``'s weights; returns the sha256 of
     the adapter's weights, which the export records."""
-    try:
-        from peft import PeftModel
-    except ModuleNotFoundError:
-        raise SeamError("--adapter needs peft; install it with: pip install 'seam[finetune]'") from None
+    from peft import PeftModel  # the finetune extra: a missing one is named by the CLI
+
     weights = adapter / "adapter_model.safetensors"
     if not (adapter / "adapter_config.json").is_file() or not weights.is_file():
         raise SeamError(f"--adapter {adapter} holds no peft adapter (adapter_config.json and "

@@ -1,1 +1,2 @@
-"""Split fine-tuning: planning how UEs and edge servers share the work and the radio while adapters train."""
+"""Split fine-tuning: LoRA adapters trained on both sides of the cut, federated rounds, and planning how UEs and
+edge servers share the work and the radio (FedsLLM, DASHF)."""

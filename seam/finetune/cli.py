@@ -14,6 +14,7 @@ from pathlib import Path
 
 from seam.runtime.errors import SeamError
 from seam.runtime.protocol import TRAINING_MODES
+from seam.runtime.shell import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,20 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from seam.finetune.adapters import save_adapter, split_weights, trained_weights, training_state
-    from seam.finetune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-    from seam.finetune.data import batches, read_samples, tokenize
+def checked_plan(args: argparse.Namespace, num_layers: int) -> tuple[int, float | None]:
+    """The cut and link rate to train at, from the flags or the ``--plan``; refuses flags that do not go together."""
     from seam.finetune.plan_round import planned
-    from seam.finetune.ue import SplitTrainer
-    from seam.runtime.artifact import Artifact
-    from seam.runtime.text import load_tokenizer
-    from seam.runtime.traces import LinkState, Trace
-    from seam.runtime.emulation import EmulatedLink
-    from seam.runtime.transport import TransportConfig
-    from seam.ue_client.client import EdgeClient
 
     if args.steps < 1 or args.max_length < 2 or args.rounds < 1:
         raise SeamError("--steps and --rounds must be at least 1 and --max-length at least 2")
@@ -79,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise SeamError("checkpoints cover runs without --job for now; a federated run restarts from its rounds")
     if args.checkpoint_every < 0:
         raise SeamError("--checkpoint-every must be 0 (never) or a number of steps")
-    artifact = Artifact.open(args.artifact)
-    cut, rate_mbit = args.cut if args.cut is not None else artifact.num_layers // 2, args.rate_mbit
+    cut, rate_mbit = args.cut if args.cut is not None else num_layers // 2, args.rate_mbit
     if args.plan is not None:
         if not args.name or args.cut is not None or args.rate_mbit is not None:
             raise SeamError("--plan sets the cut and the rate of the UE it names: give --name, not --cut or "
@@ -89,6 +78,52 @@ def run(args: argparse.Namespace) -> int:
         cut, rate_mbit = row["cut"], row["rate_mbit"]
     if rate_mbit is not None and not rate_mbit > 0:
         raise SeamError(f"the link rate must be positive, got {rate_mbit!r} Mbit/s")
+    return cut, rate_mbit
+
+
+def train_round(args: argparse.Namespace, trainer, data, losses: list[float], number: int, checkpoints: Path,
+                settings: dict) -> None:
+    """Round ``number``: the steps not yet in ``losses``, checkpointed as asked, then the job's average."""
+    from tqdm import tqdm
+
+    from seam.finetune.adapters import split_weights, trained_weights, training_state
+    from seam.finetune.checkpoint import Checkpoint, save_checkpoint
+
+    label = f"round {number + 1}/{args.rounds}" if args.job else "train"
+    done = len(losses) - number * args.steps
+    with tqdm(total=args.steps, initial=done, unit="step", disable=args.quiet, file=sys.stderr,
+              desc=label) as bar:
+        for step in range(done, args.steps):
+            losses.append(trainer.step(next(data)))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update()
+            if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+                save_checkpoint(checkpoints, settings, Checkpoint(
+                    step + 1, losses, training_state(trainer.model, trainer.optimizer),
+                    split_weights(trainer.edge.adapter(optimizer=True))))
+    if args.job:
+        average = trainer.edge.federate(number, args.steps * args.batch, trained_weights(trainer.model),
+                                        args.round_wait)
+        trainer.load(split_weights(average))
+        dropped = f"; dropped out: {', '.join(average.dropped)}" if average.dropped else ""
+        print(f"ue_client: {label}: loss {losses[-1]:.4f}; averaged with {len(average.averaged)} UEs "
+              f"({', '.join(average.averaged)}){dropped}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from seam.finetune.adapters import save_adapter, split_weights, trained_weights
+    from seam.finetune.checkpoint import load_checkpoint
+    from seam.finetune.data import batches, read_samples, tokenize
+    from seam.finetune.ue import SplitTrainer
+    from seam.runtime.artifact import Artifact
+    from seam.runtime.text import load_tokenizer
+    from seam.runtime.emulation import EmulatedLink
+    from seam.runtime.traces import LinkState, Trace
+    from seam.runtime.transport import TransportConfig
+    from seam.ue_client.client import EdgeClient
+
+    artifact = Artifact.open(args.artifact)
+    cut, rate_mbit = checked_plan(args, artifact.num_layers)
     # The data is read and checked before anything reaches the edge.
     sequences = tokenize(read_samples(args.data), load_tokenizer(artifact), args.max_length)
     data = batches(sequences, args.batch, artifact.manifest.tokenizer["pad_token_id"], args.seed)
@@ -109,25 +144,7 @@ def run(args: argparse.Namespace) -> int:
                                args.seed, args.job, args.name or f"{socket.gethostname()}-{os.getpid()}",
                                (resumed.ue, resumed.edge) if resumed else None, args.job_size)
         for number in range(args.rounds):
-            label = f"round {number + 1}/{args.rounds}" if args.job else "train"
-            done = len(losses) - number * args.steps
-            with tqdm(total=args.steps, initial=done, unit="step", disable=args.quiet, file=sys.stderr,
-                      desc=label) as bar:
-                for step in range(done, args.steps):
-                    losses.append(trainer.step(next(data)))
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                    bar.update()
-                    if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
-                        save_checkpoint(checkpoints, settings, Checkpoint(
-                            step + 1, losses, training_state(trainer.model, trainer.optimizer),
-                            split_weights(trainer.edge.adapter(optimizer=True))))
-            if args.job:
-                average = trainer.edge.federate(number, args.steps * args.batch, trained_weights(trainer.model),
-                                                args.round_wait)
-                trainer.load(split_weights(average))
-                dropped = f"; dropped out: {', '.join(average.dropped)}" if average.dropped else ""
-                print(f"ue_client: {label}: loss {losses[-1]:.4f}; averaged with {len(average.averaged)} UEs "
-                      f"({', '.join(average.averaged)}){dropped}", file=sys.stderr, flush=True)
+            train_round(args, trainer, data, losses, number, checkpoints, settings)
         edge_weights = split_weights(trainer.edge.adapter())
         stats = trainer.edge.close()
 
@@ -157,19 +174,11 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
     figure.savefig(path, dpi=110)
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except SeamError as error:
-        print(f"ue_client train: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except ModuleNotFoundError as error:
-        if error.name not in ("torch", "transformers", "peft"):
-            raise
-        print(f"ue_client train: error: training needs {error.name}; install it with: pip install "
-              "'seam[export,finetune]'", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ue_client train: interrupted", file=sys.stderr)
-        return 130
+def main(argv: list[str] | None = None) -> int:
+    """``ue_client DIR train ...``, given ``[DIR, ...]``."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run_cli("ue_client train", lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

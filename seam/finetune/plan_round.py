@@ -62,7 +62,7 @@ def add_plan_round_parser(commands) -> None:
 
 
 def run_plan_round(args: argparse.Namespace) -> int:
-    from seam.export.report import table
+    from seam.runtime.shell import table
     from seam.finetune.allocation import rate_bps
     from seam.finetune.fedsllm import equal_shares, plan
 

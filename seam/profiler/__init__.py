@@ -1,1 +1,2 @@
-"""Per-block latency and memory measurements on a device, link probes, and profile files."""
+"""Measuring and learning: per-block latency and memory on a device, link probes, quality at the cut
+(``seam analyze``), the reward surrogate and the PPO training of the learned split policy."""

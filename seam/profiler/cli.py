@@ -1,4 +1,5 @@
-"""``seam profile`` and ``seam probe``: measure a device or a link and write a profile file."""
+"""``seam profile``, ``seam probe`` and ``seam traces``: measure a device or a link and write a profile file,
+or write the shipped link traces."""
 
 from __future__ import annotations
 
@@ -6,21 +7,7 @@ import argparse
 from pathlib import Path
 
 from seam.runtime.errors import SeamError
-
-
-def comma_list(convert: type = int, positive: bool = False):
-    """An argparse type for comma-separated numbers, each at least 0 (above 0 when ``positive``)."""
-
-    def parse(text: str) -> tuple:
-        try:
-            values = tuple(convert(part) for part in text.split(",") if part.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {convert.__name__}s, got {text!r}") from None
-        if not values or any(value < 0 or (positive and value == 0) for value in values):
-            raise argparse.ArgumentTypeError(f"expected {'positive' if positive else 'non-negative'} numbers, got {text!r}")
-        return values
-
-    return parse
+from seam.runtime.shell import comma_list
 
 
 _numbers = comma_list(int)
@@ -74,8 +61,9 @@ def _pin(cpus: tuple[int, ...]) -> None:
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    from seam.profiler.measure import DEFAULT_PAST_LENGTHS, DEFAULT_PREFILL_LENGTHS, Grid, profile_device, profile_key
-    from seam.profiler.schema import DeviceProfile, load, save
+    from seam.planning.loading import profile_key
+    from seam.profiler.measure import DEFAULT_PAST_LENGTHS, DEFAULT_PREFILL_LENGTHS, Grid, profile_device
+    from seam.planning.schema import DeviceProfile, load, save
     from seam.runtime.artifact import Artifact
     from seam.runtime.ort_options import default_threads, providers_for
 
@@ -115,7 +103,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def summary(profile) -> str:
-    from seam.export.report import table
+    from seam.runtime.shell import table
 
     rows = []
     for block in [profile.prelude, *profile.blocks]:
@@ -150,7 +138,7 @@ def add_probe_parser(commands) -> None:
 
 def run_probe(args: argparse.Namespace) -> int:
     from seam.profiler.probe import DEFAULT_SIZES, probe_link
-    from seam.profiler.schema import save
+    from seam.planning.schema import save
     from seam.runtime.transport import TransportConfig, UeSocket
 
     if args.repeats < 1:
@@ -167,4 +155,20 @@ def run_probe(args: argparse.Namespace) -> int:
     print(f"link to {link.server}: round trip {1e3 * link.rtt_s:.3f} ms, "
           f"up {8 * link.up_bytes_per_s / 1e6:.1f} Mbit/s, down {8 * link.down_bytes_per_s / 1e6:.1f} Mbit/s")
     print(f"profile: {args.out}")
+    return 0
+
+
+def add_traces_parser(commands) -> None:
+    parser = commands.add_parser("traces", help="write the shipped link traces (step, random walk, 4G, Wi-Fi)")
+    parser.add_argument("out", type=Path, help="directory for the CSV files")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=_run_traces)
+
+
+def _run_traces(args) -> int:
+    from seam.runtime.traces import generate_traces, load_trace
+
+    for path in generate_traces(args.out, args.seed):
+        trace = load_trace(path)
+        print(f"{path}: {len(trace.times_s)} rows over {trace.duration_s:g} s")
     return 0

@@ -27,7 +27,8 @@ import onnxruntime as ort
 import psutil
 
 from seam.profiler.host import describe
-from seam.profiler.schema import BlockProfile, DeviceProfile, ProfileKey, Timing
+from seam.planning.loading import profile_key
+from seam.planning.schema import BlockProfile, DeviceProfile, Timing
 from seam.runtime.artifact import DTYPE_BYTES, NUMPY_DTYPES, Artifact
 from seam.runtime.executor import SessionPool, SpanRunner, past_names
 from seam.runtime.ort_options import PROVIDERS, default_threads, providers_for
@@ -55,10 +56,6 @@ class Grid:
             "batches": list(self.batches), "repeats": self.repeats, "warmup": self.warmup, "gap_s": self.gap_s,
             "io_binding": self.io_binding,
         }
-
-
-def profile_key(artifact: Artifact, device: str, threads: int, variant: str) -> ProfileKey:
-    return ProfileKey(artifact.manifest.artifact_fingerprint, device, PROVIDERS[device], threads, variant)
 
 
 def _p90(samples: list[float]) -> float:
@@ -173,6 +170,30 @@ def _cuda_bytes() -> int | None:
     return sum(used) << 20 if used else None
 
 
+def _block_profiles(manifest, variant: str, loads: list[tuple[float, int]],
+                    timings: list[dict[str, list[Timing]]]) -> tuple[BlockProfile, list[BlockProfile]]:
+    """The prelude's and each block's profile from their load costs and timings (the prelude's first)."""
+    prelude = BlockProfile(
+        index=-1, layers=(0, 0), variant=manifest.dtype, weight_bytes=manifest.prelude.weight_bytes,
+        load_s=loads[0][0], load_rss_bytes=loads[0][1], kv_bytes_per_token=0, activation_bytes_per_token=0,
+        **timings[0],
+    )
+    blocks = [
+        BlockProfile(
+            index=block.index, layers=(block.layers.start, block.layers.end), variant=variant,
+            weight_bytes=block.variants[variant].weight_bytes, load_s=load_s, load_rss_bytes=load_rss,
+            kv_bytes_per_token=len(block.layers) * manifest.kv_bytes_per_token_per_layer,
+            # Only a sampled token id leaves the last block; the others hand on a hidden state.
+            activation_bytes_per_token=(
+                8 if block.layers.end == manifest.dims.num_layers else manifest.dims.hidden_size * DTYPE_BYTES[manifest.dtype]
+            ),
+            **graph_timings,
+        )
+        for block, (load_s, load_rss), graph_timings in zip(manifest.blocks, loads[1:], timings[1:])
+    ]
+    return prelude, blocks
+
+
 def profile_device(
     artifact: Artifact,
     device: str = "cpu",
@@ -188,7 +209,6 @@ def profile_device(
     variant = variant or manifest.dtype
     pool = SessionPool(artifact, threads, device)
     inputs = _Inputs(artifact)
-    dtype_bytes = DTYPE_BYTES[manifest.dtype]
 
     from tqdm import tqdm
 
@@ -208,24 +228,7 @@ def profile_device(
         for graph, (median, p90) in zip(timings, measured):
             graph[phase].append(Timing(batch, length, median, p90))
 
-    prelude = BlockProfile(
-        index=-1, layers=(0, 0), variant=manifest.dtype, weight_bytes=manifest.prelude.weight_bytes,
-        load_s=loads[0][0], load_rss_bytes=loads[0][1], kv_bytes_per_token=0, activation_bytes_per_token=0,
-        **timings[0],
-    )
-    blocks = [
-        BlockProfile(
-            index=block.index, layers=(block.layers.start, block.layers.end), variant=variant,
-            weight_bytes=block.variants[variant].weight_bytes, load_s=load_s, load_rss_bytes=load_rss,
-            kv_bytes_per_token=len(block.layers) * manifest.kv_bytes_per_token_per_layer,
-            # Only a sampled token id leaves the last block; the others hand on a hidden state.
-            activation_bytes_per_token=(
-                8 if block.layers.end == manifest.dims.num_layers else manifest.dims.hidden_size * dtype_bytes
-            ),
-            **graph_timings,
-        )
-        for block, (load_s, load_rss), graph_timings in zip(manifest.blocks, loads[1:], timings[1:])
-    ]
+    prelude, blocks = _block_profiles(manifest, variant, loads, timings)
     return DeviceProfile(
         key=profile_key(artifact, device, threads, variant),
         host=describe(threads=threads, provider=PROVIDERS[device]),

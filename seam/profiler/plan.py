@@ -10,10 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from seam.export.report import table
-from seam.profiler.cli import comma_list
-from seam.profiler.cost_model import DeviceModel, Link, LinkPlan, check_pair, plan
-from seam.profiler.schema import DeviceProfile, LinkProfile, load
+from seam.runtime.shell import comma_list, table
+from seam.planning.cost_model import DeviceModel, Link, LinkPlan, check_pair, plan
+from seam.planning.schema import DeviceProfile, LinkProfile, load
 from seam.runtime.artifact import Artifact
 from seam.runtime.errors import SeamError
 from seam.runtime.files import write_atomically
@@ -130,12 +129,9 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def plot(plans: list[LinkPlan], path: Path) -> None:
     """Left: the decode latency parts of each split at the median bandwidth; right: the best split per bandwidth."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ModuleNotFoundError:
-        raise SeamError("--plot needs matplotlib, part of the 'plot' extra; install it with: "
-                        "pip install 'seam[plot]'") from None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     by_rate = sorted(plans, key=lambda p: p.link.down_bytes_per_s)
     shown = by_rate[(len(by_rate) - 1) // 2]
     figure = Figure(figsize=(11, 4.5), layout="constrained")

@@ -19,7 +19,7 @@ import numpy as np
 
 from seam.profiler.host import describe
 from seam.profiler.measure import IDLE_GAP_S
-from seam.profiler.schema import LinkProfile, LinkSample
+from seam.planning.schema import LinkProfile, LinkSample
 from seam.runtime.errors import SeamError
 from seam.runtime.protocol import Error, Ping, Pong
 from seam.runtime.transport import UeSocket

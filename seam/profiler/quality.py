@@ -28,6 +28,7 @@ from seam.runtime.errors import SeamError
 from seam.runtime.executor import SessionPool
 from seam.runtime.files import write_atomically
 from seam.runtime.impairments import parse as parse_impairment
+from seam.runtime.shell import comma_list
 from seam.runtime.spans import Span
 
 DEFAULT_CODECS = ("fp16", "bf16", "int8", "int4")
@@ -170,27 +171,19 @@ def read_text(path: Path) -> str:
     return text
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(value) for value in text.split(",") if value.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(value.strip() for value in text.split(",") if value.strip())
-
-
 def add_analyze_parser(commands) -> None:
     parser = commands.add_parser("analyze", help="perplexity of the split model per cut, codec and impairment")
     parser.add_argument("directory", type=Path, help="an exported artifact")
     parser.add_argument("--text", type=Path, required=True, help="UTF-8 text to measure perplexity on")
-    parser.add_argument("--cuts", type=_names, default=None, help="cuts to analyse (default: every inner cut)")
-    parser.add_argument("--codecs", type=_names, default=DEFAULT_CODECS,
+    parser.add_argument("--cuts", type=comma_list(allow_empty=True), default=None,
+                        help="cuts to analyse (default: every inner cut)")
+    parser.add_argument("--codecs", type=comma_list(allow_empty=True), default=DEFAULT_CODECS,
                         help=f"codecs at the cut (default {','.join(DEFAULT_CODECS)}; known: {','.join(CODECS)})")
-    parser.add_argument("--erasure", type=_floats, default=DEFAULT_ERASURE, metavar="P[,P...]",
+    parser.add_argument("--erasure", type=comma_list(float, allow_empty=True), default=DEFAULT_ERASURE,
+                        metavar="P[,P...]",
                         help="element erasure probabilities at the cut (empty for none)")
-    parser.add_argument("--awgn", type=_floats, default=DEFAULT_AWGN_DB, metavar="DB[,DB...]",
+    parser.add_argument("--awgn", type=comma_list(float, allow_empty=True, signed=True), default=DEFAULT_AWGN_DB,
+                        metavar="DB[,DB...]",
                         help="Gaussian noise at these SNRs in dB at the cut (empty for none)")
     parser.add_argument("--window", type=int, default=128, help="tokens per window (default 128)")
     parser.add_argument("--stride", type=int, default=64, help="tokens between window starts (default 64)")
@@ -205,7 +198,7 @@ def add_analyze_parser(commands) -> None:
 def run_analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from seam.export.report import table
+    from seam.runtime.shell import table
     from seam.runtime.text import load_tokenizer
 
     if not 2 <= args.window or not 1 <= args.stride <= args.window:

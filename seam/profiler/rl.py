@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from seam.profiler.cost_model import DeviceModel, Link
+from seam.planning.cost_model import DeviceModel, Link
 from seam.runtime.artifact import Artifact
 from seam.runtime.executor import SessionPool
 from seam.runtime.files import write_directory_atomically
-from seam.ue_client.learned import POLICY_VERSION, actor_logits, allowed_actions, best_actions
-from seam.ue_client.planner import LOSSLESS, OBSERVATION_SIZE, Objective, evaluate, observation, plan
-from seam.ue_client.policy import Scales
+from seam.planning.learned import POLICY_VERSION, actor_logits, allowed_actions, best_actions
+from seam.planning.planner import LOSSLESS, OBSERVATION_SIZE, Objective, evaluate, observation, plan
+from seam.planning.policy import Scales
 
 HIDDEN = (64, 64)
 QualityFunction = Callable[[int, str], float]  # (cut, codec) -> perplexity increase in %

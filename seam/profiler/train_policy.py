@@ -40,9 +40,9 @@ def run_train_policy(args: argparse.Namespace) -> int:
     from seam.profiler.surrogate import fit, samples
     from seam.runtime.artifact import Artifact
     from seam.runtime.codecs import CODECS
-    from seam.ue_client.cli import cached_profile, device_models, read_cells
-    from seam.ue_client.planner import actions
-    from seam.ue_client.policy import QualityBudget
+    from seam.planning.loading import cached_profile, device_models, read_cells
+    from seam.planning.planner import actions
+    from seam.planning.policy import QualityBudget
 
     if args.steps < 1 or not (args.alpha >= 0 and args.beta > 0):
         raise SeamError("--steps must be positive, --alpha at least 0 and --beta above 0")

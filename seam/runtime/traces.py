@@ -167,17 +167,3 @@ def generate_traces(out: Path, seed: int = 0) -> list[Path]:
         "wifi": wifi_trace(seed + 2),
     }
     return [trace.save(Path(out) / f"{name}.csv") for name, trace in traces.items()]
-
-
-def add_traces_parser(commands) -> None:
-    parser = commands.add_parser("traces", help="write the shipped link traces (step, random walk, 4G, Wi-Fi)")
-    parser.add_argument("out", type=Path, help="directory for the CSV files")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(handler=_run_traces)
-
-
-def _run_traces(args) -> int:
-    for path in generate_traces(args.out, args.seed):
-        trace = load_trace(path)
-        print(f"{path}: {len(trace.times_s)} rows over {trace.duration_s:g} s")
-    return 0

@@ -1,1 +1,2 @@
-"""The UE client: runs the head blocks locally and streams hidden states to an edge server."""
+"""The UE client: runs the head blocks locally, streams hidden states to an edge server, probes the link and
+moves the split as its policy decides; the ``ue_client`` command."""

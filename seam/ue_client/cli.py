@@ -13,6 +13,7 @@ from seam.runtime.codecs import CODECS
 from seam.runtime.errors import SeamError
 from seam.runtime.impairments import parse as parse_impairment
 from seam.runtime.sampling import SamplingParams
+from seam.runtime.shell import run_cli
 from seam.runtime.traces import load_trace
 from seam.runtime.emulation import EmulatedLink
 from seam.runtime.transport import TransportConfig, TransportTimeout
@@ -73,11 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from seam.runtime.artifact import Artifact
-    from seam.runtime.executor import SessionPool
-    from seam.runtime.generation import LocalSplit, generate
-    from seam.runtime.sampling import Sampler
-    from seam.runtime.text import StreamDecoder, load_tokenizer
+    from seam.runtime.text import load_tokenizer
     from seam.ue_client.client import EdgeClient
+    from seam.ue_client.display import StatusLine, TextStream, summary
 
     if args.max_new_tokens < 1:
         raise SeamError("--max-new-tokens must be at least 1")
@@ -88,17 +87,7 @@ def run(args: argparse.Namespace) -> int:
     prompt_ids = tokenizer.encode(args.prompt).ids
     if not prompt_ids:
         raise SeamError("--prompt encodes to no tokens; give some text")
-    decoder = StreamDecoder(tokenizer)
-    eos = artifact.manifest.tokenizer.get("eos_token_id")
-
-    def stream(tokens) -> bool:
-        token = int(tokens[0])
-        if token == eos:
-            return False
-        sys.stdout.write(decoder.push(token))
-        sys.stdout.flush()
-        return True
-
+    stream = TextStream(tokenizer, artifact.manifest.tokenizer.get("eos_token_id"), sys.stdout)
     policy, prior = choose_policy(args, artifact)
     impairment = parse_impairment(args.impair) if args.impair else None
     emulated = EmulatedLink(load_trace(args.link_trace)) if args.link_trace else None
@@ -110,46 +99,45 @@ def run(args: argparse.Namespace) -> int:
         if not args.fallback_local:
             raise
         print(f"ue_client: edge server at {args.server} unreachable; generating locally", file=sys.stderr)
-        local = LocalSplit(SessionPool(artifact, args.threads), artifact.num_layers)
-        sampler = Sampler(sampling)
-        pad = artifact.manifest.tokenizer["pad_token_id"]
-        for tokens, _ in generate(local, [prompt_ids], args.max_new_tokens, pad, lambda logits, _: sampler(logits)):
-            if not stream(tokens):
-                break
-        print()
-        return 0
+        return generate_locally(artifact, args, prompt_ids, sampling, stream)
     for warning in client.warnings:
         print(f"ue_client: warning: {warning}", file=sys.stderr)
     status = StatusLine(sys.stderr, artifact.num_layers)
     with client, client.session(split, sampling, args.allow_token_upload, args.fallback_local) as session:
         session.impairment, session.impairment_rng = impairment, np.random.default_rng(args.impair_seed)
-        if policy is not None:
-            policy.preload(session)
         for tokens in session.generate([prompt_ids], args.max_new_tokens, policy):
             status.update(session)
-            if not stream(tokens):
+            if not stream.push(tokens):
                 break
-        print()
+        stream.end()
         status.finish()
-        stats = session.stats
-        medians = stats.decode_medians_ms()
-        moves = f"; {len(session.moves)} moves, ended at split {session.split}" if session.moves else ""
-        print(
-            f"ue_client: split {split}/{artifact.num_layers}{moves}; {len(stats.arrivals)} tokens; "
-            f"time to first token {1e3 * stats.time_to_first_token_s:.1f} ms; {stats.tokens_per_second:.1f} tokens/s\n"
-            f"ue_client: per token (median): UE {medians['ue_s']:.2f} ms, network {medians['network_s']:.2f} ms, "
-            f"edge {medians['edge_s']:.2f} ms; sent {client.socket.bytes_sent} B, "
-            f"received {client.socket.bytes_received} B",
-            file=sys.stderr,
-        )
+        print(summary(session, client.socket, split), file=sys.stderr)
+    return 0
+
+
+def generate_locally(artifact, args: argparse.Namespace, prompt_ids: list[int], sampling: SamplingParams,
+                     stream) -> int:
+    """Every layer on this device, for ``--fallback-local`` when the edge cannot be reached."""
+    from seam.runtime.executor import SessionPool
+    from seam.runtime.generation import LocalSplit, generate
+    from seam.runtime.sampling import Sampler
+
+    local = LocalSplit(SessionPool(artifact, args.threads), artifact.num_layers)
+    sampler = Sampler(sampling)
+    pad = artifact.manifest.tokenizer["pad_token_id"]
+    for tokens, _ in generate(local, [prompt_ids], args.max_new_tokens, pad, lambda logits, _: sampler(logits)):
+        if not stream.push(tokens):
+            break
+    stream.end()
     return 0
 
 
 def choose_policy(args: argparse.Namespace, artifact):
     """The split policy (None = static) and the link prior the arguments ask for, refusing half a cost model."""
-    from seam.profiler.cost_model import Link
-    from seam.profiler.schema import LinkProfile, load
-    from seam.ue_client.policy import Constraints, CostModelPolicy
+    from seam.planning.cost_model import Link
+    from seam.planning.loading import cached_profile, device_models
+    from seam.planning.policy import Constraints, CostModelPolicy
+    from seam.planning.schema import LinkProfile, load
 
     prior = Link.from_profile(load(args.link_profile, LinkProfile)) if args.link_profile else None
     if args.policy == "static" and (args.quality is not None or args.max_ppl_increase is not None):
@@ -173,33 +161,11 @@ def choose_policy(args: argparse.Namespace, artifact):
     return CostModelPolicy(ue, edge, constraints, quality=quality_budget(args)), prior
 
 
-def cached_profile(artifact, threads: int | None):
-    """This device's cached ``seam profile`` of ``artifact`` at ``threads``, or None."""
-    from seam.profiler.measure import profile_key
-    from seam.runtime.ort_options import default_threads
-
-    key = profile_key(artifact, "cpu", threads or default_threads(), artifact.manifest.dtype)
-    cached = artifact.root / "profiles" / key.file_name()
-    return cached if cached.is_file() else None
-
-
-def device_models(artifact, ue_path: Path, edge_path: Path, ue_slowdown: float = 1.0):
-    """The UE's and the edge's cost models from their profiles, checked to describe ``artifact``."""
-    from seam.profiler.cost_model import DeviceModel, check_pair
-    from seam.profiler.schema import DeviceProfile, load
-
-    ue_profile, edge_profile = (load(path, DeviceProfile) for path in (ue_path, edge_path))
-    ue, edge = DeviceModel.from_profile(ue_profile.slowed(ue_slowdown)), DeviceModel.from_profile(edge_profile)
-    check_pair(ue, edge)
-    if ue.key.artifact_fingerprint != artifact.manifest.artifact_fingerprint:
-        raise SeamError(f"the profiles were measured with another artifact than {artifact.root}; profile it again")
-    return ue, edge
-
-
 def learned_policy(args: argparse.Namespace, artifact, ue, edge, constraints):
     """``--policy learned`` or ``planner`` from its policy file, checking the budget against a measured
     analysis when ``--quality`` gives one."""
-    from seam.ue_client.learned import LearnedPolicy, PolicyFile
+    from seam.planning.learned import LearnedPolicy, PolicyFile
+    from seam.planning.loading import read_analysis
 
     policy = PolicyFile.load(args.policy_file or artifact.root / "policies" / "learned")
     if policy.artifact_fingerprint != artifact.manifest.artifact_fingerprint:
@@ -212,30 +178,10 @@ def learned_policy(args: argparse.Namespace, artifact, ue, edge, constraints):
     return LearnedPolicy(ue, edge, policy, args.policy == "planner", constraints, budget, measured)
 
 
-def read_cells(path: Path) -> list[dict]:
-    """The cells of a ``seam analyze`` result, checked to hold codec results a ``QualityBudget`` can read."""
-    import json
-
-    from seam.ue_client.policy import QualityBudget
-
-    try:
-        cells = json.loads(path.read_text())["cells"]
-        QualityBudget.from_analysis(cells, math.inf)
-        return cells
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise SeamError(f"cannot read the quality analysis {path} ({type(error).__name__}: {error}); "
-                        "write it with seam analyze") from None
-
-
-def read_analysis(path: Path, max_increase_pct: float = math.inf):
-    """The codec cells of a ``seam analyze`` result as a ``QualityBudget``."""
-    from seam.ue_client.policy import QualityBudget
-
-    return QualityBudget.from_analysis(read_cells(path), max_increase_pct)
-
-
 def quality_budget(args: argparse.Namespace):
     """The quality budget ``--quality`` and ``--max-ppl-increase`` give, or None without them."""
+    from seam.planning.loading import read_analysis
+
     if (args.quality is None) != (args.max_ppl_increase is None):
         raise SeamError("--quality and --max-ppl-increase go together: the analysis and the increase it may cost")
     if args.quality is None:
@@ -245,56 +191,9 @@ def quality_budget(args: argparse.Namespace):
     return read_analysis(args.quality, args.max_ppl_increase)
 
 
-class StatusLine:
-    """A line of its own for every move, and a live line (split, link estimate) on a terminal whose text is
-    not streaming there too (stdout redirected), since redrawing the line would wipe the text."""
-
-    def __init__(self, stream, num_layers: int):
-        self.stream = stream
-        self.live = stream.isatty() and not sys.stdout.isatty()
-        self.text_here = stream.isatty() and sys.stdout.isatty()  # a move's line must not run on from the text
-        self.num_layers = num_layers
-        self.moves_shown = 0
-
-    def update(self, session) -> None:
-        for move in session.moves[self.moves_shown:]:
-            self._clear()
-            why = f": {move.reason}" if move.reason else ""
-            lead = "\n" if self.text_here else ""
-            self.stream.write(f"{lead}ue_client: before token {move.before_step + 1}, split {move.from_split} -> "
-                              f"{move.to_split} ({move.sent_bytes / 1e6:.2f} MB sent in {1e3 * move.seconds:.0f} ms){why}\n")
-        self.moves_shown = len(session.moves)
-        if self.live:
-            link = session.link.link()
-            self.stream.write(f"\r\x1b[2Kue_client: token {len(session.stats.arrivals)}, split {session.split}/"
-                              f"{self.num_layers}, link up {link.up_mbit:.1f} down {link.down_mbit:.1f} Mbit/s, "
-                              f"rtt {1e3 * link.rtt_s:.1f} ms")
-        self.stream.flush()
-
-    def _clear(self) -> None:
-        if self.live:
-            self.stream.write("\r\x1b[2K")
-
-    def finish(self) -> None:
-        self._clear()
-        self.stream.flush()
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[1:2] == ["train"]:  # ue_client DIR train ...: split fine-tuning
-        from seam.finetune.cli import main as train
-
-        return train([argv[0], *argv[2:]])
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except SeamError as error:
-        print(f"ue_client: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("ue_client: interrupted", file=sys.stderr)
-        return 130
+    return run_cli("ue_client", lambda: run(args))
 
 
 if __name__ == "__main__":

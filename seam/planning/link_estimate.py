@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from seam.profiler.cost_model import Link
+from seam.planning.cost_model import Link
 
 
 @dataclass(frozen=True)

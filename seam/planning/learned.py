@@ -3,7 +3,7 @@
 
 Both see the link as the session estimates it and the compute scales it measures, as the cost-model policy
 does, and differ only in how they score the (split, codec) actions: the learned policy by its actor network's
-logits (numpy; the UE needs no torch), the planner by the reward ``ue_client.planner`` computes from the cost
+logits (numpy; the UE needs no torch), the planner by the reward ``seam.planning.planner`` computes from the cost
 model and the policy file's quality table. Actions the budget rules out, by the table or by a measured
 ``seam analyze`` when one is given, and codecs the edge does not decode are never picked. The best action
 names the split to move to; whether the move pays for itself, and when, is the cost-model policy's test.
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from seam.profiler.cost_model import DeviceModel, Link
+from seam.planning.cost_model import DeviceModel
 from seam.runtime.errors import SeamError
-from seam.ue_client.planner import Objective, evaluate, increase_of, observation
-from seam.ue_client.policy import Constraints, CostModelPolicy, Scales
+from seam.planning.planner import Objective, evaluate, increase_of, observation
+from seam.planning.policy import Constraints, CostModelPolicy, Scales
+from seam.planning.snapshot import SessionSnapshot
 
 POLICY_VERSION = 1
 
@@ -95,21 +96,21 @@ class LearnedPolicy(CostModelPolicy):
         self.objective = Objective(policy.alpha, policy.beta, max_increase_pct)
         self.table = measured if measured is not None else policy.table  # what the budget is checked against
 
-    def scores(self, session, link: Link, scales: Scales) -> np.ndarray:
+    def scores(self, snapshot: SessionSnapshot, scales: Scales) -> np.ndarray:
         if self.planner:
-            scored = evaluate(self.ue, self.edge, link, self.policy.actions, self.table, self.objective,
-                              session.past, max(session.batch, 1), scales)
+            scored = evaluate(self.ue, self.edge, snapshot.link, self.policy.actions, self.table, self.objective,
+                              snapshot.past, max(snapshot.batch, 1), scales)
             return np.array([choice.reward for choice in scored])
-        state = observation(link, scales, session.past, self.objective.max_increase_pct)
+        state = observation(snapshot.link, scales, snapshot.past, self.objective.max_increase_pct)
         return actor_logits(self.policy.weights, state)
 
-    def targets(self, session, link: Link, scales: Scales,
+    def targets(self, snapshot: SessionSnapshot, scales: Scales,
                 candidates: list[int]) -> tuple[list[int], dict[int, str]]:
         """The best allowed action's split, and each split's best allowed codec."""
-        num_layers = session.num_layers
+        num_layers = snapshot.artifact.num_layers
         allowed = allowed_actions(self.policy.actions, self.table, self.objective.max_increase_pct, candidates,
-                                  session.client.codecs, num_layers)
+                                  list(snapshot.offered_codecs), num_layers)
         if not allowed.any():
-            return [session.split], {}
-        best = best_actions(self.scores(session, link, scales), self.policy.actions, allowed)
+            return [snapshot.split], {}
+        best = best_actions(self.scores(snapshot, scales), self.policy.actions, allowed)
         return [next(iter(best))], {split: codec for split, codec in best.items() if split < num_layers}

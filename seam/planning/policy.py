@@ -9,21 +9,20 @@ flap. A move carries the moved layers' KV cache across, or lets the side that ta
 hidden states (or tokens), whichever the model says is quicker: a cache holds two tensors per layer per position,
 the hidden states one. The network part is scaled the same way by the steps' own network times, which see a
 collapsed link before any bandwidth sample does. Policies: ``static`` (never moves) and ``cost-model`` here;
-``planner`` and ``learned`` (``ue_client.learned``) choose the target differently and move the same way.
+``planner`` and ``learned`` (``seam.planning.learned``) choose the target differently and move the same way.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from seam.profiler.cost_model import ID_BYTES, DeviceModel, Link, predict
+from seam.planning.cost_model import DeviceModel, Link, predict
+from seam.planning.snapshot import Decision, SessionSnapshot
 from seam.runtime.codecs import CODECS, encoded_bytes
 from seam.runtime.errors import SeamError
-from seam.runtime.spans import Span
 
 STEP_PROBE_AGE_S = 2.0  # step-sized probes older than this no longer describe the link
 # Measured network time over predicted may range this far: a collapsed link makes steps a hundred times slower
@@ -36,15 +35,6 @@ class Constraints:
     min_ue_layers: int = 0  # privacy: layers that always run on the UE
     ue_memory_bytes: int | None = None  # the UE's budget for weights and KV cache
     allowed: tuple[int, ...] | None = None  # split points the policy may choose; None = all
-
-
-@dataclass(frozen=True)
-class Decision:
-    split: int
-    per_token_s: dict[int, float]  # predicted decode latency of each candidate
-    reason: str
-    rebuild: bool = False  # the side taking layers over recomputes their cache instead of receiving it
-    codec: str | None = None  # how the hidden states should cross at the chosen split (None: as they are)
 
 
 def candidate_splits(ue: DeviceModel, constraints: Constraints, kv_bytes_per_token: Sequence[int], batch: int,
@@ -196,9 +186,9 @@ def calibration(measured_s: Sequence[float], predicted_s: float, bounds: tuple[f
 
 
 class CostModelPolicy:
-    """The ``cost-model`` policy for ``RemoteSession.generate``: before each step it calibrates both sides'
-    compute against the session's steps since its last move and moves the split when ``choose_split`` says so,
-    over the link as the session estimates it (kept fresh by the session's background probes)."""
+    """The ``cost-model`` policy: before each step it calibrates both sides' compute against the session's steps
+    since its last move, and returns ``choose_split``'s decision over the link as the session estimates it (kept
+    fresh by the session's background probes), or None when it has nothing to go on."""
 
     def __init__(self, ue: DeviceModel, edge: DeviceModel, constraints: Constraints = Constraints(),
                  margin: float = 0.1, window: int = 2, horizon: int = 128, settle_tokens: int = 64,
@@ -213,81 +203,66 @@ class CostModelPolicy:
         # Each move within this many tokens doubles the margin the next one needs: on a link that hovers where
         # two splits cost about the same, predictions err both ways and would otherwise bounce the split.
         self.settle_tokens = settle_tokens
-        self.decisions: list[Decision] = []
-        self.loaded = 0  # layers [0, loaded) have their sessions open on the UE
+        self.decisions: list[Decision] = []  # every decision returned, for the caller to inspect
 
-    def candidates(self, session) -> list[int]:
-        """The splits ``session`` may move to; its batch and max_length bound the cache they must hold (before a
+    def candidates(self, snapshot: SessionSnapshot) -> list[int]:
+        """The splits the session may move to; its batch and max_length bound the cache they must hold (before a
         generation sets them, weights alone count)."""
-        manifest = session.client.artifact.manifest
-        per_layer, blocks = manifest.kv_bytes_per_token_per_layer, manifest.blocks
-        constraints = self.constraints
-        if not session.allow_token_upload:  # split 0 would send token ids
+        facts, constraints = snapshot.artifact, self.constraints
+        if not snapshot.allow_token_upload:  # split 0 would send token ids
             constraints = replace(constraints, min_ue_layers=max(constraints.min_ue_layers, 1))
-        return candidate_splits(
-            self.ue, constraints, [len(b.layers) * per_layer for b in blocks], max(session.batch, 1),
-            session.max_length, [b.variants[session.head.variant].weight_bytes for b in blocks],
-        )
+        per_layer = facts.kv_bytes_per_token_per_layer
+        return candidate_splits(self.ue, constraints, [layers * per_layer for layers in facts.block_layers],
+                                max(snapshot.batch, 1), snapshot.max_length, facts.block_weight_bytes)
 
-    def preload(self, session, candidates: Sequence[int] | None = None) -> None:
-        """Opens every block a move may need on this device, so that no move waits for one to load; the CLI calls
-        it before the prompt, a policy used without it pays once, at its first decision."""
-        deepest = max(candidates or self.candidates(session))
-        if deepest > self.loaded:
-            session.client.pool.preload(Span(0, deepest), session.head.variant)
-            self.loaded = deepest
-
-    def targets(self, session, link: Link, scales: Scales,
+    def targets(self, snapshot: SessionSnapshot, scales: Scales,
                 candidates: list[int]) -> tuple[list[int], dict[int, str]]:
         """The splits a move may go to and the codec each would send its hidden states in: every candidate, and
         with a quality budget the cheapest codec it allows there."""
         if self.quality is None:
             return candidates, {}
-        offered = session.client.codecs
-        return candidates, {split: self.quality.codec(split, offered)
-                            for split in candidates if 0 < split < session.num_layers}
+        return candidates, {split: self.quality.codec(split, snapshot.offered_codecs)
+                            for split in candidates if 0 < split < snapshot.artifact.num_layers}
 
-    def __call__(self, session, step: int) -> None:
-        manifest = session.client.artifact.manifest
-        per_layer = manifest.kv_bytes_per_token_per_layer
-        candidates = self.candidates(session)
-        self.preload(session, candidates)
-        now = time.perf_counter()
-        probed = [seconds for at, seconds in session.step_probes if now - at < STEP_PROBE_AGE_S][-self.window:]
-        if session.split == session.num_layers and not probed:
+    def scales(self, snapshot: SessionSnapshot, candidates: list[int]) -> Scales | None:
+        """Measured over predicted for each part of a step, or None while nothing measures the network."""
+        probed = [seconds for at, seconds in snapshot.step_probes
+                  if snapshot.now_s - at < STEP_PROBE_AGE_S][-self.window:]
+        if snapshot.alone and not probed:
             # Alone on the UE, nothing measures the link but the background probes: offloading without them
             # could push a whole cache into a link that has collapsed.
-            return
-        link = session.link.link()
-        since_move = session.moves[-1].before_step if session.moves else 1  # the prefill is no decode step
-        recent = session.stats.timings[max(since_move, 1):][-self.window:]
-        predicted = predict(self.ue, self.edge, link, session.split, session.past, session.batch,
-                            session.codec).decode
+            return None
+        link, recent = snapshot.link, snapshot.timings_since_move[-self.window:]
+        predicted = predict(self.ue, self.edge, link, snapshot.split, snapshot.past, snapshot.batch,
+                            snapshot.codec).decode
         # Steps, or alone on the UE step-sized probes, measure the network exactly where the link estimate is
         # weakest: small messages on a link whose rate has not been sampled lately.
-        if session.split < session.num_layers:
+        if not snapshot.alone:
             network, offloaded = [t.network_s for t in recent], predicted
         else:
             network = probed
-            offloaded = predict(self.ue, self.edge, link, min(candidates), session.past, session.batch).decode
-        scales = Scales(
+            offloaded = predict(self.ue, self.edge, link, min(candidates), snapshot.past, snapshot.batch).decode
+        return Scales(
             ue=calibration([t.ue_s for t in recent], predicted.ue_s),
             edge=calibration([t.edge_s for t in recent], predicted.edge_s),
             network=calibration(network, offloaded.uplink_s + offloaded.downlink_s + offloaded.rtt_s,
                                 NETWORK_SCALE_BOUNDS),
         )
-        candidates, codecs = self.targets(session, link, scales, candidates)
+
+    def __call__(self, snapshot: SessionSnapshot) -> Decision | None:
+        candidates = self.candidates(snapshot)
+        scales = self.scales(snapshot, candidates)
+        if scales is None:
+            return None
+        facts = snapshot.artifact
+        targets, codecs = self.targets(snapshot, scales, candidates)
+        recent_moves = sum(step > snapshot.step - self.settle_tokens for step in snapshot.move_steps)
         decision = choose_split(
-            self.ue, self.edge, link, current=session.split, candidates=candidates, context=session.past,
-            remaining=min(session.max_length - session.past - 1, self.horizon), batch=session.batch,
-            kv_bytes_per_token_per_layer=per_layer,
-            # The hidden states of a position and its mask entry:
-            boundary_bytes_per_token=manifest.dims.hidden_size * session.head.kv_dtype.itemsize + ID_BYTES,
-            kept=[cut for cut in range(session.num_layers + 1) if session.kept_boundary(cut)], scales=scales,
-            margin=self.margin * 2 ** sum(move.before_step > step - self.settle_tokens for move in session.moves),
-            codecs=codecs,
+            self.ue, self.edge, snapshot.link, current=snapshot.split, candidates=targets, context=snapshot.past,
+            remaining=min(snapshot.max_length - snapshot.past - 1, self.horizon), batch=snapshot.batch,
+            kv_bytes_per_token_per_layer=facts.kv_bytes_per_token_per_layer,
+            boundary_bytes_per_token=facts.boundary_bytes_per_token, kept=snapshot.kept, scales=scales,
+            margin=self.margin * 2 ** recent_moves, codecs=codecs,
         )
         self.decisions.append(decision)
-        session.move_split(decision.split, decision.reason, decision.rebuild)
-        if decision.codec is not None:
-            session.codec = decision.codec
+        return decision

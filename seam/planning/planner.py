@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from seam.profiler.cost_model import DeviceModel, Link
-from seam.ue_client.policy import Scales, per_token_s
+from seam.planning.cost_model import DeviceModel, Link
+from seam.planning.policy import Scales, per_token_s
 
 LOSSLESS = "fp32"  # the hidden states as they are: no quality lost at any cut
 OBSERVATION_SIZE = 7

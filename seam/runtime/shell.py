@@ -1,0 +1,85 @@
+"""What every Seam command shares: ``run_cli``, which turns a failure into one line on stderr and an exit code,
+the table of which extra installs each optional module, comma-separated list arguments, and plain-text tables.
+
+Used by ``seam``, ``edge_server``, ``ue_client`` and ``ue_client DIR train`` alike, so each says what went wrong
+the same way: a user's mistake (``SeamError``) exits 2, a missing optional package names the extra to install,
+Ctrl-C exits 130, and SIGTERM unwinds through the ``finally`` blocks that remove partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+from seam.runtime.errors import SeamError
+from seam.runtime.version import DISTRIBUTION
+
+# Modules of the optional extras, and the extra that installs each.
+EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "onnx": "export", "onnxscript": "export",
+                   "stable_baselines3": "rl", "gymnasium": "rl", "matplotlib": "plot", "scipy": "finetune",
+                   "cvxpy": "finetune", "peft": "finetune"}
+
+
+def missing_extra(module: str) -> str | None:
+    """What to install for a missing ``module``, or None when no extra provides it."""
+    extra = EXTRA_OF_MODULE.get(module.split(".")[0])
+    if extra is None:
+        return None
+    return f"this needs {module}, part of the '{extra}' extra; install it with: pip install '{DISTRIBUTION}[{extra}]'"
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def run_cli(prog: str, body: Callable[[], int]) -> int:
+    """Runs a command's ``body`` and returns its exit code, reporting failures as one line prefixed ``prog``."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return body()
+    except SeamError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except ModuleNotFoundError as error:
+        hint = missing_extra(error.name or "")
+        if hint is None:
+            raise
+        print(f"{prog}: error: {hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def comma_list(convert: Callable = str, positive: bool = False, choices: Sequence[str] | None = None,
+               allow_empty: bool = False, signed: bool = False):
+    """An argparse type for comma-separated values: names (among ``choices`` when given), or numbers each at
+    least 0 (above 0 when ``positive``, any with ``signed``)."""
+    kind = getattr(convert, "__name__", "value")
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(convert(part.strip()) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind}s, got {text!r}") from None
+        if not values and not allow_empty:
+            raise argparse.ArgumentTypeError(f"expected at least one {kind}, got {text!r}")
+        if choices is not None:
+            unknown = [value for value in values if value not in choices]
+            if unknown:
+                raise argparse.ArgumentTypeError(f"unknown {unknown[0]!r}; known: {', '.join(choices)}")
+        elif convert is not str and not signed and any(value < 0 or (positive and value == 0) for value in values):
+            raise argparse.ArgumentTypeError(f"expected {'positive' if positive else 'non-negative'} numbers, "
+                                             f"got {text!r}")
+        return values
+
+    return parse
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table, right-aligned columns under a dashed rule."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *[line(row) for row in rows]])

@@ -1,0 +1,219 @@
+"""A generation's sequences on this device and the edge: ``RemoteSession`` runs layers [0, split) here with
+their KV cache, sends the hidden states at the split, and takes the token the edge samples.
+
+Before each step after the first a policy may see a ``SessionSnapshot`` of the session and return a decision,
+which the session applies (``seam.ue_client.moving``); while the UE runs alone a background prober keeps the link
+estimate fresh (``seam.ue_client.probing``). Created by ``EdgeClient.session``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+
+from seam.planning.link_estimate import LinkEstimator
+from seam.planning.snapshot import ArtifactFacts, Decision, SessionSnapshot, StepTiming
+from seam.runtime.codecs import to_message_fields
+from seam.runtime.errors import SeamError
+from seam.runtime.generation import left_pad, positions_from_mask
+from seam.runtime.impairments import Impairment
+from seam.runtime.protocol import Close, Closed, Message, OpenSession, SessionOpened, Step, StepResult
+from seam.runtime.sampling import Sampler, SamplingParams
+from seam.runtime.spans import Span
+from seam.runtime.transport import TransportTimeout
+from seam.ue_client import moving
+from seam.ue_client.connection import exchange
+from seam.ue_client.probing import BackgroundProber, LinkProber
+from seam.ue_client.stats import GenerationStats, Move
+
+if TYPE_CHECKING:
+    from seam.ue_client.client import EdgeClient
+
+T = TypeVar("T")
+SplitPolicy = Callable[[SessionSnapshot], "Decision | None"]  # consulted before each step after the first
+TIMINGS_SEEN = 8  # the most recent steps a snapshot carries: policies calibrate on a window of a few
+
+
+class RemoteSession:
+    """One generation's sequences, layers [0, split) on this device and the rest on the edge.
+
+    The split may move between steps (``move_split``, or a policy given to ``generate``); at split L this device
+    runs every layer and samples itself, and the edge holds nothing until the split moves back.
+    """
+
+    def __init__(self, client: EdgeClient, split: int, sampling: SamplingParams, allow_token_upload: bool,
+                 fallback_local: bool = False):
+        self.client = client
+        self.fallback_local = fallback_local  # if the edge stops answering, finish on this device
+        self.num_layers = client.artifact.num_layers
+        self.allow_token_upload = allow_token_upload
+        client.artifact.check_split(split, allow_token_upload)
+        self.split = split
+        self.sampling = sampling
+        self.sampler = Sampler(sampling)  # samples while this device holds every layer; travels with the split
+        self.codec = client.codec  # how hidden states cross; may change between steps, to one the edge offered
+        self.impairment: Impairment | None = None  # research: corrupts the hidden states at the cut before coding
+        self.impairment_rng = np.random.default_rng(0)
+        self.head = client.pool.runner(Span(0, split), keep_boundaries=True)
+        self.facts = ArtifactFacts.of(client.artifact.manifest, self.head.variant, self.head.kv_dtype.itemsize)
+        self.session_id = uuid.uuid4().hex
+        self.stats = GenerationStats()
+        self.moves: list[Move] = []
+        self.edge_stats: dict = {}  # the edge's own account of the session, filled in on close
+        self.open = False
+        self.edge_step = 0
+        self.batch = self.past = self.max_length = 0
+        self.sequence = self.mask = None  # the tokens so far and their mask, from which moved layers are rebuilt
+        self.link = LinkEstimator(client.link)
+        self.prober = LinkProber(self.link, client.artifact.manifest.dims.hidden_size, self.head.kv_dtype.itemsize)
+
+    @property
+    def probes(self) -> int:
+        return self.prober.pings
+
+    def request(self, message: Message, kind: type) -> Message:
+        return exchange(self.client.socket, message, kind, self.link)[0]
+
+    def probe_link(self) -> None:
+        """Pings the edge to refresh the stale directions of the link estimate."""
+        self.prober.probe(self.client.socket, self.batch)
+
+    def open_on_edge(self, kv: np.ndarray | None = None, hidden: np.ndarray | None = None) -> None:
+        """Opens the session on the edge at the current split, with the cache of its layers (``kv``) or the hidden
+        states to recompute it from when sequences are already running."""
+        mask = self.mask[:, : self.past] if self.past else None  # the edge keeps the mask of the positions so far
+        opening = OpenSession(self.session_id, self.split, self.batch, vars(self.sampling), self.max_length,
+                              self.allow_token_upload, self.sampler.state, kv, hidden, mask)
+        self.request(opening, SessionOpened)
+        self.open = True
+        self.edge_step = 0
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 policy: SplitPolicy | None = None) -> Iterator[np.ndarray]:
+        """Yields the next token of every prompt [B], step by step; before every step after the first, the
+        ``policy`` sees the session's snapshot and its decision, if any, is applied."""
+        manifest = self.client.artifact.manifest
+        ids, mask = left_pad(prompts, manifest.tokenizer["pad_token_id"])
+        positions = positions_from_mask(mask)
+        self.batch, self.past, self.max_length = len(prompts), 0, ids.shape[1] + max_new_tokens
+        self.head.reset(self.batch)
+        prober = None
+        if policy is not None:
+            self.preload(policy, self.snapshot(0))
+            prober = BackgroundProber(self.prober, self.client.connect_again(5.0),
+                                      lambda: self.split == self.num_layers, lambda: self.batch)
+        self.stats = GenerationStats(started=time.perf_counter())
+        try:
+            if self.split < self.num_layers:
+                self.open_on_edge()
+            first, self.sequence, self.mask = ids, ids, mask
+            for step in range(max_new_tokens):
+                if step and policy is not None:
+                    self.apply(policy(self.snapshot(step)))
+                try:
+                    tokens = self._step(first, mask, positions)
+                except TransportTimeout as lost:
+                    if not self.fallback_local:
+                        raise
+                    tokens = moving.finish_locally(self, self.sequence, mask, lost)
+                # The state moves on before the token is handed out, so a caller may move the split right away.
+                self.past = mask.shape[1]
+                mask = np.concatenate([mask, np.ones((self.batch, 1), dtype=np.int64)], axis=1)
+                positions = positions[:, -1:] + 1
+                first = tokens[:, None]
+                self.sequence, self.mask = np.concatenate([self.sequence, first], axis=1), mask
+                yield tokens
+        finally:
+            if prober is not None:
+                prober.close()
+            self.close()
+
+    def preload(self, policy: SplitPolicy, snapshot: SessionSnapshot) -> None:
+        """Opens every block a move may need on this device before the prompt, so that no move waits for one to
+        load; a policy without candidates leaves the blocks to load on first use."""
+        candidates = getattr(policy, "candidates", None)
+        if candidates is not None:
+            self.client.pool.preload(Span(0, max(candidates(snapshot))), self.head.variant)
+
+    def snapshot(self, step: int) -> SessionSnapshot:
+        """What a policy may see of this session before ``step``."""
+        since_move = self.moves[-1].before_step if self.moves else 1  # the prefill is no decode step
+        return SessionSnapshot(
+            artifact=self.facts, step=step, now_s=time.perf_counter(), split=self.split, past=self.past,
+            batch=self.batch, max_length=self.max_length, codec=self.codec,
+            allow_token_upload=self.allow_token_upload, offered_codecs=tuple(self.client.codecs),
+            link=self.link.link(), timings_since_move=tuple(self.stats.timings[max(since_move, 1):][-TIMINGS_SEEN:]),
+            step_probes=tuple(self.prober.step_probes), move_steps=tuple(move.before_step for move in self.moves),
+            kept=frozenset(cut for cut in range(self.num_layers + 1) if self.kept_boundary(cut)),
+        )
+
+    def apply(self, decision: Decision | None) -> None:
+        """Moves the split (and switches the codec) as a policy decided."""
+        if decision is None:
+            return
+        self.move_split(decision.split, decision.reason, decision.rebuild)
+        if decision.codec is not None:
+            self.codec = decision.codec
+
+    def move_split(self, split: int, reason: str = "", rebuild: bool = False) -> None:
+        """Moves the split between two steps (see ``seam.ue_client.moving``)."""
+        moving.move_split(self, split, reason, rebuild)
+
+    def kept_boundary(self, cut: int) -> bool:
+        """Whether this device holds the hidden states at ``cut`` for every position so far (see SpanRunner)."""
+        return bool(self.head.boundaries.get(cut))
+
+    def compute(self, run: Callable[[], T]) -> T:
+        """Runs UE compute; an emulated slower UE then idles for the extra time it would have taken."""
+        started = time.perf_counter()
+        output = run()
+        if self.client.ue_slowdown > 1:
+            time.sleep((self.client.ue_slowdown - 1) * (time.perf_counter() - started))
+        return output
+
+    def _step(self, first: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        began = time.perf_counter()
+        output = self.compute(lambda: self.head.run(first, mask, positions))
+        if self.split == self.num_layers:
+            tokens = self.sampler(output[:, -1, :])
+            arrived = time.perf_counter()
+            timing = StepTiming(arrived - began, 0.0, 0.0)
+        else:
+            carried = {"input_ids": output} if self.split == 0 else self._coded(output)
+            unseen = mask[:, mask.shape[1] - positions.shape[1]:]  # the edge holds the columns before these
+            sent = time.perf_counter()
+            result = self.request(Step(self.session_id, self.edge_step, unseen, positions, **carried), StepResult)
+            arrived = time.perf_counter()
+            self.edge_step += 1
+            timing = StepTiming(sent - began, max(arrived - sent - result.edge_compute_s, 0.0), result.edge_compute_s)
+            tokens = result.tokens.astype(np.int64)
+        self.stats.record(timing, arrived)
+        return tokens
+
+    def _coded(self, hidden: np.ndarray) -> dict[str, object]:
+        """The Step fields that carry ``hidden``: impaired first when an impairment is set, then coded."""
+        if self.codec not in self.client.codecs:
+            raise SeamError(f"the edge offered no {self.codec!r} codec; choose one of {', '.join(self.client.codecs)}")
+        if self.impairment is not None:
+            hidden = self.impairment.apply(hidden.astype(np.float32), self.impairment_rng).astype(hidden.dtype)
+        return to_message_fields(hidden, self.codec, self.client.artifact.manifest.dtype)
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            try:
+                closed = self.client.socket.request(Close(self.session_id),
+                                                    timeout_s=min(self.client.socket.config.timeout_s, 5))
+                self.edge_stats = closed.stats if isinstance(closed, Closed) else {}
+            except SeamError:
+                pass  # the edge is gone or slow; its idle timeout reclaims the session
+
+    def __enter__(self) -> RemoteSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
