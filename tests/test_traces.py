@@ -16,7 +16,7 @@ from seam.runtime.artifact import Artifact
 from seam.runtime.errors import SeamError
 from seam.runtime.traces import LinkState, Trace, generate_traces, load_trace, parse_trace, step_trace
 from seam.runtime.emulation import EmulatedLink, EmulatedSocket
-from seam.runtime.transport import TransportConfig, UeSocket
+from seam.runtime.transport import TransportConfig
 from test_runtime import PROMPTS
 from seam.ue_client.client import EdgeClient
 

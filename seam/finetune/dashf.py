@@ -48,7 +48,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import lambertw
 
 from seam.finetune.allocation import LN2, checked, positive, rate_bps, users
-from seam.finetune.dashf_offload import SOLVER, offload_sdr
+from seam.finetune.dashf_offload import SOLVER, optimal_cpu_shares, offload_sdr
 from seam.runtime.errors import SeamError
 
 PER_USER = ("powers_w", "upload_bits", "local_flop", "server_flop", "top_flops", "energy_coeff", "quality")
@@ -282,7 +282,7 @@ def allocate(setup: DashfSetup, server: np.ndarray, lam: float, fixed: Fixed, rn
             gaps.append((solution.bound - solution.value) / max(solution.bound, 1e-12))
         else:
             offload[members] = fixed.offload
-            cpu_shares[members] = _cpu_shares(work_s, offload[members])
+            cpu_shares[members] = optimal_cpu_shares(work_s, offload[members])
     return DashfAllocation(server, shares, powers, cpu_speeds(setup), cpu_shares, offload), gaps
 
 

@@ -22,7 +22,7 @@ class OffloadSolution:
     cpu_shares: np.ndarray
 
 
-def _cpu_shares(work_s: np.ndarray, offload: np.ndarray) -> np.ndarray:
+def optimal_cpu_shares(work_s: np.ndarray, offload: np.ndarray) -> np.ndarray:
     """The compute shares that minimise the summed server time: proportional to sqrt(rho·W)."""
     root = np.sqrt(offload * work_s)
     return root / root.sum() if root.sum() > 0 else np.full(work_s.size, 1 / work_s.size)
@@ -55,7 +55,7 @@ def _ascend(gain, work_s, price, offload) -> tuple[np.ndarray, np.ndarray]:
             moved, u[n] = max(moved, abs(best - u[n])), best
         if moved < 1e-12:
             break
-    return u ** 2, _cpu_shares(work_s, u ** 2)
+    return u ** 2, optimal_cpu_shares(work_s, u ** 2)
 
 
 def offload_sdr(gain, work_s, price: float, rng: np.random.Generator, draws: int = 32) -> OffloadSolution:
@@ -95,7 +95,7 @@ def offload_sdr(gain, work_s, price: float, rng: np.random.Generator, draws: int
     draws_y = mean + rng.standard_normal((draws, 2 * n)) @ (vectors * np.sqrt(np.clip(eigenvalues, 0, None))).T
     candidates = [np.zeros(n), *np.clip(np.vstack([mean[:n], draws_y[:, :n]]), 0, 1),
                   *np.clip(np.vstack([mean[n:], draws_y[:, n:]]) ** 2 / work_s, 0, 1)]
-    scores = [_offload_value(gain, work_s, price, rho, _cpu_shares(work_s, rho)) for rho in candidates]
+    scores = [_offload_value(gain, work_s, price, rho, optimal_cpu_shares(work_s, rho)) for rho in candidates]
     polished = [_ascend(gain, work_s, price, candidates[i]) for i in np.argsort(scores)[-3:]]
     offload, cpu_shares = max(polished, key=lambda option: _offload_value(gain, work_s, price, *option))
     return OffloadSolution(float(problem.value), _offload_value(gain, work_s, price, offload, cpu_shares), offload,

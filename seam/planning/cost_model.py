@@ -14,8 +14,6 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from seam.planning.schema import BlockProfile, DeviceProfile, LinkProfile, ProfileKey, Timing
 from seam.planning.wire_sizes import downlink_bytes, uplink_bytes
 from seam.runtime.artifact import DTYPE_BYTES
