@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from seam.edge_server.process import edge_server
+from seam.planning.snapshot import Decision
 from seam.runtime.artifact import Artifact
 from seam.runtime.codecs import CODECS
 from seam.runtime.errors import SeamError
@@ -21,8 +22,9 @@ def generate(client: EdgeClient, codec_by_step: dict[int, str] | None = None, im
     with client.session(2) as session:
         session.impairment = impairment
 
-        def switch(session, step):
-            session.codec = (codec_by_step or {}).get(step, session.codec)
+        def switch(snapshot):  # the split stays, the codec changes
+            codec = (codec_by_step or {}).get(snapshot.step, snapshot.codec)
+            return Decision(snapshot.split, {}, "switch codec", codec=codec)
 
         tokens = np.stack(list(session.generate(PROMPTS, NEW_TOKENS, switch)), axis=1)
     return tokens, session
@@ -81,10 +83,10 @@ def test_a_malformed_coded_step_is_refused_and_the_session_goes_on(exported):
             bad = Step(session.session_id, session.edge_step, mask, positions, hidden_states=data, codec="int8",
                        hidden_scale=wrong_scale)
             with pytest.raises(SeamError, match="int8"):
-                session._request(bad, StepResult)
+                session.request(bad, StepResult)
             unknown = Step(session.session_id, session.edge_step, mask, positions, hidden_states=data, codec="zip")
             with pytest.raises(SeamError, match="codec 'zip' is not one this server offered"):
-                session._request(unknown, StepResult)
+                session.request(unknown, StepResult)
             produced += list(steps)
     assert (np.stack(produced, axis=1) == expected).all()
 

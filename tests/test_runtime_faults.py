@@ -101,27 +101,30 @@ def test_requests_are_checked_before_touching_the_cache(served):
     assert_still_serving(artifact, address)
 
 
-def test_decode_steps_may_send_only_their_new_mask_columns(served):
+def test_steps_send_only_their_own_mask_columns(served):
     artifact, address, _ = served
     socket = raw_socket(address, artifact)
     assert isinstance(open_session(socket), SessionOpened)
     one = np.zeros((1, 1, 64), np.float32)
-    assert isinstance(socket.request(step()), StepResult)  # the prefill: 3 positions, their whole mask
+    assert isinstance(socket.request(step()), StepResult)  # the prefill: 3 positions, their 3 columns
     assert isinstance(socket.request(step(index=1, hidden=one, mask=np.ones((1, 1), np.int64),
                                           positions=np.array([[3]]))), StepResult)  # the edge holds the rest
-    reply = socket.request(step(index=2, hidden=one, mask=np.ones((1, 3), np.int64), positions=np.array([[4]])))
-    assert isinstance(reply, Error) and "[1, 5], or [1, 1] for the new positions alone" in reply.message
-    assert isinstance(socket.request(step(index=2, hidden=one, mask=np.ones((1, 5), np.int64),
+    # A whole mask is no longer what the field means: refused, and the session goes on.
+    reply = socket.request(step(index=2, hidden=one, mask=np.ones((1, 5), np.int64), positions=np.array([[4]])))
+    assert isinstance(reply, Error) and "[1, 1]: the mask columns of the step's own positions" in reply.message
+    assert isinstance(socket.request(step(index=2, hidden=one, mask=np.ones((1, 1), np.int64),
                                           positions=np.array([[4]]))), StepResult)
 
-    # A session opened mid-sequence holds no mask of its past until a step sends the whole of it.
+    # A session opened mid-sequence gets the mask of its past with the open, and from then on columns only.
     opened = OpenSession("s2", 2, 1, {}, 32, hidden_states=np.zeros((1, 3, 64), np.float32),
                          attention_mask=np.ones((1, 3), np.int64))
     assert isinstance(socket.request(opened), SessionOpened)
-    reply = socket.request(step("s2", hidden=one, mask=np.ones((1, 1), np.int64), positions=np.array([[3]])))
-    assert isinstance(reply, Error) and "holds no mask of its 3 past ones; send the whole mask" in reply.message
-    assert isinstance(socket.request(step("s2", hidden=one, mask=np.ones((1, 4), np.int64),
+    assert isinstance(socket.request(step("s2", hidden=one, mask=np.ones((1, 1), np.int64),
                                           positions=np.array([[3]]))), StepResult)
+    # One opened with its KV cache must bring that mask too.
+    cache = np.zeros((2 * (artifact.num_layers - 2), 2, 3, 16), np.float32)
+    reply = socket.request(OpenSession("s3", 2, 1, {}, 32, kv=cache))
+    assert isinstance(reply, Error) and "needs the attention mask of its positions" in reply.message
     socket.close()
 
 

@@ -96,7 +96,7 @@ def test_the_link_estimate_measures_an_emulated_link(exported):
 def test_a_ue_generating_alone_keeps_measuring_the_link_in_the_background(exported):
     artifact = Artifact.open(exported("tiny-llama"))
     trace = Trace((0.0,), (LinkState(up_mbit=4.0, down_mbit=16.0, rtt_ms=30.0),))
-    slow_steps = lambda session, step: time.sleep(0.1)  # noqa: E731  (a policy that never moves)
+    slow_steps = lambda snapshot: time.sleep(0.1)  # noqa: E731  (a policy that never moves)
     with edge_server(artifact.root) as (_, address):
         with EdgeClient(artifact, address, emulated=EmulatedLink(trace)) as client:
             with client.session(artifact.num_layers) as session:

@@ -1,4 +1,5 @@
-"""``edge_server DIR --bind ...``: maps flags into EdgeConfig, serves until SIGINT or SIGTERM."""
+"""``edge_server DIR --bind ...``: maps flags into EdgeConfig, registers split fine-tuning with ``--train``,
+and serves until SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,21 +9,16 @@ import signal
 import sys
 from pathlib import Path
 
-from seam.edge_server.server import EdgeConfig, EdgeServer
+from seam.edge_server.config import EdgeConfig
+from seam.edge_server.server import EdgeServer
 from seam.runtime.codecs import CODECS
-from seam.runtime.errors import SeamError
+from seam.runtime.protocol import TRAINING_MESSAGES
+from seam.runtime.shell import comma_list, run_cli
 from seam.runtime.transport import TransportConfig
 
 
-def codec_list(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = [name for name in names if name not in CODECS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown codec {unknown[0]!r}; known: {', '.join(CODECS)}")
-    return names
-
-
-def parse(argv: list[str] | None) -> EdgeConfig:
+def parse(argv: list[str] | None) -> tuple[EdgeConfig, bool]:
+    """The configuration, and whether to serve split fine-tuning too."""
     parser = argparse.ArgumentParser(prog="edge_server", description="Serve the tail blocks of an artifact to UEs.")
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--bind", default="tcp://0.0.0.0:5555")
@@ -41,7 +37,7 @@ def parse(argv: list[str] | None) -> EdgeConfig:
                         help="also serve split fine-tuning of LoRA adapters (needs the export and finetune extras)")
     parser.add_argument("--round-timeout", type=float, default=60.0,
                         help="seconds a federated round waits for its UEs' adapters after the first arrives")
-    parser.add_argument("--codecs", type=codec_list, default=tuple(CODECS),
+    parser.add_argument("--codecs", type=comma_list(choices=list(CODECS)), default=tuple(CODECS),
                         help=f"activation codecs to offer UEs, comma-separated (default all: {','.join(CODECS)})")
     args = parser.parse_args(argv)
     return EdgeConfig(
@@ -59,31 +55,37 @@ def parse(argv: list[str] | None) -> EdgeConfig:
         allowed_keys=args.allow,
         log_messages=args.log_messages,
         codecs=args.codecs,
-        train=args.train,
         round_timeout_s=args.round_timeout,
         transport=TransportConfig(),
-    )
+    ), args.train
+
+
+def serve(config: EdgeConfig, train: bool) -> int:
+    server = EdgeServer(config)
+    if train:
+        register_training(server)
+    signal.signal(signal.SIGINT, server.stop)
+    signal.signal(signal.SIGTERM, server.stop)
+    manifest = server.manifest
+    print(f"edge_server: listening on {server.address} ({manifest.source}, {manifest.family}, "
+          f"{manifest.dims.num_layers} layers, {config.device})", file=sys.stderr, flush=True)
+    server.serve()
+    return 0
+
+
+def register_training(server: EdgeServer) -> None:
+    """Serves split fine-tuning beside inference: torch, transformers and peft load only here."""
+    from seam.finetune.edge import TrainingService
+
+    config = server.config
+    training = TrainingService(server.artifact, config.threads, config.idle_timeout_s, config.round_timeout_s)
+    server.register(TRAINING_MESSAGES, training.handle, training.owns)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s edge_server %(message)s", stream=sys.stderr)
-    config = parse(argv)
-    try:
-        server = EdgeServer(config)
-    except SeamError as error:
-        print(f"edge_server: error: {error}", file=sys.stderr)
-        return error.exit_code
-    signal.signal(signal.SIGINT, server.stop)
-    signal.signal(signal.SIGTERM, server.stop)
-    manifest = server.manifest
-    print(
-        f"edge_server: listening on {server.address} ({manifest.source}, {manifest.family}, "
-        f"{manifest.dims.num_layers} layers, {config.device})",
-        file=sys.stderr,
-        flush=True,
-    )
-    server.serve()
-    return 0
+    config, train = parse(argv)
+    return run_cli("edge_server", lambda: serve(config, train))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""The edge's compute: opens sessions (with a cache carried over or recomputed), runs checked steps alone or as
+one batch, and moves a session's split. No socket and no dispatch: the server (``seam.edge_server.server``)
+checks each request first (``seam.edge_server.validation``) and hands this the checked value.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from seam.edge_server.sessions import EdgeSession, SessionKey, SessionTable
+from seam.edge_server.validation import CheckedStep, Limits
+from seam.runtime.artifact import Artifact
+from seam.runtime.executor import SessionPool, run_together
+from seam.runtime.migration import pack_kv, recompute, resplit, unpack_kv
+from seam.runtime.protocol import OpenSession, Resplit, Resplitted, StepResult
+from seam.runtime.sampling import Sampler, SamplingParams
+from seam.runtime.spans import Span
+
+
+class EdgeCompute:
+    def __init__(self, artifact: Artifact, pool: SessionPool, table: SessionTable, limits: Limits):
+        self.artifact, self.pool, self.table, self.limits = artifact, pool, table, limits
+
+    def kv_bytes(self, batch: int, max_length: int, split: int) -> int:
+        """KV reserved for a session: its full length on every edge layer, so admission never over-commits."""
+        layers = self.artifact.num_layers - split
+        return batch * max_length * layers * self.artifact.manifest.kv_bytes_per_token_per_layer
+
+    def open(self, key: SessionKey, request: OpenSession, past: int) -> tuple[EdgeSession, list[EdgeSession]]:
+        """A session for a checked ``request`` arriving with ``past`` positions, and the sessions evicted to
+        make room for it."""
+        sampler = Sampler(SamplingParams.from_dict(request.sampling))
+        if request.sampler_state:
+            sampler.state = request.sampler_state
+        span = Span(request.split, self.artifact.num_layers)
+        runner = self.pool.runner(span)
+        runner.reset(request.batch)
+        if request.kv is not None:  # sequences the UE has been running alone until now
+            runner.cache = unpack_kv(request.kv, span, runner, request.batch, past)
+        elif request.hidden_states is not None:  # the same, with the cache to recompute here
+            runner = recompute(self.pool, span, request.hidden_states, request.attention_mask)
+        kv_bytes = self.kv_bytes(request.batch, request.max_length, request.split)
+        victims = self.table.admit(key, kv_bytes)
+        now = time.monotonic()
+        session = EdgeSession(key, runner, sampler, request.split, request.batch, request.max_length, kv_bytes, now,
+                              now, request.allow_token_upload, mask=request.attention_mask)
+        self.table.add(session)
+        return session, victims
+
+    def run_steps(self, group: list[tuple[EdgeSession, CheckedStep]]) -> list[np.ndarray]:
+        """Runs checked steps of sessions at one split and samples each; one step runs on its own, several as
+        one batch (their caches left-padded to a common length). Returns each session's tokens [B]."""
+        if len(group) == 1:
+            session, checked = group[0]
+            logits = session.runner.run(checked.first, checked.attention_mask, checked.position_ids)
+            return [session.sampler(logits[:, -1, :])]
+        outputs = run_together(
+            [session.runner for session, _ in group],
+            [checked.first for _, checked in group],
+            [checked.attention_mask for _, checked in group],
+            [checked.position_ids for _, checked in group],
+        )
+        for session, _ in group:
+            session.batched_steps += 1
+        return [session.sampler(output[:, -1, :]) for (session, _), output in zip(group, outputs)]
+
+    @staticmethod
+    def advance(session: EdgeSession, checked: CheckedStep, step: int, compute_s: float,
+                tokens: np.ndarray) -> StepResult:
+        """Records a step that ran and returns its result."""
+        session.next_step += 1
+        session.mask = checked.attention_mask
+        session.tokens += session.batch
+        session.compute_s += compute_s
+        return StepResult(session.key[1], step, compute_s, tokens)
+
+    def resplit(self, session: EdgeSession, request: Resplit) -> Resplitted:
+        """Moves a checked ``request``'s session to its split; at split L the session is handed over whole and
+        the caller removes it."""
+        old, new, last = session.split, request.split, self.artifact.num_layers
+        runner, past = session.runner, session.runner.past_length
+        if new < old:  # the edge takes layers [new, old) over, with their cache or what to recompute it from
+            recomputing = request.hidden_states is not None
+            if not recomputing:
+                incoming = unpack_kv(request.kv, Span(new, old), runner, session.batch, past)
+            self.table.reserve(session, self.kv_bytes(session.batch, session.max_length, new))
+            if recomputing:  # only once the move is known to fit
+                incoming = recompute(self.pool, Span(new, old), request.hidden_states, request.attention_mask).cache
+            outgoing, sampler_state = None, {}
+        else:  # the UE takes layers [old, new) over
+            incoming = {}
+            outgoing = pack_kv(runner.cache, Span(old, new)) if request.send_kv else None
+            sampler_state = session.sampler.state if new == last else {}
+            session.kv_bytes = self.kv_bytes(session.batch, session.max_length, new)
+        session.moves += 1
+        if new < last:
+            session.runner = resplit(self.pool, runner, Span(new, last), incoming)
+            session.split = new
+        return Resplitted(request.session_id, new, sampler_state, outgoing)

@@ -1,0 +1,33 @@
+"""The edge server's configuration: one dataclass that ``edge_server``'s flags map into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from seam.runtime.codecs import CODECS
+from seam.runtime.transport import TransportConfig
+
+
+@dataclass
+class EdgeConfig:
+    artifact: Path  # exported artifact directory
+    bind: str = "tcp://0.0.0.0:5555"  # ZeroMQ address to listen on
+    device: str = "cpu"  # 'cpu' or 'cuda'
+    threads: int | None = None  # onnxruntime intra-op threads; None = physical cores
+    max_sessions: int = 64  # open sessions before the least recently used is evicted
+    kv_budget_mb: float = 4096.0  # KV cache reserved across sessions, MiB
+    idle_timeout_s: float = 300.0  # a session unused this long is closed
+    max_batch: int = 64  # sequences per session, and per batched decode run
+    batch_decode: bool = True  # run the decode steps of sessions that are ready together as one batch
+    max_burst: int = 256  # queued requests taken at once
+    max_length: int = 4096  # prompt plus generated tokens per sequence
+    curve_secret: Path | None = None  # the server's NAME.key_secret; enables CURVE
+    allowed_keys: Path | None = None  # directory of allowed UE public keys (*.key)
+    log_messages: Path | None = None  # append one JSON line per received message header (debugging, audits)
+    codecs: tuple[str, ...] = tuple(CODECS)  # activation codecs offered to UEs (fp32 always)
+    round_timeout_s: float = 60.0  # a federated round closes without the UEs that have not uploaded by then
+    transport: TransportConfig = None
+
+    def __post_init__(self):
+        self.transport = self.transport or TransportConfig()
