@@ -39,7 +39,7 @@ def one_ue(index: int, address: str, artifact: Artifact, split: int, prompt_leng
         expect(socket.request(Step(session, 0, mask, np.arange(prompt_length)[None], hidden_states=prompt)), StepResult)
         start.wait(timeout=120)
         for step in range(1, steps + 1):
-            mask = np.ones((1, prompt_length + step), np.int64)
+            mask = np.ones((1, 1), np.int64)  # the new position's column: the edge holds the rest
             position = np.array([[prompt_length + step - 1]])
             state = rng.standard_normal((1, 1, hidden)).astype(np.float32)
             expect(socket.request(Step(session, step, mask, position, hidden_states=state)), StepResult)

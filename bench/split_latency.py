@@ -80,7 +80,7 @@ def main() -> None:
 
     # The raw round trip carries a decode step's request and reply at mid-generation size.
     past = args.prompt_length + args.new_tokens // 2
-    request = encode(Step("s", 0, np.ones((1, past + 1), np.int64), np.array([[past]]),
+    request = encode(Step("s", 0, np.ones((1, 1), np.int64), np.array([[past]]),
                           hidden_states=np.zeros((1, 1, hidden), np.float32)))
     request_bytes = [bytes(frame) for frame in request]
     reply = [bytes(frame) for frame in encode(StepResult("s", 0, 0.001, np.zeros(1, np.int64)))]

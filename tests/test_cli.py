@@ -95,3 +95,28 @@ def test_models_lists_presets_and_families():
     assert result.returncode == 0, result.stderr
     for name in ["tiny-llama", "tiny-gpt2", "small-llama (default)", "qwen2, qwen3"]:
         assert name in result.stdout
+
+
+def test_the_installed_commands_share_one_shell(exported, tmp_path):
+    """``ue_client DIR train`` reaches fine-tuning and plain ``ue_client`` generation, each failing in one line of
+    its own; a command missing an optional package names the extra that installs it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from seam.runtime.shell import missing_extra
+
+    scripts = Path(sys.executable).parent
+    artifact = str(exported("tiny-llama"))
+    missing = str(tmp_path / "missing.jsonl")
+    train = subprocess.run([scripts / "ue_client", artifact, "train", "--data", missing, "--server",
+                            "tcp://127.0.0.1:9"], capture_output=True, text=True, timeout=120)
+    generate = subprocess.run([scripts / "ue_client", artifact, "--prompt", "hi", "--max-new-tokens", "0"],
+                              capture_output=True, text=True, timeout=120)
+    for result, prefix in ((train, "ue_client train: error:"), (generate, "ue_client: error:")):
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(prefix), result.stderr
+    assert "missing.jsonl" in train.stderr and "--max-new-tokens" in generate.stderr
+    assert missing_extra("peft.tuners") == ("this needs peft.tuners, part of the 'finetune' extra; install it "
+                                            "with: pip install 'seam-llm[finetune]'")
+    assert missing_extra("numpy") is None

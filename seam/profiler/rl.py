@@ -3,7 +3,7 @@ saving it as a policy file the UE runs without torch.
 
 The environment is the paper's, in Seam's terms: a state is the link as the steps see it, how loaded each side
 is, the context length and the user's quality budget; an action is a (split, codec); the reward is the
-planner's (``ue_client.planner.Objective``), latency from the cost model over the two device profiles and
+planner's (``seam.planning.planner.Objective``), latency from the cost model over the two device profiles and
 quality from a quality function. That function is either the reward surrogate, microseconds a call, or a
 direct evaluation that runs the split model's perplexity on a text sample for every action, which is what
 training without a surrogate costs. The runtime prices and gates every move itself, so a decision does not
@@ -11,7 +11,7 @@ change the next state and each episode is one decision (a contextual bandit, whi
 
 The policy file is a directory: ``policy.json`` (the actions, the quality table the surrogate predicts for
 them, the objective and how training went) and ``actor.npz``, the weights of the actor network, which the UE
-evaluates in numpy (``ue_client.learned``).
+evaluates in numpy (``seam.planning.learned``).
 """
 
 from __future__ import annotations
