@@ -1,5 +1,6 @@
-"""Split policies: which split the next step should run at, from the cost model, the link estimate and the
-generation's state.
+"""Split policies: which split the next step should run at, from the cost model and a ``SessionSnapshot`` of the
+generation (its link estimate, measured step times, context and what it allows); the session applies the
+``Decision``.
 
 ``choose_split`` is a pure function. It predicts every allowed split's per-token latency at the current context,
 scales each side's compute by what the running session measured against its profile (an edge busy with other
