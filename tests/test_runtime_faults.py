@@ -71,6 +71,14 @@ def assert_still_serving(artifact, address, secret=None, server_key=None):
           b'"dtype":"object","shape":[1]}]}', b"x"], "dtype"),
         ([b'{"kind":"step","fields":{"session_id":"s","step":0},"tensors":[{"name":"attention_mask",'
           b'"dtype":"int64","shape":[1,2]}]}', b"\0" * 8], "needs 16 bytes"),
+        # Each of these once ended the serve loop with an exception the decoder did not turn into an Error.
+        ([b'{"kind":"step","fields":{"session_id":"s","step":0},"tensors":[{"name":"attention_mask",'
+          b'"dtype":["int64"],"shape":[1]}]}', b"\0" * 8], "dtype"),
+        ([b"[" * 100_000], "not JSON"),
+        ([b'{"kind":"ping","fields":{"nonce":' + b"9" * 5000 + b'},"tensors":[]}'], "not JSON"),
+        ([b'{"kind":"step","fields":{"session_id":"s","step":0},"tensors":[{"name":"attention_mask",'
+          b'"dtype":"int64","shape":[0,' + b"1" + b"0" * 30 + b']}]}', b""], "invalid shape"),
+        ([b'{"kind":"close","fields":{"session_id":"a\\nclose forged"},"tensors":[]}'], "printable"),
     ],
 )
 def test_malformed_frames_get_an_error_reply(served, frames, fragment):
@@ -79,6 +87,7 @@ def test_malformed_frames_get_an_error_reply(served, frames, fragment):
     reply = raw_reply(socket, frames)
     socket.close()
     assert isinstance(reply, Error) and reply.code == "bad_message" and fragment in reply.message
+    assert_still_serving(artifact, address)
 
 
 def test_requests_are_checked_before_touching_the_cache(served):
@@ -89,6 +98,9 @@ def test_requests_are_checked_before_touching_the_cache(served):
         (step(hidden=np.zeros((1, 3, 65), np.float32)), "hidden_states must be float32 of shape [1, 3, 64]"),
         (step(hidden=np.zeros((1, 3, 64), np.float16)), "hidden_states must be float32"),
         (step(mask=np.ones((1, 5), np.int64)), "attention_mask must be int64 of shape [1, 3]"),
+        (step(hidden=np.full((1, 3, 64), np.nan, np.float32)), "hidden_states hold NaN or infinite values"),
+        (step(mask=np.full((1, 3), 2, np.int64)), "attention_mask entries must be 0 (padding) or 1"),
+        (step(positions=np.array([[0, 1, 2**62]])), "position_ids must lie in [0, 32)"),
         (step(index=4), "expected step 0"),
         (step(session_id="nope"), "unknown session 'nope'"),
         (step(hidden=np.zeros((1, 40, 64), np.float32)), "beyond its max_length 32"),
@@ -147,6 +159,15 @@ def test_oversized_and_forbidden_sessions(served):
     assert "raw token ids" in socket.request(OpenSession("b", 0, 1, {}, 8)).message
     assert "not a split point" in socket.request(OpenSession("c", 7, 1, {}, 8)).message
     assert "invalid sampling" in socket.request(OpenSession("d", 2, 1, {"top_p": 0}, 8)).message
+    for sampling, name in (({"temperature": "hot"}, "temperature"), ({"top_k": 1.5}, "top_k"),
+                           ({"seed": 10**30}, "seed")):
+        reply = socket.request(OpenSession("e", 2, 1, sampling, 8))
+        assert reply.code == "rejected" and f"sampling parameter {name} must be" in reply.message, reply
+    tokens = OpenSession("f", 0, 1, {}, 8, allow_token_upload=True)
+    assert isinstance(socket.request(tokens), SessionOpened)
+    out_of_vocabulary = Step("f", 0, np.ones((1, 1), np.int64), np.zeros((1, 1), np.int64),
+                             input_ids=np.array([[artifact.manifest.dims.vocab_size]]))
+    assert "input_ids must lie in [0, " in socket.request(out_of_vocabulary).message
     huge = UeSocket(address, TransportConfig(timeout_s=10, max_message_bytes=1 << 30))
     huge.request(Hello(PROTOCOL_VERSION, artifact.manifest.artifact_fingerprint))
     huge.request(OpenSession("big", 2, 1, {}, 64))
@@ -178,7 +199,8 @@ def test_killed_edge_gives_a_clear_error_within_the_timeout(exported):
         started = time.monotonic()
         with pytest.raises(TransportTimeout, match="no reply from the edge server"):
             list(tokens)
-        assert time.monotonic() - started < 10
+        # Within the timeout (2 s) and the slack of a busy machine, with no close waiting out another one.
+        assert time.monotonic() - started < 3.5
         client.close()
 
 
@@ -198,7 +220,29 @@ def test_a_killed_edge_with_fallback_finishes_on_the_ue_with_the_same_tokens(exp
     assert (np.stack(produced, axis=1) == local_tokens(artifact, PROMPTS, SamplingParams())).all()
     (move,) = session.moves
     assert (move.before_step, move.from_split, move.to_split) == (3, 2, artifact.num_layers)
-    assert "stopped answering" in move.reason and session.split == artifact.num_layers
+    assert "the edge was lost" in move.reason and session.split == artifact.num_layers
+
+
+def test_an_edge_restarted_under_a_session_engages_the_fallback(exported):
+    """A new edge on the same address answers the session's next step with 'send hello first': the session's
+    state is gone as surely as after a timeout, so the UE finishes locally, before its timeout runs out."""
+    import socket as sockets
+
+    artifact = Artifact.open(exported("tiny-llama"))
+    with sockets.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    with edge_server(artifact.root, bind=address) as (process, _):
+        client = EdgeClient(artifact, address, TransportConfig(timeout_s=60))
+        session = client.session(2, fallback_local=True)
+        steps = session.generate(PROMPTS, NEW_TOKENS)
+        produced = [next(steps), next(steps)]
+    with edge_server(artifact.root, bind=address):
+        produced += list(steps)
+    client.close()
+    assert (np.stack(produced, axis=1) == local_tokens(artifact, PROMPTS, SamplingParams())).all()
+    (move,) = session.moves
+    assert "the edge was lost" in move.reason and "send hello" in move.reason, move.reason
 
 
 def test_ue_client_without_server(exported):
@@ -240,6 +284,32 @@ def test_decoder_fuzz_raises_only_protocol_errors(frames):
     except ProtocolError:
         return
     assert decode([bytes(f) for f in encode(message)]) == message or message.kind in {"step", "result"}
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["hello", "step", "open", "ping", "close", "resplit", "train_forward", "bogus"]) | JSON,
+    JSON,
+    st.lists(st.dictionaries(st.sampled_from(["name", "dtype", "shape", "x"]), JSON | st.sampled_from(
+        ["attention_mask", "hidden_states", "int64", "float32"]), max_size=4), max_size=3),
+    st.lists(st.binary(max_size=32), max_size=3),
+)
+def test_decoder_takes_any_json_header_without_another_exception(kind, fields, tensors, tail):
+    import json
+
+    header = json.dumps({"kind": kind, "fields": fields, "tensors": tensors}).encode()
+    try:
+        message = decode([header, *tail], max_bytes=1 << 16)
+    except ProtocolError:
+        return
+    assert message.kind == kind
 
 
 def test_curve_admits_only_allow_listed_ues(exported, tmp_path):

@@ -14,14 +14,15 @@ from seam.edge_server.server import EdgeServer
 from seam.runtime.codecs import CODECS
 from seam.runtime.protocol import TRAINING_MESSAGES
 from seam.runtime.shell import comma_list, run_cli
-from seam.runtime.transport import TransportConfig
+from seam.runtime.transport import TransportConfig, reachable_beyond_loopback
 
 
 def parse(argv: list[str] | None) -> tuple[EdgeConfig, bool]:
     """The configuration, and whether to serve split fine-tuning too."""
     parser = argparse.ArgumentParser(prog="edge_server", description="Serve the tail blocks of an artifact to UEs.")
     parser.add_argument("artifact", type=Path)
-    parser.add_argument("--bind", default="tcp://0.0.0.0:5555")
+    parser.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                        help="address to listen on (default loopback only; tcp://0.0.0.0:PORT for every interface)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--max-sessions", type=int, default=64)
@@ -69,6 +70,10 @@ def serve(config: EdgeConfig, train: bool) -> int:
     manifest = server.manifest
     print(f"edge_server: listening on {server.address} ({manifest.source}, {manifest.family}, "
           f"{manifest.dims.num_layers} layers, {config.device})", file=sys.stderr, flush=True)
+    if config.curve_secret is None and reachable_beyond_loopback(server.address):
+        print(f"edge_server: warning: {server.address} is reachable beyond this machine without keys, unencrypted "
+              "and open to any UE; give --curve-secret and --allow to admit only known devices", file=sys.stderr,
+              flush=True)
     server.serve()
     return 0
 

@@ -49,22 +49,30 @@ class EdgeCompute:
         self.table.add(session)
         return session, victims
 
-    def run_steps(self, group: list[tuple[EdgeSession, CheckedStep]]) -> list[np.ndarray]:
+    def run_steps(self, group: list[tuple[EdgeSession, CheckedStep]]) -> list[np.ndarray | Exception]:
         """Runs checked steps of sessions at one split and samples each; one step runs on its own, several as
-        one batch (their caches left-padded to a common length). Returns each session's tokens [B]."""
+        one batch (their caches left-padded to a common length). Returns each session's tokens [B], or what
+        sampling them raised, so that one session's fault stays its own; a failed run raises before any cache
+        has changed."""
         if len(group) == 1:
             session, checked = group[0]
-            logits = session.runner.run(checked.first, checked.attention_mask, checked.position_ids)
-            return [session.sampler(logits[:, -1, :])]
-        outputs = run_together(
-            [session.runner for session, _ in group],
-            [checked.first for _, checked in group],
-            [checked.attention_mask for _, checked in group],
-            [checked.position_ids for _, checked in group],
-        )
-        for session, _ in group:
-            session.batched_steps += 1
-        return [session.sampler(output[:, -1, :]) for (session, _), output in zip(group, outputs)]
+            outputs = [session.runner.run(checked.first, checked.attention_mask, checked.position_ids)]
+        else:
+            outputs = run_together(
+                [session.runner for session, _ in group],
+                [checked.first for _, checked in group],
+                [checked.attention_mask for _, checked in group],
+                [checked.position_ids for _, checked in group],
+            )
+            for session, _ in group:
+                session.batched_steps += 1
+        results: list[np.ndarray | Exception] = []
+        for (session, _), output in zip(group, outputs):
+            try:
+                results.append(session.sampler(output[:, -1, :]))
+            except Exception as error:  # e.g. logits a session's own inputs made non-finite
+                results.append(error)
+        return results
 
     @staticmethod
     def advance(session: EdgeSession, checked: CheckedStep, step: int, compute_s: float,

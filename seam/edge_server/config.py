@@ -12,7 +12,7 @@ from seam.runtime.transport import TransportConfig
 @dataclass
 class EdgeConfig:
     artifact: Path  # exported artifact directory
-    bind: str = "tcp://0.0.0.0:5555"  # ZeroMQ address to listen on
+    bind: str = "tcp://127.0.0.1:5555"  # ZeroMQ address to listen on: loopback unless the user says otherwise
     device: str = "cpu"  # 'cpu' or 'cuda'
     threads: int | None = None  # onnxruntime intra-op threads; None = physical cores
     max_sessions: int = 64  # open sessions before the least recently used is evicted

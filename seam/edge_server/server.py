@@ -18,7 +18,7 @@ import numpy as np
 from seam.edge_server.audit import MessageLog
 from seam.edge_server.compute import EdgeCompute
 from seam.edge_server.config import EdgeConfig
-from seam.edge_server.sessions import EdgeSession, SessionTable
+from seam.edge_server.sessions import EdgeSession, SessionTable, UnknownSession
 from seam.edge_server.validation import CheckedStep, Limits, check_open, check_ping, check_resplit, check_step
 from seam.runtime.artifact import NUMPY_DTYPES, Artifact
 from seam.runtime.codecs import CODECS, CODECS_CAPABILITY
@@ -43,7 +43,7 @@ class EdgeServer:
         self.pool.preload(Span(0, self.artifact.num_layers))
         self.offered_codecs = [name for name in CODECS if name == "fp32" or name in config.codecs]
         self.table = SessionTable(config.max_sessions, int(config.kv_budget_mb * 2**20), config.idle_timeout_s)
-        self.limits = Limits(self.artifact.num_layers, self.manifest.dims.hidden_size,
+        self.limits = Limits(self.artifact.num_layers, self.manifest.dims.hidden_size, self.manifest.dims.vocab_size,
                              np.dtype(NUMPY_DTYPES[self.manifest.dtype]), config.max_batch, config.max_length,
                              tuple(self.offered_codecs), self.artifact.check_split)
         self.compute = EdgeCompute(self.artifact, self.pool, self.table, self.limits)
@@ -77,7 +77,12 @@ class EdgeServer:
                 burst = [received]
                 while len(burst) < self.config.max_burst and (more := self.socket.receive(timeout_s=0)) is not None:
                     burst.append(more)
-                for peer, reply in self.handle_burst(burst):
+                try:
+                    replies = self.handle_burst(burst)
+                except Exception:  # every handler is guarded; this keeps a bug in the loop from ending it
+                    log.exception("internal error in a burst of %d messages; they go unanswered", len(burst))
+                    continue
+                for peer, reply in replies:
                     self.socket.send(peer, reply)
         finally:
             for session in list(self.table.sessions.values()):
@@ -140,6 +145,8 @@ class EdgeServer:
     def _guarded(self, peer: bytes, session_id: str, work: Callable[[], Message]) -> Message:
         try:
             return work()
+        except UnknownSession as error:  # its own code: the UE treats the session as lost, as after a timeout
+            return Error("unknown_session", str(error), session_id)
         except SeamError as error:
             return Error("rejected", str(error), session_id)
         except Exception as error:  # a fault in one session must not take the others down
@@ -181,18 +188,23 @@ class EdgeServer:
     def _run_group(self, group: list[Ready]) -> list[tuple[bytes, Message]]:
         started = time.perf_counter()
         try:
-            tokens = self.compute.run_steps([(session, checked) for session, checked, _ in group])
-        except Exception as error:  # a fault in a run closes its sessions, never the server
-            log.exception("internal error in a run of %d sessions", len(group))
-            replies = []
-            for session, _, step in group:
-                self.table.remove(session.key, "closed after an internal error")
-                reply = Error("internal", f"{type(error).__name__}: {error}; the session was closed", step.session_id)
-                replies.append((session.key[0], reply))
-            return replies
+            results = self.compute.run_steps([(session, checked) for session, checked, _ in group])
+        except Exception as error:
+            if len(group) > 1:  # no cache changed: alone, each step fails or succeeds on its own account
+                log.warning("a run of %d sessions failed (%s); running them one by one", len(group), error)
+                return [reply for prepared in group for reply in self._run_group([prepared])]
+            results = [error]
         compute_s = time.perf_counter() - started  # every session in the run waited this long
-        return [(session.key[0], self.compute.advance(session, checked, step.step, compute_s, session_tokens))
-                for (session, checked, step), session_tokens in zip(group, tokens)]
+        replies = []
+        for (session, checked, step), result in zip(group, results):
+            if isinstance(result, Exception):  # a fault in one session closes it, never the server
+                log.error("internal error in session %r: %s: %s", step.session_id, type(result).__name__, result)
+                self.table.remove(session.key, "closed after an internal error")
+                reply = Error("internal", f"{type(result).__name__}: {result}; the session was closed", step.session_id)
+            else:
+                reply = self.compute.advance(session, checked, step.step, compute_s, result)
+            replies.append((session.key[0], reply))
+        return replies
 
     def _hello(self, peer: bytes, hello: Hello) -> Message:
         if hello.protocol_version != PROTOCOL_VERSION:

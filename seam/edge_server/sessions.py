@@ -17,6 +17,10 @@ from seam.runtime.sampling import Sampler
 SessionKey = tuple[bytes, str]  # (peer identity, session id chosen by the UE)
 
 
+class UnknownSession(SeamError):
+    """A request for a session this edge does not hold (never opened, evicted, or lost with a restart)."""
+
+
 @dataclass
 class EdgeSession:
     key: SessionKey
@@ -86,7 +90,8 @@ class SessionTable:
         session = self.sessions.get(key)
         if session is None:
             reason = self.evicted.get(key)
-            raise SeamError(f"session {key[1]!r} was {reason}" if reason else f"unknown session {key[1]!r}; open it first")
+            raise UnknownSession(f"session {key[1]!r} was {reason}" if reason else
+                                 f"unknown session {key[1]!r}; open it first")
         session.last_used = now
         self.sessions.move_to_end(key)
         return session

@@ -27,6 +27,7 @@ class Limits:
 
     num_layers: int
     hidden_size: int
+    vocab_size: int
     hidden_dtype: np.dtype  # the artifact's own dtype, the one the blocks take
     max_batch: int
     max_length: int
@@ -84,6 +85,9 @@ def check_moved_boundary(request: OpenSession | Resplit, batch: int, past: int |
         raise SeamError("a cache recomputed at split 0 would need the token ids; send the KV cache instead")
     check_boundary(request.hidden_states, request.attention_mask, batch, past, limits.hidden_size,
                    limits.hidden_dtype)
+    if not np.isfinite(request.hidden_states).all() or not ((request.attention_mask == 0)
+                                                            | (request.attention_mask == 1)).all():
+        raise SeamError("boundary hidden states must be finite and their attention mask 0 or 1")
 
 
 def check_resplit(session: EdgeSession, request: Resplit, limits: Limits) -> None:
@@ -121,8 +125,24 @@ def check_step(session: EdgeSession, step: Step, limits: Limits) -> CheckedStep:
         raise SeamError(f"position_ids must be int64 of shape [{batch}, {new}]")
     if past + new > session.max_length:
         raise SeamError(f"the session would reach {past + new} tokens, beyond its max_length {session.max_length}")
+    check_values(first, columns, step.position_ids, session.max_length, limits.vocab_size)
     mask = columns if session.mask is None else np.concatenate([session.mask, columns], axis=1)
     return CheckedStep(first, mask, step.position_ids)
+
+
+def check_values(first: np.ndarray, mask: np.ndarray, positions: np.ndarray, max_length: int,
+                 vocab_size: int) -> None:
+    """Refuses values the blocks would turn into garbage for this session or for its batch-mates: non-finite
+    hidden states, token ids outside the vocabulary, mask entries other than 0 and 1, positions outside
+    [0, max_length)."""
+    if first.dtype.kind == "f" and not np.isfinite(first).all():
+        raise SeamError("hidden_states hold NaN or infinite values; the UE's blocks or its codec produced them")
+    if first.dtype.kind == "i" and first.size and not (0 <= first.min() and first.max() < vocab_size):
+        raise SeamError(f"input_ids must lie in [0, {vocab_size}), the model's vocabulary")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise SeamError("attention_mask entries must be 0 (padding) or 1")
+    if positions.size and not (0 <= positions.min() and positions.max() < max_length):
+        raise SeamError(f"position_ids must lie in [0, {max_length}), the session's max_length")
 
 
 def _first_input(session: EdgeSession, step: Step, limits: Limits) -> tuple[np.ndarray, str, np.dtype]:

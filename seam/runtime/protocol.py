@@ -21,13 +21,14 @@ from seam.runtime.errors import SeamError
 PROTOCOL_VERSION = 2
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 ALLOWED_DTYPES = frozenset({"float32", "float16", "int64", "int8", "uint8", "uint16"})
+MAX_DIM = (1 << 31) - 1  # numpy refuses larger dimensions even for an empty tensor
 
 
 class ProtocolError(SeamError):
     """A message that does not follow the protocol; the receiver answers with an Error and carries on."""
 
 
-_KINDS: dict[str, type[Message]] = {}
+_KINDS: dict[str, type[Message]] = {}  # every message class by its kind
 
 
 class Message:
@@ -84,8 +85,7 @@ class SessionOpened(Message):
 @dataclass
 class Step(Message):
     """One prefill or decode step: the UE's boundary output for positions it has not sent before. The edge keeps
-    the mask of every position its session has seen (from the open and the steps), so a step carries only the
-    mask columns of its own positions: a whole mask would grow by 8 bytes a position per token."""
+    the mask of the positions before (from the open and the steps): a whole mask would grow 8 bytes a token."""
 
     kind = "step"
     session_id: str
@@ -175,8 +175,6 @@ class Pong(Message):
 
 
 # --- split fine-tuning ----------------------------------------------------------------------------------------
-
-
 TRAINING_MODES = ("edge-loss", "u-shaped")
 
 
@@ -330,10 +328,18 @@ def encode(message: Message) -> list:
 _FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,)}
 
 
+# Names that reach the logs: a line break or another control character in one would forge log lines.
+_IDENTIFIERS = frozenset({"session_id", "client", "job"})
+MAX_IDENTIFIER = 128
+
+
 def _check_field(kind: str, name: str, annotation: str, value) -> None:
     allowed = _FIELD_TYPES[annotation]
     if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
         raise ProtocolError(f"{kind}.{name} must be {annotation}, got {type(value).__name__}")
+    if name in _IDENTIFIERS and (len(value) > MAX_IDENTIFIER or not value.isprintable()):
+        raise ProtocolError(f"{kind}.{name} must be at most {MAX_IDENTIFIER} printable characters, without line "
+                            "breaks or other control characters")
 
 
 def decode(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
@@ -345,13 +351,13 @@ def decode(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
         raise ProtocolError(f"message of {sum(sizes)} bytes exceeds the limit of {max_bytes}")
     try:
         header = json.loads(bytes(frames[0]))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ProtocolError("header frame is not JSON") from None
+    except (ValueError, RecursionError):  # not JSON, too deeply nested, or a number too long to parse
+        raise ProtocolError("header frame is not JSON this decoder accepts") from None
     if not isinstance(header, dict) or set(header) != {"kind", "fields", "tensors"}:
         raise ProtocolError("header must hold exactly 'kind', 'fields' and 'tensors'")
     cls = _KINDS.get(header["kind"]) if isinstance(header["kind"], str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message kind {header['kind']!r}")
+        raise ProtocolError(f"unknown message kind {_shown(header['kind'])}")
     raw_fields, raw_tensors = header["fields"], header["tensors"]
     if not isinstance(raw_fields, dict) or not isinstance(raw_tensors, list):
         raise ProtocolError("header 'fields' must be an object and 'tensors' a list")
@@ -373,16 +379,21 @@ def decode(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
         raise ProtocolError(f"{cls.kind}: {error}") from None
 
 
+def _shown(value) -> str:  # a peer's value for an error line, cut short: a hostile one may be huge
+    text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
 def _tensor(cls, specs, spec, frame) -> tuple[str, np.ndarray]:
     if not isinstance(spec, dict) or set(spec) != {"name", "dtype", "shape"}:
         raise ProtocolError("each tensor header needs exactly 'name', 'dtype' and 'shape'")
     name, dtype, shape = spec["name"], spec["dtype"], spec["shape"]
     if not isinstance(name, str) or name not in specs or not _is_tensor(specs[name].type):
-        raise ProtocolError(f"{cls.kind} has no tensor {name!r}")
-    if dtype not in ALLOWED_DTYPES:
-        raise ProtocolError(f"tensor {name!r} has dtype {dtype!r}; allowed: {sorted(ALLOWED_DTYPES)}")
-    if not isinstance(shape, list) or len(shape) > 4 or not all(type(d) is int and d >= 0 for d in shape):
-        raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
+        raise ProtocolError(f"{cls.kind} has no tensor {_shown(name)}")
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+        raise ProtocolError(f"tensor {name!r} has dtype {_shown(dtype)}; allowed: {sorted(ALLOWED_DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > 4 or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
+        raise ProtocolError(f"tensor {name!r} has an invalid shape {_shown(shape)}")
     expected = math.prod(shape) * np.dtype(dtype).itemsize
     if len(frame) != expected:
         raise ProtocolError(f"tensor {name!r} of shape {shape} {dtype} needs {expected} bytes, got {len(frame)}")

@@ -6,6 +6,7 @@ wherever the tail runs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -21,9 +22,15 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+        # A peer's parameters: a wrong type or an absurd value must be refused, not fail inside the sampler.
+        for name, integer in (("temperature", False), ("top_k", True), ("top_p", False), ("seed", True)):
+            if not _plain_number(getattr(self, name), integer):
+                raise SeamError(f"sampling parameter {name} must be a finite {'integer' if integer else 'number'} "
+                                f"below 2**63, got {getattr(self, name)!r:.40}")
+        if self.temperature < 0 or self.top_k < 0 or self.seed < 0 or not 0 < self.top_p <= 1:
             raise SeamError(
-                f"invalid sampling parameters {asdict(self)}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1"
+                f"invalid sampling parameters {asdict(self)}: need temperature >= 0, top_k >= 0, seed >= 0 and "
+                "0 < top_p <= 1"
             )
 
     @classmethod
@@ -32,6 +39,12 @@ class SamplingParams:
         if unknown:
             raise SeamError(f"unknown sampling parameters {sorted(unknown)}")
         return cls(**raw)
+
+
+def _plain_number(value, integer: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    return abs(value) < 2**63 and (integer or math.isfinite(value))
 
 
 class Sampler:

@@ -86,6 +86,26 @@ def _load_public(path: Path) -> bytes:
         raise SeamError(f"cannot read CURVE public key {path}: {error}") from None
 
 
+def check_security(curve_secret: Path | None, allowed_keys: Path | None) -> None:
+    """Refuses a half-configured CURVE server: keys without an allow-list, an allow-list without keys (which
+    would admit everyone unencrypted), or an allow-list directory that is not there."""
+    if curve_secret is not None and allowed_keys is None:
+        raise SeamError("CURVE needs an allow-list of UE public keys (--allow DIR)")
+    if allowed_keys is not None and curve_secret is None:
+        raise SeamError("--allow admits UEs by their CURVE keys, which needs the server's own: give --curve-secret "
+                        "(create one with 'seam keys')")
+    if allowed_keys is not None and not Path(allowed_keys).is_dir():
+        raise SeamError(f"the allow-list {allowed_keys} is not a directory; give the directory of UE public keys")
+
+
+def reachable_beyond_loopback(address: str) -> bool:
+    """Whether a bound ``tcp://HOST:PORT`` accepts connections from other machines (ipc and inproc do not)."""
+    if not address.startswith("tcp://"):
+        return False
+    host = address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return not (host == "localhost" or host == "::1" or host.startswith("127."))
+
+
 def _socket(context, kind: int, config: TransportConfig):
     socket = context.socket(kind)
     socket.setsockopt(zmq.LINGER, 0)
@@ -104,13 +124,12 @@ class EdgeSocket:
         curve_secret: Path | None = None,
         allowed_keys: Path | None = None,
     ):
+        check_security(curve_secret, allowed_keys)
         self.config = config
         self.context = zmq.Context()
         self.authenticator = None
         self.socket = _socket(self.context, zmq.ROUTER, config)
         if curve_secret is not None:
-            if allowed_keys is None:
-                raise SeamError("CURVE needs an allow-list of UE public keys (--allow DIR)")
             self.authenticator = ThreadAuthenticator(self.context)
             self.authenticator.start()
             self.authenticator.configure_curve(domain="*", location=str(allowed_keys))
@@ -135,6 +154,8 @@ class EdgeSocket:
             message = decode([frame.buffer for frame in frames[1:]], self.config.max_message_bytes)
         except ProtocolError as error:
             message = error
+        except Exception as error:  # a decoder bug must cost this message, never the server
+            message = ProtocolError(f"the message could not be decoded ({type(error).__name__})")
         return frames[0].bytes, message
 
     def send(self, peer: bytes, message: Message) -> None:

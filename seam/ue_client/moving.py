@@ -19,7 +19,6 @@ from seam.runtime.generation import positions_from_mask
 from seam.runtime.migration import pack_kv, recompute, resplit, unpack_kv
 from seam.runtime.protocol import Resplit, Resplitted
 from seam.runtime.spans import Span
-from seam.runtime.transport import TransportTimeout
 from seam.planning.snapshot import StepTiming
 from seam.ue_client.stats import Move
 
@@ -92,9 +91,9 @@ def rebuild_layers(session: RemoteSession, layers: Span) -> SpanRunner:
     return session.compute(lambda: recompute(pool, Span(start, layers.end), first, mask, keep_boundaries=True))
 
 
-def finish_locally(session: RemoteSession, sequence: np.ndarray, mask: np.ndarray,
-                   lost: TransportTimeout) -> np.ndarray:
-    """The edge stopped answering and its layers' cache went with it: this device takes every layer, rebuilds
+def finish_locally(session: RemoteSession, sequence: np.ndarray, mask: np.ndarray, lost: SeamError) -> np.ndarray:
+    """The edge stopped answering, or answered without the session (it restarted), and its layers' cache went
+    with it: this device takes every layer, rebuilds
     their cache from the whole sequence so far in one pass, and samples the step that was lost.
 
     Greedy output continues as before; a sampled one continues with this device's generator, since the edge's
@@ -109,5 +108,5 @@ def finish_locally(session: RemoteSession, sequence: np.ndarray, mask: np.ndarra
     session.split = session.num_layers
     session.stats.record(StepTiming(arrived - started, 0.0, 0.0), arrived)
     session.moves.append(Move(len(session.stats.timings) - 1, old, session.split, 0, arrived - started,
-                              f"the edge stopped answering ({lost}); finishing on this device"))
+                              f"the edge was lost ({lost}); finishing on this device"))
     return tokens

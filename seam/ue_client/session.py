@@ -26,7 +26,7 @@ from seam.runtime.sampling import Sampler, SamplingParams
 from seam.runtime.spans import Span
 from seam.runtime.transport import TransportTimeout
 from seam.ue_client import moving
-from seam.ue_client.connection import exchange
+from seam.ue_client.connection import EdgeLost, exchange
 from seam.ue_client.probing import BackgroundProber, LinkProber
 from seam.ue_client.stats import GenerationStats, Move
 
@@ -116,8 +116,9 @@ class RemoteSession:
                     self.apply(policy(self.snapshot(step)))
                 try:
                     tokens = self._step(first, mask, positions)
-                except TransportTimeout as lost:
+                except (TransportTimeout, EdgeLost) as lost:
                     if not self.fallback_local:
+                        self.open = False  # the edge is gone: a close would only wait out another timeout
                         raise
                     tokens = moving.finish_locally(self, self.sequence, mask, lost)
                 # The state moves on before the token is handed out, so a caller may move the split right away.
