@@ -132,6 +132,8 @@ def test_malformed_training_requests_get_an_error_and_the_session_survives(expor
             (OpenTraining("t", 0, "edge-loss", lora, optimizer), "the cut must leave layers on both sides"),
             (OpenTraining("t", 2, "sideways", lora, optimizer), "training mode 'sideways'"),
             (OpenTraining("t", 2, "edge-loss", {"rank": 2}, optimizer), "lora options must be exactly"),
+            (OpenTraining("t", 2, "edge-loss", {**lora, "rank": 65536}, optimizer), "lora rank must be 1 to"),
+            (OpenTraining("t", 2, "edge-loss", lora, {**optimizer, "lr": 1e300}), "0 < lr <= 1"),
         ]
         for message, fragment in refused:
             reply = socket.request(message)
@@ -142,6 +144,7 @@ def test_malformed_training_requests_get_an_error_and_the_session_survives(expor
             (TrainForward("t", 0, np.ones((1, 4, hidden + 1), np.float32), mask), "hidden_states must be float32"),
             (TrainForward("t", 0, states, np.ones((1, 3), np.int64)), "attention_mask must be int64"),
             (TrainForward("t", 0, states, mask, labels=np.ones((1, 4), np.int64)), "labels are refused"),
+            (TrainForward("t", 0, np.full_like(states, np.nan), mask), "hidden_states hold NaN"),
             (TrainBackward("t", 0, np.ones((1, 4, hidden), np.float32)), "send the forward of step 0 first"),
         ]
         for message, fragment in bad:

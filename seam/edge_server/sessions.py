@@ -1,11 +1,12 @@
-"""The edge's table of UE sessions: admission against a session count and a KV budget, LRU and idle eviction.
+"""The edge's table of UE sessions: admission against a session count and a KV budget, idle eviction, and LRU
+eviction that the UE holding the most sessions pays for.
 
 Pure bookkeeping, no I/O: the server asks it what to evict and tells the affected UEs.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,9 +68,22 @@ class SessionTable:
         while self.sessions and (
             len(self.sessions) >= self.max_sessions or self.kv_reserved + kv_bytes > self.kv_budget_bytes
         ):
-            victim = next(iter(self.sessions.values()))
-            victims.append(self.remove(victim.key, "evicted to make room for a newer session (KV budget or session limit)"))
+            victim = self._victim(key[0])
+            victims.append(self.remove(victim.key, "evicted to make room for a newer session (KV budget or session "
+                                                   "limit)"))
         return victims
+
+    def _victim(self, peer: bytes) -> EdgeSession:
+        """The session that makes room for a new one of ``peer``: the least recently used of the UE that holds the
+        most sessions, counting the new one (the asking UE first on a tie), so that one UE opening many sessions
+        evicts its own rather than other UEs' running generations."""
+        held = Counter(key[0] for key in self.sessions)
+        held[peer] += 1
+        most = max(held.values())
+        payer = peer if held[peer] == most else next(p for p, count in held.items() if count == most)
+        if payer == peer and held[peer] == 1:  # it holds none yet: plain least recently used
+            return next(iter(self.sessions.values()))
+        return next(session for session in self.sessions.values() if session.key[0] == payer)
 
     def reserve(self, session: EdgeSession, kv_bytes: int) -> None:
         """Changes an open session's KV reservation (its split moved); refuses growth beyond the budget rather

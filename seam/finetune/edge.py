@@ -162,8 +162,10 @@ class TrainingService:
             raise SeamError(f"training mode {request.mode!r} is not one of {', '.join(TRAINING_MODES)}")
         lora = _options(request.lora, {"rank": int, "alpha": float, "seed": int}, "lora")
         optimizer = _options(request.optimizer, {"lr": float, "weight_decay": float}, "optimizer")
-        if not (optimizer["lr"] > 0 and optimizer["weight_decay"] >= 0):
-            raise SeamError("the optimizer needs lr > 0 and weight_decay >= 0")
+        if not (0 < optimizer["lr"] <= 1 and 0 <= optimizer["weight_decay"] <= 1):
+            raise SeamError("the optimizer needs 0 < lr <= 1 and 0 <= weight_decay <= 1")
+        if not 1 <= lora["rank"] <= self.hidden_size:  # a larger rank adds parameters and no expressiveness
+            raise SeamError(f"lora rank must be 1 to {self.hidden_size} (the hidden size), got {lora['rank']}")
         job = self.jobs.get(request.job) if request.job else None
         if job is None:
             model = copy.deepcopy(self.base.model)  # each job adapts its own copy; the base stays clean
@@ -202,6 +204,8 @@ class TrainingService:
                             f"got {hidden.dtype.name} {list(hidden.shape)}")
         if mask.shape != hidden.shape[:2] or mask.dtype != np.int64 or not np.isin(mask, (0, 1)).all():
             raise SeamError(f"attention_mask must be int64 zeros and ones of shape {list(hidden.shape[:2])}")
+        if not np.isfinite(hidden).all():  # one NaN forward would poison a job's shared adapters
+            raise SeamError("hidden_states hold NaN or infinite values; the UE's layers produced them")
         labels = self._labels(session.job.mode, request.labels, hidden.shape[:2])
         self._take_turn(session)
         started = time.perf_counter()
@@ -253,10 +257,15 @@ class TrainingService:
         started = time.perf_counter()
         output.backward(torch.from_numpy(grad.copy()).reshape(output.shape))
         job = session.job
+        session.pending = None
+        if not all(torch.isfinite(p.grad).all() for group in job.optimizer.param_groups for p in group["params"]
+                   if p.grad is not None):
+            job.optimizer.zero_grad()  # never a non-finite update of adapters other UEs share
+            raise SeamError(f"training step {request.step} gave non-finite adapter gradients and was dropped; "
+                            "send that step's forward again")
         job.optimizer.step()
         job.optimizer.zero_grad()
         job.steps += 1
-        session.pending = None
         session.next_step += 1
         seconds = time.perf_counter() - started
         session.compute_s += seconds
