@@ -104,3 +104,12 @@ def test_ue_client_cli_streams_and_reports(exported):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "6 tokens; time to first token" in result.stderr and "network" in result.stderr
+
+
+def test_a_prefill_run_in_chunks_gives_the_tokens_of_one_run(exported):
+    """The edge runs a long prefill a few positions at a time to bound its memory (bench/prefill_memory.py);
+    chunks of 2 positions, so a 7-token prompt takes four runs, give the tokens of one run, sampled too."""
+    artifact = Artifact.open(exported("tiny-llama"))
+    sampling = SamplingParams(temperature=0.8, top_k=20, seed=5)
+    with edge_server(artifact.root, "--prefill-chunk", "2") as (_, address), EdgeClient(artifact, address) as client:
+        assert (remote_tokens(client, 1, PROMPTS, sampling) == local_tokens(artifact, PROMPTS, sampling)).all()

@@ -29,6 +29,8 @@ def parse(argv: list[str] | None) -> tuple[EdgeConfig, bool]:
     parser.add_argument("--kv-budget-mb", type=float, default=4096.0)
     parser.add_argument("--idle-timeout", type=float, default=300.0, help="seconds")
     parser.add_argument("--max-length", type=int, default=4096, help="tokens per sequence")
+    parser.add_argument("--prefill-chunk", type=int, default=512,
+                        help="prefill positions run at a time, bounding a long prompt's memory (default 512)")
     parser.add_argument("--max-batch", type=int, default=64, help="sequences per session and per batched decode run")
     parser.add_argument("--no-batching", action="store_true", help="run each session's decode step on its own")
     parser.add_argument("--curve-secret", type=Path, default=None, help="server NAME.key_secret (enables CURVE)")
@@ -41,6 +43,8 @@ def parse(argv: list[str] | None) -> tuple[EdgeConfig, bool]:
     parser.add_argument("--codecs", type=comma_list(choices=list(CODECS)), default=tuple(CODECS),
                         help=f"activation codecs to offer UEs, comma-separated (default all: {','.join(CODECS)})")
     args = parser.parse_args(argv)
+    if args.prefill_chunk < 1:
+        parser.error("--prefill-chunk must be at least 1")
     return EdgeConfig(
         artifact=args.artifact,
         bind=args.bind,
@@ -50,6 +54,7 @@ def parse(argv: list[str] | None) -> tuple[EdgeConfig, bool]:
         kv_budget_mb=args.kv_budget_mb,
         idle_timeout_s=args.idle_timeout,
         max_length=args.max_length,
+        prefill_chunk=args.prefill_chunk,
         max_batch=args.max_batch,
         batch_decode=not args.no_batching,
         curve_secret=args.curve_secret,

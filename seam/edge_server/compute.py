@@ -20,8 +20,10 @@ from seam.runtime.spans import Span
 
 
 class EdgeCompute:
-    def __init__(self, artifact: Artifact, pool: SessionPool, table: SessionTable, limits: Limits):
+    def __init__(self, artifact: Artifact, pool: SessionPool, table: SessionTable, limits: Limits,
+                 prefill_chunk: int):
         self.artifact, self.pool, self.table, self.limits = artifact, pool, table, limits
+        self.prefill_chunk = prefill_chunk  # positions a prefill runs at a time, bounding its activations
 
     def kv_bytes(self, batch: int, max_length: int, split: int) -> int:
         """KV reserved for a session: its full length on every edge layer, so admission never over-commits."""
@@ -56,7 +58,8 @@ class EdgeCompute:
         has changed."""
         if len(group) == 1:
             session, checked = group[0]
-            outputs = [session.runner.run(checked.first, checked.attention_mask, checked.position_ids)]
+            outputs = [session.runner.run_in_chunks(checked.first, checked.attention_mask, checked.position_ids,
+                                                    self.prefill_chunk)]
         else:
             outputs = run_together(
                 [session.runner for session, _ in group],

@@ -22,6 +22,7 @@ class EdgeConfig:
     batch_decode: bool = True  # run the decode steps of sessions that are ready together as one batch
     max_burst: int = 256  # queued requests taken at once
     max_length: int = 4096  # prompt plus generated tokens per sequence
+    prefill_chunk: int = 512  # prefill positions run at a time: attention memory grows with a run's length squared
     curve_secret: Path | None = None  # the server's NAME.key_secret; enables CURVE
     allowed_keys: Path | None = None  # directory of allowed UE public keys (*.key)
     log_messages: Path | None = None  # append one JSON line per received message header (debugging, audits)

@@ -46,7 +46,7 @@ class EdgeServer:
         self.limits = Limits(self.artifact.num_layers, self.manifest.dims.hidden_size, self.manifest.dims.vocab_size,
                              np.dtype(NUMPY_DTYPES[self.manifest.dtype]), config.max_batch, config.max_length,
                              tuple(self.offered_codecs), self.artifact.check_split)
-        self.compute = EdgeCompute(self.artifact, self.pool, self.table, self.limits)
+        self.compute = EdgeCompute(self.artifact, self.pool, self.table, self.limits, config.prefill_chunk)
         self.welcomed: set[bytes] = set()
         self.handlers: dict[type, Handler] = {OpenSession: self._open, Step: self._step, Resplit: self._resplit,
                                               Close: self._close}

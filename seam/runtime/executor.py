@@ -124,6 +124,17 @@ class SpanRunner:
                 self.boundaries[cut].append(hidden)
         return output
 
+    def run_in_chunks(self, first_input: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                      chunk: int) -> np.ndarray:
+        """The step ``run`` takes, ``chunk`` positions at a time: a long prefill's attention scores grow with the
+        square of its length, a chunk's only with its own. Returns the last chunk's output, which is all a span
+        ending in logits gives anyway."""
+        past, new = self.past_length, first_input.shape[1]
+        for start in range(0, new, chunk):
+            end = min(start + chunk, new)
+            output = self.run(first_input[:, start:end], attention_mask[:, : past + end], position_ids[:, start:end])
+        return output
+
     def shared_inputs(self, attention_mask, position_ids, logits_to_keep: int = 1) -> dict[str, np.ndarray]:
         """The inputs every block of one step shares: the prelude's bias and position features, and the mask."""
         shared = {"attention_mask": attention_mask, "position_ids": position_ids}
