@@ -71,8 +71,8 @@ def check_open(request: OpenSession, limits: Limits) -> int:
     if not 0 < past < request.max_length:
         raise SeamError(f"the KV cache must hold between 1 and max_length - 1 positions, got {past}")
     mask = request.attention_mask
-    if mask is None or mask.dtype != INT64 or mask.shape != (request.batch, past) or not ((mask == 0)
-                                                                                         | (mask == 1)).all():
+    well_formed = mask is not None and mask.dtype == INT64 and mask.shape == (request.batch, past)
+    if not well_formed or not ((mask == 0) | (mask == 1)).all():
         raise SeamError(f"a session opened with its KV cache needs the attention mask of its positions, int64 zeros "
                         f"and ones of shape [{request.batch}, {past}]")
     return past
