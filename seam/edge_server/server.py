@@ -48,8 +48,8 @@ class EdgeServer:
                              tuple(self.offered_codecs), self.artifact.check_split)
         self.compute = EdgeCompute(self.artifact, self.pool, self.table, self.limits, config.prefill_chunk)
         self.welcomed: set[bytes] = set()
-        self.handlers: dict[type, Handler] = {OpenSession: self._open, Step: self._step, Resplit: self._resplit,
-                                              Close: self._close}
+        # Steps are not here: ``handle_burst`` checks and runs them itself, so that ready ones run as one batch.
+        self.handlers: dict[type, Handler] = {OpenSession: self._open, Resplit: self._resplit, Close: self._close}
         self.owners: list[tuple[Callable[[bytes, str], bool], Handler]] = []  # services' own sessions
         self.socket = EdgeSocket(config.bind, config.transport, config.curve_secret, config.allowed_keys)
         self.running = True
@@ -94,52 +94,64 @@ class EdgeServer:
         self.running = False
 
     def handle_burst(self, burst: list[tuple[bytes, Message | ProtocolError]]) -> list[tuple[bytes, Message]]:
-        """Replies to each (peer, message), in order per session; ready decode steps run batched."""
+        """Replies to each (peer, message), in order per peer; ready decode steps run batched."""
         replies: list[tuple[bytes, Message]] = []
         ready: list[Ready] = []
+        waiting: set[tuple[bytes, str]] = set()  # the sessions with a step in ``ready``
+
+        def flush() -> None:  # earlier steps first: what follows may depend on them, and replies keep order
+            replies.extend(self._run_ready(ready))
+            ready.clear()
+            waiting.clear()
+
         for peer, message in burst:
             if isinstance(message, ProtocolError):
-                replies += self._run_ready(ready) + [(peer, Error("bad_message", str(message)))]
-                ready = []
+                flush()
+                replies.append((peer, Error("bad_message", str(message))))
                 continue
             self.message_log.record(message)
-            if isinstance(message, Step) and any(s.key == (peer, message.session_id) for s, _, _ in ready):
-                replies += self._run_ready(ready)  # its earlier step first: this one is checked against it
-                ready = []
-            prepared = self._prepared_step(peer, message) if isinstance(message, Step) else None
+            if not isinstance(message, Step):
+                flush()
+                replies.append((peer, self.handle(peer, message)))
+                continue
+            if (peer, message.session_id) in waiting:
+                flush()  # this step is checked against the one before it
+            prepared = self._prepared_step(peer, message)
             if isinstance(prepared, tuple) and prepared[1].new == 1 and self.config.batch_decode:
                 ready.append(prepared)
+                waiting.add(prepared[0].key)
                 continue
-            replies += self._run_ready(ready)  # earlier steps first: a close or a move may depend on them
-            ready = []
+            flush()
             if isinstance(prepared, tuple):
-                replies += self._run_group([prepared])
+                replies.extend(self._run_group([prepared]))
             else:
                 replies.append((peer, prepared or self.handle(peer, message)))
-        return replies + self._run_ready(ready)
+        flush()
+        return replies
 
     def handle(self, peer: bytes, message: Message) -> Message:
-        """The reply to one message; what a handler raises becomes an Error reply."""
+        """The reply to one message other than a step of a welcomed peer (``handle_burst`` runs those); what a
+        handler raises becomes an Error reply."""
         session_id = getattr(message, "session_id", "")
         return self._guarded(peer, session_id, lambda: self._dispatch(peer, message))
 
     def _dispatch(self, peer: bytes, message: Message) -> Message:
+        session_id = getattr(message, "session_id", "")
         if isinstance(message, Hello):
             return self._hello(peer, message)
         if isinstance(message, Ping):  # needs no artifact, so a link can be probed before choosing one
             check_ping(message, self.config.transport.max_message_bytes)
             return Pong(message.nonce, np.zeros(message.reply_bytes, np.uint8) if message.reply_bytes else None)
         if peer not in self.welcomed:
-            return Error("no_handshake", "send hello before anything else", getattr(message, "session_id", ""))
+            return Error("no_handshake", "send hello before anything else", session_id)
         for owns, handler in self.owners:
-            if owns(peer, getattr(message, "session_id", "")):
+            if owns(peer, session_id):
                 return handler(peer, message)
         handler = self.handlers.get(type(message))
         if handler is None:
             if isinstance(message, TRAINING_MESSAGES):
                 raise SeamError("this edge_server does not train; start it with --train")
-            return Error("bad_message", f"a UE does not send {message.kind!r} messages",
-                         getattr(message, "session_id", ""))
+            return Error("bad_message", f"a UE does not send {message.kind!r} messages", session_id)
         return handler(peer, message)
 
     def _guarded(self, peer: bytes, session_id: str, work: Callable[[], Message]) -> Message:
@@ -227,11 +239,6 @@ class EdgeServer:
         log.info("open  %s peer=%s split=%d batch=%d max_length=%d sessions=%d", request.session_id, peer.hex()[:8],
                  request.split, request.batch, request.max_length, len(self.table.sessions))
         return SessionOpened(request.session_id)
-
-    def _step(self, peer: bytes, step: Step) -> Message:
-        """A step outside a burst's batching (the handler table's entry); the same check and run as a burst's."""
-        prepared = self._prepared_step(peer, step)
-        return self._run_group([prepared])[0][1] if isinstance(prepared, tuple) else prepared
 
     def _resplit(self, peer: bytes, request: Resplit) -> Message:
         """Moves a session's split; the edge keeps serving it from the next step, or hands it over at split L."""
