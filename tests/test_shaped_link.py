@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from seam.edge_server.process import edge_server
-from seam.profiler.probe import round_trip
+from seam.profiler.probe import greet, round_trip
 from seam.runtime.artifact import Artifact
 from seam.runtime.traces import LinkState, Trace
 from seam.runtime.emulation import EmulatedLink
@@ -31,7 +31,7 @@ def test_tc_limits_each_direction_and_a_schedule_changes_it(exported, shaped_lin
     shaped_link.shape(up_mbit=1, down_mbit=10)
     with edge_server(artifact.root, bind=f"tcp://{shaped_link.edge_address}:0", launcher=shaped_link.launcher) as (_, address):
         socket = UeSocket(address, TransportConfig(timeout_s=20))
-        timed_ping(socket, 100, 100)  # connects
+        greet(socket)  # connects; large pongs come only after a hello
         slow_up = timed_ping(socket, 100_000, 100)
         fast_down = timed_ping(socket, 100, 100_000)
         assert slow_up >= 0.7  # 800 kbit at 1 Mbit/s

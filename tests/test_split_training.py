@@ -182,3 +182,43 @@ def test_a_resumed_run_carries_on_exactly_as_an_uninterrupted_one(exported, tmp_
     assert len(resumed) == 6 and np.max(np.abs(np.array(resumed) - np.array(expected))) <= 1e-5
     assert changed.returncode == 2 and "written with rank 4, this run has 8" in changed.stderr
     assert missing.returncode == 2 and "no checkpoint at" in missing.stderr
+
+
+
+def test_training_jobs_share_the_frozen_base_weights(exported):
+    from seam.finetune.parts import attach_lora, frozen_copy, load_base
+    from seam.runtime.spans import Span
+
+    base = load_base(Artifact.open(exported("tiny-llama")))
+    job = frozen_copy(base.model)
+    attach_lora(job, type(base.family)(job), Span(2, 4), rank=2, alpha=4.0, seed=0)
+    base_storage = {parameter.data_ptr() for parameter in base.model.parameters()}
+    frozen = [parameter for parameter in job.parameters() if not parameter.requires_grad]
+    assert frozen and all(parameter.data_ptr() in base_storage for parameter in frozen)
+    assert not any("lora" in name for name, _ in base.model.named_modules())  # the base itself is unchanged
+
+
+def test_training_sessions_steps_and_memory_are_bounded(exported):
+    artifact = Artifact.open(exported("tiny-llama"))
+    hidden = artifact.manifest.dims.hidden_size
+    # 0.5 MiB holds a step of 4 tokens (about 40 kB) but not one of 8 x 16 (about 1.3 MB)
+    with edge_server(artifact.root, "--train", "--max-training-sessions", "2", "--max-length", "16",
+                     "--training-memory-mb", "0.5") as (_, address):
+        socket = UeSocket(address, TransportConfig(timeout_s=30))
+        assert isinstance(socket.request(Hello(PROTOCOL_VERSION, artifact.manifest.artifact_fingerprint)), Welcome)
+        lora, optimizer = {"rank": 2, "alpha": 4, "seed": 0}, {"lr": 0.01, "weight_decay": 0.0}
+        for name in ("a", "b"):
+            assert isinstance(socket.request(OpenTraining(name, 2, "edge-loss", lora, optimizer)), TrainingOpened)
+        reply = socket.request(OpenTraining("c", 2, "edge-loss", lora, optimizer))
+        assert isinstance(reply, Error) and "2 sessions at most" in reply.message, reply
+
+        def forward(batch: int, length: int):
+            return socket.request(TrainForward("a", 0, np.ones((batch, length, hidden), np.float32),
+                                               np.ones((batch, length), np.int64), np.ones((batch, length), np.int64)))
+
+        reply = forward(1, 17)
+        assert isinstance(reply, Error) and "at most 16 positions" in reply.message, reply
+        reply = forward(8, 16)
+        assert isinstance(reply, Error) and reply.code == "busy" and "training memory" in reply.message, reply
+        assert isinstance(forward(1, 4), TrainForwarded)  # the session carried on
+        socket.close()

@@ -26,7 +26,9 @@ def parse(argv: list[str] | None) -> tuple[EdgeConfig, bool]:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--max-sessions", type=int, default=64)
-    parser.add_argument("--kv-budget-mb", type=float, default=4096.0)
+    parser.add_argument("--memory-budget-mb", "--kv-budget-mb", type=float, default=4096.0,
+                        help="MiB for every session's KV cache at its full length plus the working memory of the "
+                             "largest step (default 4096)")
     parser.add_argument("--idle-timeout", type=float, default=300.0, help="seconds")
     parser.add_argument("--max-length", type=int, default=4096, help="tokens per sequence")
     parser.add_argument("--prefill-chunk", type=int, default=512,
@@ -38,6 +40,10 @@ def parse(argv: list[str] | None) -> tuple[EdgeConfig, bool]:
     parser.add_argument("--log-messages", type=Path, default=None, help="append received message headers as JSON")
     parser.add_argument("--train", action="store_true",
                         help="also serve split fine-tuning of LoRA adapters (needs the export and finetune extras)")
+    parser.add_argument("--max-training-sessions", type=int, default=16, help="with --train (default 16)")
+    parser.add_argument("--training-memory-mb", type=float, default=2048.0,
+                        help="with --train: MiB for every job's adapters and optimizer state and the graphs of steps "
+                             "in flight (default 2048)")
     parser.add_argument("--round-timeout", type=float, default=60.0,
                         help="seconds a federated round waits for its UEs' adapters after the first arrives")
     parser.add_argument("--codecs", type=comma_list(choices=list(CODECS)), default=tuple(CODECS),
@@ -51,7 +57,7 @@ def parse(argv: list[str] | None) -> tuple[EdgeConfig, bool]:
         device=args.device,
         threads=args.threads,
         max_sessions=args.max_sessions,
-        kv_budget_mb=args.kv_budget_mb,
+        memory_budget_mb=args.memory_budget_mb,
         idle_timeout_s=args.idle_timeout,
         max_length=args.max_length,
         prefill_chunk=args.prefill_chunk,
@@ -62,6 +68,8 @@ def parse(argv: list[str] | None) -> tuple[EdgeConfig, bool]:
         log_messages=args.log_messages,
         codecs=args.codecs,
         round_timeout_s=args.round_timeout,
+        max_training_sessions=args.max_training_sessions,
+        training_memory_mb=args.training_memory_mb,
         transport=TransportConfig(),
     ), args.train
 
@@ -88,7 +96,9 @@ def register_training(server: EdgeServer) -> None:
     from seam.finetune.edge import TrainingService
 
     config = server.config
-    training = TrainingService(server.artifact, config.threads, config.idle_timeout_s, config.round_timeout_s)
+    training = TrainingService(server.artifact, config.threads, config.idle_timeout_s, config.round_timeout_s,
+                               max_sessions=config.max_training_sessions, max_length=config.max_length,
+                               memory_budget_bytes=int(config.training_memory_mb * 2**20))
     server.register(TRAINING_MESSAGES, training.handle, training.owns)
 
 

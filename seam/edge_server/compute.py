@@ -11,8 +11,9 @@ import numpy as np
 
 from seam.edge_server.sessions import EdgeSession, SessionKey, SessionTable
 from seam.edge_server.validation import CheckedStep, Limits
-from seam.runtime.artifact import Artifact
-from seam.runtime.executor import SessionPool, run_together
+from seam.planning.memory import step_working_bytes
+from seam.runtime.artifact import DTYPE_BYTES, Artifact
+from seam.runtime.executor import SessionPool, compact, run_together
 from seam.runtime.migration import pack_kv, recompute, resplit, unpack_kv
 from seam.runtime.protocol import OpenSession, Resplit, Resplitted, StepResult
 from seam.runtime.sampling import Sampler, SamplingParams
@@ -30,6 +31,28 @@ class EdgeCompute:
         layers = self.artifact.num_layers - split
         return batch * max_length * layers * self.artifact.manifest.kv_bytes_per_token_per_layer
 
+    def working_bytes(self, rows: int, new: int, past: int, split: int, stacked: bool = False) -> int:
+        """What a step of ``rows`` sequences at ``split`` holds while it runs, beyond their caches."""
+        manifest = self.artifact.manifest
+        return step_working_bytes(manifest.dims, manifest.kv_bytes_per_token_per_layer, DTYPE_BYTES[manifest.dtype],
+                                  self.artifact.num_layers - split, rows, new, past, stacked)
+
+    def largest_step_bytes(self, batch: int, max_length: int, split: int) -> int:
+        """The working memory of a session's largest step: its last prefill chunk, ending at ``max_length``."""
+        new = min(self.prefill_chunk, max_length)
+        return self.working_bytes(batch, new, max_length - new, split)
+
+    def batch_bytes(self, group: list[tuple[EdgeSession, int]]) -> int:
+        """The working memory of one batched decode step of ``group``'s (session, past length) pairs."""
+        rows = sum(session.batch for session, _ in group)
+        return self.working_bytes(rows, 1, max(past for _, past in group), group[0][0].split, stacked=len(group) > 1)
+
+    def settle(self) -> None:
+        """Frees what batched caches pin beyond what their sessions use, and records what stays pinned; run
+        between bursts, after the replies went out."""
+        live, held = compact([session.runner for session in self.table.sessions.values()])
+        self.table.pinned_bytes = held - live
+
     def open(self, key: SessionKey, request: OpenSession, past: int) -> tuple[EdgeSession, list[EdgeSession]]:
         """A session for a checked ``request`` arriving with ``past`` positions, and the sessions evicted to
         make room for it."""
@@ -44,10 +67,11 @@ class EdgeCompute:
         elif request.hidden_states is not None:  # the same, with the cache to recompute here
             runner = recompute(self.pool, span, request.hidden_states, request.attention_mask)
         kv_bytes = self.kv_bytes(request.batch, request.max_length, request.split)
-        victims = self.table.admit(key, kv_bytes)
+        working_bytes = self.largest_step_bytes(request.batch, request.max_length, request.split)
+        victims = self.table.admit(key, kv_bytes, working_bytes)
         now = time.monotonic()
-        session = EdgeSession(key, runner, sampler, request.split, request.batch, request.max_length, kv_bytes, now,
-                              now, request.allow_token_upload, mask=request.attention_mask)
+        session = EdgeSession(key, runner, sampler, request.split, request.batch, request.max_length, kv_bytes,
+                              working_bytes, now, now, request.allow_token_upload, mask=request.attention_mask)
         self.table.add(session)
         return session, victims
 
@@ -96,7 +120,8 @@ class EdgeCompute:
             recomputing = request.hidden_states is not None
             if not recomputing:
                 incoming = unpack_kv(request.kv, Span(new, old), runner, session.batch, past)
-            self.table.reserve(session, self.kv_bytes(session.batch, session.max_length, new))
+            self.table.reserve(session, self.kv_bytes(session.batch, session.max_length, new),
+                               self.largest_step_bytes(session.batch, session.max_length, new))
             if recomputing:  # only once the move is known to fit
                 incoming = recompute(self.pool, Span(new, old), request.hidden_states, request.attention_mask).cache
             outgoing, sampler_state = None, {}
@@ -105,6 +130,7 @@ class EdgeCompute:
             outgoing = pack_kv(runner.cache, Span(old, new)) if request.send_kv else None
             sampler_state = session.sampler.state if new == last else {}
             session.kv_bytes = self.kv_bytes(session.batch, session.max_length, new)
+            session.working_bytes = self.largest_step_bytes(session.batch, session.max_length, new)
         session.moves += 1
         if new < last:
             session.runner = resplit(self.pool, runner, Span(new, last), incoming)

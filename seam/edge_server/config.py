@@ -16,7 +16,7 @@ class EdgeConfig:
     device: str = "cpu"  # 'cpu' or 'cuda'
     threads: int | None = None  # onnxruntime intra-op threads; None = physical cores
     max_sessions: int = 64  # open sessions before the least recently used is evicted
-    kv_budget_mb: float = 4096.0  # KV cache reserved across sessions, MiB
+    memory_budget_mb: float = 4096.0  # sessions' KV caches at full length plus the largest step's working memory, MiB
     idle_timeout_s: float = 300.0  # a session unused this long is closed
     max_batch: int = 64  # sequences per session, and per batched decode run
     batch_decode: bool = True  # run the decode steps of sessions that are ready together as one batch
@@ -27,6 +27,8 @@ class EdgeConfig:
     allowed_keys: Path | None = None  # directory of allowed UE public keys (*.key)
     log_messages: Path | None = None  # append one JSON line per received message header (debugging, audits)
     codecs: tuple[str, ...] = tuple(CODECS)  # activation codecs offered to UEs (fp32 always)
+    max_training_sessions: int = 16  # split fine-tuning sessions open at once (with --train)
+    training_memory_mb: float = 2048.0  # training jobs' adapters and optimizer state plus the graphs steps keep, MiB
     round_timeout_s: float = 60.0  # a federated round closes without the UEs that have not uploaded by then
     transport: TransportConfig = None
 

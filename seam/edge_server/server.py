@@ -24,7 +24,7 @@ from seam.runtime.artifact import NUMPY_DTYPES, Artifact
 from seam.runtime.codecs import CODECS, CODECS_CAPABILITY
 from seam.runtime.errors import SeamError
 from seam.runtime.executor import SessionPool
-from seam.runtime.protocol import (PROTOCOL_VERSION, TRAINING_MESSAGES, Close, Closed, Error, Hello, Message,
+from seam.runtime.protocol import (PROBE_FINGERPRINT, PROTOCOL_VERSION, TRAINING_MESSAGES, Close, Closed, Error, Hello, Message,
                                    OpenSession, Ping, Pong, ProtocolError, Resplit, SessionOpened, Step, Welcome)
 from seam.runtime.spans import Span
 from seam.runtime.transport import EdgeSocket
@@ -42,12 +42,13 @@ class EdgeServer:
         self.pool = SessionPool(self.artifact, config.threads, config.device)
         self.pool.preload(Span(0, self.artifact.num_layers))
         self.offered_codecs = [name for name in CODECS if name == "fp32" or name in config.codecs]
-        self.table = SessionTable(config.max_sessions, int(config.kv_budget_mb * 2**20), config.idle_timeout_s)
+        self.table = SessionTable(config.max_sessions, int(config.memory_budget_mb * 2**20), config.idle_timeout_s)
         self.limits = Limits(self.artifact.num_layers, self.manifest.dims.hidden_size, self.manifest.dims.vocab_size,
                              np.dtype(NUMPY_DTYPES[self.manifest.dtype]), config.max_batch, config.max_length,
                              tuple(self.offered_codecs), self.artifact.check_split)
         self.compute = EdgeCompute(self.artifact, self.pool, self.table, self.limits, config.prefill_chunk)
-        self.welcomed: set[bytes] = set()
+        self.welcomed: set[bytes] = set()  # peers holding this artifact: they may open sessions
+        self.greeted: set[bytes] = set()  # peers that said hello, with or without an artifact: they may probe
         # Steps are not here: ``handle_burst`` checks and runs them itself, so that ready ones run as one batch.
         self.handlers: dict[type, Handler] = {OpenSession: self._open, Resplit: self._resplit, Close: self._close}
         self.owners: list[tuple[Callable[[bytes, str], bool], Handler]] = []  # services' own sessions
@@ -73,6 +74,7 @@ class EdgeServer:
                 for session in self.table.idle(time.monotonic()):
                     self._log_close(session, "idle timeout")
                 if received is None:
+                    self.compute.settle()
                     continue
                 burst = [received]
                 while len(burst) < self.config.max_burst and (more := self.socket.receive(timeout_s=0)) is not None:
@@ -84,6 +86,7 @@ class EdgeServer:
                     continue
                 for peer, reply in replies:
                     self.socket.send(peer, reply)
+                self.compute.settle()  # after the replies: it costs the UEs no time
         finally:
             for session in list(self.table.sessions.values()):
                 self._log_close(self.table.remove(session.key), "server shutdown")
@@ -140,7 +143,7 @@ class EdgeServer:
         if isinstance(message, Hello):
             return self._hello(peer, message)
         if isinstance(message, Ping):  # needs no artifact, so a link can be probed before choosing one
-            check_ping(message, self.config.transport.max_message_bytes)
+            check_ping(message, self.config.transport.max_message_bytes, peer in self.greeted)
             return Pong(message.nonce, np.zeros(message.reply_bytes, np.uint8) if message.reply_bytes else None)
         if peer not in self.welcomed:
             return Error("no_handshake", "send hello before anything else", session_id)
@@ -180,21 +183,25 @@ class EdgeServer:
         return self._guarded(peer, step.session_id, prepare)
 
     def _run_ready(self, ready: list[Ready]) -> list[tuple[bytes, Message]]:
-        """Runs checked decode steps, one batched run per split and per ``max_batch`` sequences."""
-        replies = []
+        """Runs checked decode steps, one batched run per split as far as ``max_batch`` sequences and the memory
+        the budget leaves free allow."""
         by_split: dict[int, list[Ready]] = {}
         for prepared in ready:
             by_split.setdefault(prepared[0].split, []).append(prepared)
+        free = self.table.budget_bytes - self.table.kv_reserved - self.table.pinned_bytes
+        replies = []
         for group in by_split.values():
-            chunk, rows = [], 0
+            run: list[Ready] = []
             for prepared in group:
-                if chunk and rows + prepared[0].batch > self.config.max_batch:
-                    replies += self._run_group(chunk)
-                    chunk, rows = [], 0
-                chunk.append(prepared)
-                rows += prepared[0].batch
-            if chunk:
-                replies += self._run_group(chunk)
+                candidate = run + [prepared]
+                rows = sum(session.batch for session, _, _ in candidate)
+                working = self.compute.batch_bytes([(session, session.runner.past_length) for session, _, _ in candidate])
+                if run and (rows > self.config.max_batch or working > free):
+                    replies += self._run_group(run)
+                    candidate = [prepared]
+                run = candidate
+            if run:
+                replies += self._run_group(run)
         return replies
 
     def _run_group(self, group: list[Ready]) -> list[tuple[bytes, Message]]:
@@ -222,11 +229,17 @@ class EdgeServer:
         if hello.protocol_version != PROTOCOL_VERSION:
             return Error("version_mismatch", f"the UE speaks protocol {hello.protocol_version}, this server "
                                              f"{PROTOCOL_VERSION}; update the older side")
+        self.greeted.add(peer)
+        if hello.artifact_fingerprint == PROBE_FINGERPRINT:  # a link probe: welcome, but no sessions
+            return self._welcome()
         if hello.artifact_fingerprint != self.manifest.artifact_fingerprint:
             return Error("artifact_mismatch",
                          "the UE and the server hold different artifacts (fingerprints differ); copy the server's "
                          "artifact to the UE or export both from the same model with the same arguments")
         self.welcomed.add(peer)
+        return self._welcome()
+
+    def _welcome(self) -> Welcome:
         return Welcome(PROTOCOL_VERSION, self.manifest.artifact_fingerprint, self.artifact.split_points,
                        self.config.transport.max_message_bytes,
                        ["sampling", CODECS_CAPABILITY + ",".join(self.offered_codecs)])

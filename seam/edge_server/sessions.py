@@ -1,12 +1,16 @@
-"""The edge's table of UE sessions: admission against a session count and a KV budget, idle eviction, and LRU
-eviction that the UE holding the most sessions pays for.
+"""The edge's table of UE sessions: admission against a session count and a memory budget, idle eviction, and LRU
+eviction that the UE holding the most pays for.
 
-Pure bookkeeping, no I/O: the server asks it what to evict and tells the affected UEs.
+The budget covers every session's KV cache at its full length, the bytes that batched caches pin beyond those in
+use (``seam.runtime.executor.compact``), and the working memory of the largest step any one session may run,
+since the edge runs one step at a time. Pure bookkeeping, no I/O: the server asks it what to evict and tells the
+affected UEs.
 """
 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +35,7 @@ class EdgeSession:
     batch: int
     max_length: int
     kv_bytes: int  # reserved for the full max_length, so admission never over-commits
+    working_bytes: int  # what its largest step holds while it runs, beyond the cache
     opened_at: float
     last_used: float
     allow_token_upload: bool = False
@@ -43,58 +48,74 @@ class EdgeSession:
 
 
 class SessionTable:
-    def __init__(self, max_sessions: int, kv_budget_bytes: int, idle_timeout_s: float, remember_evicted: int = 1024):
+    def __init__(self, max_sessions: int, budget_bytes: int, idle_timeout_s: float, remember_evicted: int = 1024):
         self.max_sessions = max_sessions
-        self.kv_budget_bytes = kv_budget_bytes
+        self.budget_bytes = budget_bytes
         self.idle_timeout_s = idle_timeout_s
         self.sessions: OrderedDict[SessionKey, EdgeSession] = OrderedDict()  # least recently used first
         self.evicted: OrderedDict[SessionKey, str] = OrderedDict()
         self.remember_evicted = remember_evicted
+        self.pinned_bytes = 0  # held by batched caches beyond the bytes sessions use; set after each burst
 
     @property
     def kv_reserved(self) -> int:
         return sum(session.kv_bytes for session in self.sessions.values())
 
-    def admit(self, key: SessionKey, kv_bytes: int) -> list[EdgeSession]:
+    def committed(self, kv_bytes: int = 0, working_bytes: int = 0, leaving: EdgeSession | None = None) -> int:
+        """Bytes the budget must cover with a session of ``kv_bytes`` and ``working_bytes`` added (and
+        ``leaving``'s own reservation taken out): every reservation, what batches pin, and the largest step."""
+        others = [session for session in self.sessions.values() if session is not leaving]
+        largest = max([session.working_bytes for session in others] + [working_bytes])
+        return sum(session.kv_bytes for session in others) + kv_bytes + self.pinned_bytes + largest
+
+    def admit(self, key: SessionKey, kv_bytes: int, working_bytes: int) -> list[EdgeSession]:
         """Makes room for a new session; returns the sessions evicted for it (least recently used first)."""
         if key in self.sessions:
             raise SeamError(f"session {key[1]!r} is already open; close it or choose another id")
-        if kv_bytes > self.kv_budget_bytes:
+        if kv_bytes + working_bytes > self.budget_bytes:
             raise SeamError(
-                f"the session needs {kv_bytes / 2**20:.1f} MiB of KV cache, more than the server's whole budget of "
-                f"{self.kv_budget_bytes / 2**20:.1f} MiB; ask for fewer tokens or a smaller batch"
+                f"the session needs {kv_bytes / 2**20:.1f} MiB of KV cache and {working_bytes / 2**20:.1f} MiB to run "
+                f"a step, more than the server's whole budget of {self.budget_bytes / 2**20:.1f} MiB; ask for "
+                "fewer tokens or a smaller batch"
             )
         victims = []
-        while self.sessions and (
-            len(self.sessions) >= self.max_sessions or self.kv_reserved + kv_bytes > self.kv_budget_bytes
-        ):
-            victim = self._victim(key[0])
-            victims.append(self.remove(victim.key, "evicted to make room for a newer session (KV budget or session "
-                                                   "limit)"))
+        while self.sessions:
+            if len(self.sessions) >= self.max_sessions:
+                victim = self._victim(key[0], lambda session: 1, 1)
+            elif self.committed(kv_bytes, working_bytes) > self.budget_bytes:
+                victim = self._victim(key[0], lambda session: session.kv_bytes, kv_bytes)
+            else:
+                break
+            victims.append(self.remove(victim.key, "evicted to make room for a newer session (memory budget or "
+                                                   "session limit)"))
         return victims
 
-    def _victim(self, peer: bytes) -> EdgeSession:
+    def _victim(self, peer: bytes, weight: Callable[[EdgeSession], int], new_weight: int) -> EdgeSession:
         """The session that makes room for a new one of ``peer``: the least recently used of the UE that holds the
-        most sessions, counting the new one (the asking UE first on a tie), so that one UE opening many sessions
-        evicts its own rather than other UEs' running generations."""
-        held = Counter(key[0] for key in self.sessions)
-        held[peer] += 1
+        most, in sessions or in reserved bytes as ``weight`` counts them, the new one included (the asking UE
+        first on a tie), so that one UE opening many or large sessions evicts its own rather than other UEs'
+        running generations."""
+        held = Counter()
+        for session in self.sessions.values():
+            held[session.key[0]] += weight(session)
+        holds_none = peer not in held
+        held[peer] += new_weight
         most = max(held.values())
-        payer = peer if held[peer] == most else next(p for p, count in held.items() if count == most)
-        if payer == peer and held[peer] == 1:  # it holds none yet: plain least recently used
+        payer = peer if held[peer] == most else next(p for p, amount in held.items() if amount == most)
+        if payer == peer and holds_none:  # nobody holds more than the new session alone: plain least recently used
             return next(iter(self.sessions.values()))
         return next(session for session in self.sessions.values() if session.key[0] == payer)
 
-    def reserve(self, session: EdgeSession, kv_bytes: int) -> None:
-        """Changes an open session's KV reservation (its split moved); refuses growth beyond the budget rather
-        than evicting others for a session that already runs."""
-        others = self.kv_reserved - session.kv_bytes
-        if others + kv_bytes > self.kv_budget_bytes:
+    def reserve(self, session: EdgeSession, kv_bytes: int, working_bytes: int) -> None:
+        """Changes an open session's reservation (its split moved); refuses growth beyond the budget rather than
+        evicting others for a session that already runs."""
+        committed = self.committed(kv_bytes, working_bytes, leaving=session)
+        if committed > self.budget_bytes:
             raise SeamError(
-                f"the edge's KV budget has {max(self.kv_budget_bytes - others, 0) / 2**20:.1f} MiB left for this "
-                f"session, which would need {kv_bytes / 2**20:.1f} MiB at the new split; keep more layers on the UE"
+                f"the edge's memory budget of {self.budget_bytes / 2**20:.1f} MiB would need "
+                f"{committed / 2**20:.1f} MiB with this session at the new split; keep more layers on the UE"
             )
-        session.kv_bytes = kv_bytes
+        session.kv_bytes, session.working_bytes = kv_bytes, working_bytes
 
     def add(self, session: EdgeSession) -> None:
         self.sessions[session.key] = session

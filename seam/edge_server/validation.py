@@ -170,7 +170,15 @@ def _first_input(session: EdgeSession, step: Step, limits: Limits) -> tuple[np.n
     return decoded, "hidden_states", limits.hidden_dtype
 
 
-def check_ping(ping: Ping, max_message_bytes: int) -> None:
+UNGREETED_REPLY_BYTES = 4096  # the most a ping from a peer that has not said hello gets back beyond what it sent
+
+
+def check_ping(ping: Ping, max_message_bytes: int, greeted: bool) -> None:
+    """Bounds a pong: by the message limit, and before a hello by what the ping itself carried, so that nobody
+    gets a large reply for a small request without a handshake first."""
     limit = max_message_bytes - (1 << 12)
+    if not greeted:
+        limit = min(limit, max(UNGREETED_REPLY_BYTES, 0 if ping.payload is None else ping.payload.nbytes))
     if not 0 <= ping.reply_bytes <= limit:
-        raise SeamError(f"reply_bytes {ping.reply_bytes} is outside 0..{limit}")
+        hint = "" if greeted else "; send hello first (an empty artifact fingerprint is enough to probe the link)"
+        raise SeamError(f"reply_bytes {ping.reply_bytes} is outside 0..{limit}{hint}")

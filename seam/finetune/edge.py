@@ -12,7 +12,6 @@ one gets an error reply and the session carries on.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -24,7 +23,9 @@ import torch
 from seam.finetune.adapters import (pack_weights, restore_training_state, split_weights, trained_weights,
                                training_state)
 from seam.finetune.federation import Federation
-from seam.finetune.parts import IGNORE_INDEX, Part, attach_lora, causal_lm_loss, keep_only, load_base, trainable
+from seam.finetune.parts import (IGNORE_INDEX, Part, attach_lora, causal_lm_loss, frozen_copy, keep_only, load_base,
+                                 trainable)
+from seam.planning.memory import training_step_bytes
 from seam.runtime.errors import SeamError
 from seam.runtime.protocol import (TRAINING_MODES, AdapterWeights, Close, Closed, CutGradient, Error, FetchAdapter,
                               FetchRound, Message, OpenTraining, RoundAverage, TrainBackward, TrainForward,
@@ -55,6 +56,7 @@ class TrainingSession:
     next_step: int = 0
     pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (the cut's hidden states, what the edge returned)
     pending_since: float = 0.0
+    pending_bytes: int = 0  # what the pending step's graph holds, as estimated
     compute_s: float = 0.0
 
 
@@ -65,6 +67,10 @@ class TrainingService:
     idle_timeout_s: float = 300.0
     round_timeout_s: float = 60.0
     turn_timeout_s: float = 10.0  # a UE that sent a forward and no backward this long gives its job's turn up
+    max_sessions: int = 16  # training sessions open at once
+    max_step_tokens: int = 8192  # sequences x positions in one training step
+    max_length: int = 4096  # positions per training sequence
+    memory_budget_bytes: int = 2 << 30  # every job's adapters and optimizer state, plus the graphs steps keep
     sessions: dict[tuple[bytes, str], TrainingSession] = field(default_factory=dict)
     jobs: dict[str, Job] = field(default_factory=dict)  # the named ones, while a session trains in them
 
@@ -166,9 +172,12 @@ class TrainingService:
             raise SeamError("the optimizer needs 0 < lr <= 1 and 0 <= weight_decay <= 1")
         if not 1 <= lora["rank"] <= self.hidden_size:  # a larger rank adds parameters and no expressiveness
             raise SeamError(f"lora rank must be 1 to {self.hidden_size} (the hidden size), got {lora['rank']}")
+        if len(self.sessions) >= self.max_sessions:
+            raise SeamError(f"this edge trains {self.max_sessions} sessions at most and all are taken; try later")
         job = self.jobs.get(request.job) if request.job else None
         if job is None:
-            model = copy.deepcopy(self.base.model)  # each job adapts its own copy; the base stays clean
+            self._check_room(self._adapter_bytes(request.cut, lora["rank"]), 0)
+            model = frozen_copy(self.base.model)  # each job adapts its own modules; the base weights are shared
             family = type(self.base.family)(model)
             span = Span(request.cut, self.num_layers)
             keep_only(family, span, embed=False, head=request.mode == "edge-loss")
@@ -207,6 +216,7 @@ class TrainingService:
         if not np.isfinite(hidden).all():  # one NaN forward would poison a job's shared adapters
             raise SeamError("hidden_states hold NaN or infinite values; the UE's layers produced them")
         labels = self._labels(session.job.mode, request.labels, hidden.shape[:2])
+        graph_bytes = self._check_step(session, *hidden.shape[:2])
         self._take_turn(session)
         started = time.perf_counter()
         with torch.enable_grad():
@@ -214,12 +224,43 @@ class TrainingService:
             output = session.job.part(cut, torch.from_numpy(mask))
             if labels is not None:
                 output = causal_lm_loss(output, labels)
-        session.pending, session.pending_since = (cut, output), time.monotonic()
+        session.pending, session.pending_since, session.pending_bytes = (cut, output), time.monotonic(), graph_bytes
         seconds = time.perf_counter() - started
         session.compute_s += seconds
         if labels is not None:
             return TrainForwarded(session_id, request.step, seconds, loss=float(output.item()))
         return TrainForwarded(session_id, request.step, seconds, hidden_states=output.detach().numpy())
+
+    def _adapter_bytes(self, cut: int, rank: int) -> int:
+        """A job's LoRA weights, gradients and AdamW moments: float32, four copies of each parameter."""
+        layers = self.base.family.layers()
+        parameters = sum(rank * sum(module.weight.shape) for index in range(cut, self.num_layers)
+                         for name, module in layers[index].named_modules()
+                         if name.rsplit(".", 1)[-1] in self.base.family.lora_targets)
+        return 16 * parameters
+
+    def _check_room(self, adapter_bytes: int, graph_bytes: int, replacing: TrainingSession | None = None) -> None:
+        """Refuses what would take the training memory past its budget, before anything is allocated; the graph
+        ``replacing`` keeps is about to go."""
+        jobs = {id(session.job): session.job for session in self.sessions.values()}.values()
+        held = sum(self._adapter_bytes(job.cut, job.lora["rank"]) for job in jobs)
+        held += sum(session.pending_bytes for session in self.sessions.values()
+                    if session.pending is not None and session is not replacing)
+        if held + adapter_bytes + graph_bytes > self.memory_budget_bytes:
+            raise JobBusy(f"this edge's training memory ({self.memory_budget_bytes / 2**20:.0f} MiB) holds "
+                          f"{held / 2**20:.0f} MiB and this needs {(adapter_bytes + graph_bytes) / 2**20:.0f} MiB more; "
+                          "try again later, or with a smaller batch, shorter sequences or a lower rank")
+
+    def _check_step(self, session: TrainingSession, batch: int, length: int) -> int:
+        """The graph bytes of a step of ``batch`` sequences of ``length``, refused beyond the bounds."""
+        if length > self.max_length or batch * length > self.max_step_tokens:
+            raise SeamError(f"a training step holds at most {self.max_step_tokens} tokens of at most {self.max_length} "
+                            f"positions each, got {batch} x {length}; send smaller batches or shorter sequences")
+        job = session.job
+        graph_bytes = training_step_bytes(self.artifact.manifest.dims, self.num_layers - job.cut, batch, length,
+                                          head=job.mode == "edge-loss")
+        self._check_room(0, graph_bytes, replacing=session)
+        return graph_bytes
 
     def _take_turn(self, session: TrainingSession) -> None:
         """UEs of one job step its shared adapters one at a time: an optimizer step between another UE's forward

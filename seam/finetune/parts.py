@@ -9,6 +9,7 @@ than the whole model does, and LoRA fine-tuning of a frozen base gains little fr
 
 from __future__ import annotations
 
+import copy
 import zlib
 
 import torch
@@ -32,6 +33,13 @@ def load_base(artifact):
                         "from; export it again or train from the same model")
     loaded.model.requires_grad_(False)
     return loaded
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares its parameters and buffers: a job attaches adapters to and drops
+    layers from its own modules, while the frozen base weights stay in memory once however many jobs train."""
+    shared = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo=shared)
 
 
 def attach_lora(model: nn.Module, family: FamilyAdapter, layers: Span, rank: int, alpha: float, seed: int):

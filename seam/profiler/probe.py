@@ -21,10 +21,17 @@ from seam.profiler.host import describe
 from seam.profiler.measure import IDLE_GAP_S
 from seam.planning.schema import LinkProfile, LinkSample
 from seam.runtime.errors import SeamError
-from seam.runtime.protocol import Error, Ping, Pong
+from seam.runtime.protocol import PROBE_FINGERPRINT, PROTOCOL_VERSION, Error, Hello, Ping, Pong, Welcome
 from seam.runtime.transport import UeSocket
 
 DEFAULT_SIZES = (256, 4 << 10, 64 << 10, 1 << 20, 4 << 20)
+
+
+def greet(socket: UeSocket) -> None:
+    """Says hello as a link probe, holding no artifact: an edge sends large pongs only after a hello."""
+    greeting = socket.request(Hello(PROTOCOL_VERSION, PROBE_FINGERPRINT))
+    if not isinstance(greeting, Welcome):
+        raise SeamError(f"the edge server refused a probe: {getattr(greeting, 'message', greeting.kind)}")
 
 
 def round_trip(socket: UeSocket, nonce: int, up: int, down: int) -> float:
@@ -52,6 +59,7 @@ def probe_link(socket: UeSocket, sizes=DEFAULT_SIZES, repeats: int = 7, gap_s: f
     nonce = 0
     shapes = [(size, smallest) for size in sizes] + [(smallest, size) for size in sizes if size != smallest]
     samples = []
+    greet(socket)
     round_trip(socket, nonce, smallest, smallest)  # connects and warms both ends up
     for up, down in shapes:
         times = []

@@ -205,3 +205,34 @@ def run_together(
         span = slice(rows[index], rows[index + 1])
         runner.cache = {name: stacked[span, :, longest - past:] for name, stacked in grown.items()}
     return [output[rows[index]:rows[index + 1]] for index in range(len(runners))]
+
+
+def _owner(array: np.ndarray) -> np.ndarray:
+    """The array whose memory ``array`` views: itself when it owns its memory or onnxruntime does."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+def compact(runners: list[SpanRunner]) -> tuple[int, int]:
+    """Gives every cache array that keeps a mostly dead array alive a copy of its own; returns the bytes the
+    runners' caches cover and the bytes they hold, after.
+
+    After ``run_together`` each runner's cache views the batch's arrays, and a view keeps its whole array
+    alive: an idle session would hold its batch-mates' caches long after they moved on or closed. An array is
+    copied out once less than half of it is still viewed, so the bytes held stay under twice those in use, and
+    sessions that keep stepping together are never copied at all."""
+    users: dict[int, tuple[np.ndarray, list[tuple[dict, str]]]] = {}
+    for runner in runners:
+        for name, array in runner.cache.items():
+            owner = _owner(array)
+            users.setdefault(id(owner), (owner, []))[1].append((runner.cache, name))
+    live = held = 0
+    for owner, views in users.values():
+        used = sum(cache[name].nbytes for cache, name in views)
+        if 2 * used < owner.nbytes:
+            for cache, name in views:
+                cache[name] = cache[name].copy()
+        live += used
+        held += used if 2 * used < owner.nbytes else owner.nbytes
+    return live, held

@@ -2,10 +2,16 @@
 
 Default options let the idle threads of several sessions spin and starve each other on a small CPU: a chain of
 blocks ran at half speed. Spinning is therefore off and thread counts are set explicitly.
+
+On the CPU every session draws from one arena shared by the process. With an arena each, a chain of one-layer
+blocks kept every layer's attention scores of the longest step it ever ran: a 2048-position prefill of
+small-llama's last six layers grew the process by 2758 MiB, against 480 MiB from a shared arena (and decode ran
+no slower).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import onnxruntime as ort
@@ -20,7 +26,15 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+@functools.cache
+def _share_cpu_arena() -> None:
+    """Registers the process's one CPU arena, which sessions opened with ``session.use_env_allocators`` use."""
+    memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, -1, -1, -1))
+
+
 def session_options(threads: int | None = None) -> ort.SessionOptions:
+    _share_cpu_arena()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
@@ -28,6 +42,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.add_session_config_entry("session.use_env_allocators", "1")
     options.log_severity_level = 3
     return options
 

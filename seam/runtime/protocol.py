@@ -19,6 +19,7 @@ import numpy as np
 from seam.runtime.errors import SeamError
 
 PROTOCOL_VERSION = 2
+PROBE_FINGERPRINT = ""  # a Hello with this fingerprint only probes the link (``seam probe``): no sessions
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 ALLOWED_DTYPES = frozenset({"float32", "float16", "int64", "int8", "uint8", "uint16"})
 MAX_DIM = (1 << 31) - 1  # numpy refuses larger dimensions even for an empty tensor
@@ -159,8 +160,8 @@ class Error(Message):
 
 @dataclass
 class Ping(Message):
-    """A liveness check, and a link probe: ``payload`` measures the uplink, ``reply_bytes`` the downlink."""
-
+    """A liveness check, and a link probe: ``payload`` measures the uplink, ``reply_bytes`` the downlink (before a
+    hello, at most 4 KiB or the payload's own size)."""
     kind = "ping"
     nonce: int
     reply_bytes: int = 0
@@ -394,7 +395,6 @@ def _tensor(cls, specs, spec, frame) -> tuple[str, np.ndarray]:
         raise ProtocolError(f"tensor {name!r} has dtype {_shown(dtype)}; allowed: {sorted(ALLOWED_DTYPES)}")
     if not isinstance(shape, list) or len(shape) > 4 or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
         raise ProtocolError(f"tensor {name!r} has an invalid shape {_shown(shape)}")
-    expected = math.prod(shape) * np.dtype(dtype).itemsize
-    if len(frame) != expected:
+    if len(frame) != (expected := math.prod(shape) * np.dtype(dtype).itemsize):
         raise ProtocolError(f"tensor {name!r} of shape {shape} {dtype} needs {expected} bytes, got {len(frame)}")
     return name, np.frombuffer(frame, dtype=dtype).reshape(shape)
