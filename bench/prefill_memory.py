@@ -1,7 +1,8 @@
 """The edge's peak memory for one long prefill, run in chunks against run whole: small-llama's tail (layers
-6-12) takes one sequence of 512, 1024 and 2048 positions of hidden states, and the edge process's peak resident
-memory (VmHWM) is read before and after it, each configuration in a fresh server. The growth is set beside the
-working memory the edge reserves for that step (``seam.planning.memory``), which must not be smaller."""
+6-12) takes one sequence of 512, 1024 and 2048 positions of hidden states, each configuration in a fresh server.
+The edge process's resident memory is read before the prefill (VmRSS) and its peak during it (VmHWM, reset
+first); the growth is set beside the working memory the edge reserves for that step (``seam.planning.memory``),
+which must not be smaller."""
 
 from __future__ import annotations
 
@@ -24,22 +25,27 @@ SPLIT = 6
 CHUNK = 512
 
 
-def peak_mib(pid: int) -> float:
+def status_mib(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM")
+    raise RuntimeError(f"no {field}")
+
+
+def peak_mib(pid: int) -> float:
+    return status_mib(pid, "VmHWM")
 
 
 def prefill_peak(artifact: Artifact, length: int, chunk: int) -> tuple[float, float]:
-    """The edge's peak resident MiB before and after one prefill of ``length`` positions."""
+    """The edge's resident MiB before one prefill of ``length`` positions, and its peak during it."""
     hidden = artifact.manifest.dims.hidden_size
     with open("/dev/null", "w") as quiet, edge_server(artifact.root, "--prefill-chunk", str(chunk), "--threads", "2",
                                                       log=quiet) as (process, address):
         socket = UeSocket(address, TransportConfig(timeout_s=300))
         expect(socket.request(Hello(PROTOCOL_VERSION, artifact.manifest.artifact_fingerprint)), Welcome)
         expect(socket.request(OpenSession("p", SPLIT, 1, {}, length + 1)), SessionOpened)
-        before = peak_mib(process.pid)
+        Path(f"/proc/{process.pid}/clear_refs").write_text("5")  # the peak from here on, not loading's
+        before = status_mib(process.pid, "VmRSS")
         states = np.random.default_rng(0).standard_normal((1, length, hidden)).astype(np.float32)
         step = Step("p", 0, np.ones((1, length), np.int64), np.arange(length)[None], hidden_states=states)
         expect(socket.request(step), StepResult)

@@ -201,9 +201,9 @@ def test_training_jobs_share_the_frozen_base_weights(exported):
 def test_training_sessions_steps_and_memory_are_bounded(exported):
     artifact = Artifact.open(exported("tiny-llama"))
     hidden = artifact.manifest.dims.hidden_size
-    # 0.5 MiB holds a step of 4 tokens (about 40 kB) but not one of 8 x 16 (about 1.3 MB)
+    # A step of 8 x 16 tokens keeps about 2 MiB for its backward: 3 MiB holds one such step, never 16 x 16
     with edge_server(artifact.root, "--train", "--max-training-sessions", "2", "--max-length", "16",
-                     "--training-memory-mb", "0.5") as (_, address):
+                     "--training-memory-mb", "3") as (_, address):
         socket = UeSocket(address, TransportConfig(timeout_s=30))
         assert isinstance(socket.request(Hello(PROTOCOL_VERSION, artifact.manifest.artifact_fingerprint)), Welcome)
         lora, optimizer = {"rank": 2, "alpha": 4, "seed": 0}, {"lr": 0.01, "weight_decay": 0.0}
@@ -212,13 +212,17 @@ def test_training_sessions_steps_and_memory_are_bounded(exported):
         reply = socket.request(OpenTraining("c", 2, "edge-loss", lora, optimizer))
         assert isinstance(reply, Error) and "2 sessions at most" in reply.message, reply
 
-        def forward(batch: int, length: int):
-            return socket.request(TrainForward("a", 0, np.ones((batch, length, hidden), np.float32),
+        def forward(session: str, batch: int, length: int):
+            return socket.request(TrainForward(session, 0, np.ones((batch, length, hidden), np.float32),
                                                np.ones((batch, length), np.int64), np.ones((batch, length), np.int64)))
 
-        reply = forward(1, 17)
+        reply = forward("a", 1, 17)
         assert isinstance(reply, Error) and "at most 16 positions" in reply.message, reply
-        reply = forward(8, 16)
+        reply = forward("a", 16, 16)
+        assert isinstance(reply, Error) and "more than the edge's whole training memory" in reply.message, reply
+        assert isinstance(forward("a", 8, 16), TrainForwarded)
+        reply = forward("b", 8, 16)  # a's graph waits for its backward: no room for a second one now
         assert isinstance(reply, Error) and reply.code == "busy" and "training memory" in reply.message, reply
-        assert isinstance(forward(1, 4), TrainForwarded)  # the session carried on
+        assert isinstance(socket.request(TrainBackward("a", 0, np.ones(1, np.float32))), CutGradient)
+        assert isinstance(forward("b", 8, 16), TrainForwarded)  # a's graph is gone
         socket.close()

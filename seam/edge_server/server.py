@@ -24,8 +24,9 @@ from seam.runtime.artifact import NUMPY_DTYPES, Artifact
 from seam.runtime.codecs import CODECS, CODECS_CAPABILITY
 from seam.runtime.errors import SeamError
 from seam.runtime.executor import SessionPool
-from seam.runtime.protocol import (PROBE_FINGERPRINT, PROTOCOL_VERSION, TRAINING_MESSAGES, Close, Closed, Error, Hello, Message,
-                                   OpenSession, Ping, Pong, ProtocolError, Resplit, SessionOpened, Step, Welcome)
+from seam.runtime.protocol import (PROBE_FINGERPRINT, PROTOCOL_VERSION, TRAINING_MESSAGES, Close, Closed, Error, Hello,
+                                   Message, OpenSession, Ping, Pong, ProtocolError, Resplit, SessionOpened, Step,
+                                   Welcome)
 from seam.runtime.spans import Span
 from seam.runtime.transport import EdgeSocket
 
@@ -195,7 +196,8 @@ class EdgeServer:
             for prepared in group:
                 candidate = run + [prepared]
                 rows = sum(session.batch for session, _, _ in candidate)
-                working = self.compute.batch_bytes([(session, session.runner.past_length) for session, _, _ in candidate])
+                working = self.compute.batch_bytes([(session, session.runner.past_length)
+                                                    for session, _, _ in candidate])
                 if run and (rows > self.config.max_batch or working > free):
                     replies += self._run_group(run)
                     candidate = [prepared]

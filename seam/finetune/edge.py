@@ -242,14 +242,19 @@ class TrainingService:
     def _check_room(self, adapter_bytes: int, graph_bytes: int, replacing: TrainingSession | None = None) -> None:
         """Refuses what would take the training memory past its budget, before anything is allocated; the graph
         ``replacing`` keeps is about to go."""
+        needed = (adapter_bytes + graph_bytes) / 2**20
+        if adapter_bytes + graph_bytes > self.memory_budget_bytes:
+            raise SeamError(f"this needs {needed:.1f} MiB, more than the edge's whole training memory "
+                            f"({self.memory_budget_bytes / 2**20:.0f} MiB); use a smaller batch, shorter sequences "
+                            "or a lower rank")
         jobs = {id(session.job): session.job for session in self.sessions.values()}.values()
         held = sum(self._adapter_bytes(job.cut, job.lora["rank"]) for job in jobs)
         held += sum(session.pending_bytes for session in self.sessions.values()
                     if session.pending is not None and session is not replacing)
         if held + adapter_bytes + graph_bytes > self.memory_budget_bytes:
             raise JobBusy(f"this edge's training memory ({self.memory_budget_bytes / 2**20:.0f} MiB) holds "
-                          f"{held / 2**20:.0f} MiB and this needs {(adapter_bytes + graph_bytes) / 2**20:.0f} MiB more; "
-                          "try again later, or with a smaller batch, shorter sequences or a lower rank")
+                          f"{held / 2**20:.0f} MiB and this needs {needed:.1f} MiB more; try again later, or with a "
+                          "smaller batch, shorter sequences or a lower rank")
 
     def _check_step(self, session: TrainingSession, batch: int, length: int) -> int:
         """The graph bytes of a step of ``batch`` sequences of ``length``, refused beyond the bounds."""
