@@ -78,6 +78,25 @@ def test_existing_different_export_needs_force(exported, workdir):
     assert '"cuts": [\n    2\n  ]' in (out / "manifest.json").read_text()
 
 
+@pytest.mark.parametrize("foreign", ["thesis.txt", "profiles/cpu.json"])
+def test_force_never_deletes_what_no_export_wrote(exported, workdir, foreign):
+    out = workdir / "art"
+    shutil.copytree(exported("tiny-llama"), out)
+    (out / foreign).parent.mkdir(exist_ok=True)
+    (out / foreign).write_text("the user's own")
+    result = run_seam("export", "tiny-llama", "--out", str(out), "--cuts", "2", "--force", "--quiet")
+    assert_refused(result, foreign.split("/")[0], "no export wrote")
+    assert (out / foreign).read_text() == "the user's own"
+
+
+def test_force_refuses_a_directory_that_is_no_artifact(workdir):
+    (workdir / "notes").mkdir()
+    (workdir / "notes" / "thesis.txt").write_text("the user's own")
+    result = run_seam("export", "tiny-llama", "--out", str(workdir / "notes"), "--force", "--quiet")
+    assert_refused(result, "not a Seam artifact", "thesis.txt")
+    assert (workdir / "notes" / "thesis.txt").read_text() == "the user's own"
+
+
 def test_validate_passes_and_detects_corruption(exported, workdir):
     out = workdir / "art"
     shutil.copytree(exported("tiny-gpt2"), out)

@@ -7,9 +7,9 @@ model and arguments is a no-op unless forced.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from seam.export.sources import LoadedModel, fingerprint, load_model, merge_adap
 from seam.export.validate import pad_token_id, references_for, require_fp32_parity, validate
 from seam.runtime.artifact import MANIFEST_NAME, Artifact, Block, Dimensions, Manifest
 from seam.runtime.errors import SeamError
-from seam.runtime.files import replace_directory
+from seam.runtime.files import replace_directory, staging_directory
 from seam.runtime.spans import Span
 from seam.runtime.version import VERSION
 
@@ -80,11 +80,9 @@ def _check_request(request: ExportRequest) -> None:
 def _staging_dir(out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        return staging_directory(out)
     except OSError as error:
         raise SeamError(f"cannot write the artifact to {out}: {error.strerror or error}; choose a writable --out") from None
-    staging.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared and copied
-    return staging
 
 
 def _existing_manifest(out: Path) -> dict | None:
@@ -99,6 +97,27 @@ def _existing_manifest(out: Path) -> dict | None:
         except json.JSONDecodeError:
             return {}
     return {} if any(out.iterdir()) else None
+
+
+# What an export writes: its manifest, graphs and their external weights, and the model's config and tokenizer.
+EXPORT_FILES = ("manifest.json", "*.onnx", "*.onnx.data", "config.json", "generation_config.json", "tokenizer*",
+                "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*")
+
+
+def _refuse_foreign(out: Path) -> None:
+    """Refuses to replace ``out`` unless it is empty or a Seam artifact and nothing else: ``--force`` replaces an
+    export, never a user's files (profiles and adapters written into an artifact included)."""
+    if not out.is_dir():
+        return
+    entries = sorted(out.iterdir())
+    if entries and not (out / MANIFEST_NAME).is_file():
+        raise SeamError(f"{out} is not a Seam artifact (no {MANIFEST_NAME}) and holds {entries[0].name}; --force "
+                        "replaces only an artifact: choose an empty or new --out")
+    foreign = next((entry for entry in entries
+                    if entry.is_dir() or not any(fnmatch.fnmatch(entry.name, pattern) for pattern in EXPORT_FILES)), None)
+    if foreign is not None:
+        raise SeamError(f"{out} holds {foreign.name}{'/' if foreign.is_dir() else ''}, which no export wrote; "
+                        "--force would delete it: move it out of the artifact, or export to another --out")
 
 
 def _blocks(cuts: list[int], num_layers: int) -> list[Span]:
@@ -168,6 +187,8 @@ def export(request: ExportRequest) -> ExportOutcome:
 
     _check_request(request)
     out = Path(request.out)
+    if request.force:
+        _refuse_foreign(out)
     staging = _staging_dir(out)
     try:
         loaded = load_model(request.model)

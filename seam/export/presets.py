@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from seam.export.byte_tokenizer import SPECIAL_TOKENS, build_byte_tokenizer
 from seam.export.training import VERSION as TRAINING_VERSION
 from seam.export.training import TrainingSpec, held_out_perplexity, train_model
+from seam.runtime.files import staging_directory
 
 _TINY_LLAMA = dict(
     hidden_size=64,
@@ -138,7 +138,7 @@ def ensure_preset(name: str) -> Path:
 
     preset = PRESETS[name]
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = staging_directory(target)
     try:
         pad, bos, eos = range(len(SPECIAL_TOKENS))
         config = AutoConfig.for_model(
