@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from seam.runtime.shell import run_cli
+from seam.runtime.shell import CommandParser, run_cli
 
 def build_parser() -> argparse.ArgumentParser:
     from seam.export.cli import add_export_parser, add_models_parser, add_validate_parser
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     from seam.demo import add_demo_parser
     from seam.keys import add_keys_parser
 
-    parser = argparse.ArgumentParser(prog="seam", description="Run an LLM split between a device and an edge server.")
+    parser = CommandParser(prog="seam", description="Run an LLM split between a device and an edge server.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_export_parser(commands)
     add_validate_parser(commands)

@@ -14,6 +14,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from seam.runtime.shell import number
+
 DEFAULT_PROMPT = "The device keeps the first layers, and the edge server"
 DEMO_LINK_MBIT, DEMO_DROP_MBIT = 50.0, 0.1  # the adaptive run's link, and what it drops to for a while
 
@@ -24,12 +26,12 @@ def add_demo_parser(commands) -> None:
     parser = commands.add_parser("demo", help="export the default model, validate it, and generate text split")
     parser.add_argument("--model", default=DEFAULT_PRESET, help=f"preset, directory or hub id (default {DEFAULT_PRESET})")
     parser.add_argument("--out", type=Path, default=None, help="artifact directory (default artifacts/MODEL)")
-    parser.add_argument("--split", type=int, default=None, help="layers kept on the UE (default: half)")
+    parser.add_argument("--split", type=number(int, 0), default=None, help="layers kept on the UE (default: half)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--adaptive-tokens", type=int, default=160,
+    parser.add_argument("--max-new-tokens", type=number(int, 1), default=32)
+    parser.add_argument("--adaptive-tokens", type=number(int, 1), default=160,
                         help="tokens of the run over a link that drops and recovers (0 skips it)")
-    parser.add_argument("--ue-slowdown", type=float, default=4.0,
+    parser.add_argument("--ue-slowdown", type=number(float, 0, above=True), default=4.0,
                         help="how many times slower than this machine the emulated UE runs in that run")
     parser.set_defaults(handler=run_demo)
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_seam
 from seam.edge_server.cli import parse
-from seam.runtime.transport import reachable_beyond_loopback
+from seam.runtime.addresses import reachable_beyond_loopback
 
 
 def edge_server_cli(*args: str) -> subprocess.CompletedProcess:

@@ -158,7 +158,7 @@ def test_ue_client_and_train_policy_refuse_bad_policy_input(exported, tmp_path):
     for options, fragment in {
         ("--quality", str(tmp_path / "none.json")): "cannot read the quality analysis",
         ("--quality", quality, "--direct-text", str(empty)): "is empty",
-        ("--quality", quality, "--steps", "0"): "--steps must be positive",
+        ("--quality", quality, "--steps", "0"): "argument --steps: expected an integer at least 1",
     }.items():
         result = run_seam("train-policy", str(artifact.root), *options, *profiles, "--out", str(tmp_path / "p"))
         assert result.returncode == 2, (options, result.stderr)

@@ -324,7 +324,7 @@ def test_curve_admits_only_allow_listed_ues(exported, tmp_path):
 
     flags = ("--curve-secret", str(keys / "edge.key_secret"), "--allow", str(allowed))
     with edge_server(artifact.root, *flags) as (_, address):
-        transport = TransportConfig(timeout_s=2, connect_attempts=2)
+        transport = TransportConfig(timeout_s=2)
         with pytest.raises(HandshakeRefused, match="refused this UE's key"):
             EdgeClient(artifact, address, transport, curve_secret=keys / "ue-stranger.key_secret",
                        server_key=keys / "edge.key")

@@ -13,44 +13,49 @@ from seam.edge_server.config import EdgeConfig
 from seam.edge_server.server import EdgeServer
 from seam.runtime.codecs import CODECS
 from seam.runtime.protocol import TRAINING_MESSAGES
-from seam.runtime.shell import comma_list, run_cli
-from seam.runtime.transport import TransportConfig, reachable_beyond_loopback
+from seam.runtime.shell import CommandParser, checked, comma_list, number, run_cli
+from seam.runtime.addresses import check_address, reachable_beyond_loopback
+from seam.runtime.transport import TransportConfig
 
 
-def parse(argv: list[str] | None) -> tuple[EdgeConfig, bool]:
-    """The configuration, and whether to serve split fine-tuning too."""
-    parser = argparse.ArgumentParser(prog="edge_server", description="Serve the tail blocks of an artifact to UEs.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(prog="edge_server", description="Serve the tail blocks of an artifact to UEs.")
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                        type=checked(lambda text: check_address(text, bind=True)),
                         help="address to listen on (default loopback only; tcp://0.0.0.0:PORT for every interface)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--max-sessions", type=int, default=64)
-    parser.add_argument("--memory-budget-mb", "--kv-budget-mb", type=float, default=4096.0,
+    parser.add_argument("--threads", type=number(int, 1), default=None)
+    parser.add_argument("--max-sessions", type=number(int, 1), default=64)
+    parser.add_argument("--memory-budget-mb", "--kv-budget-mb", type=number(float, 0, above=True), default=4096.0,
                         help="MiB for every session's KV cache at its full length plus the working memory of the "
                              "largest step (default 4096)")
-    parser.add_argument("--idle-timeout", type=float, default=300.0, help="seconds")
-    parser.add_argument("--max-length", type=int, default=4096, help="tokens per sequence")
-    parser.add_argument("--prefill-chunk", type=int, default=512,
+    parser.add_argument("--idle-timeout", type=number(float, 0, above=True), default=300.0, help="seconds")
+    parser.add_argument("--max-length", type=number(int, 1), default=4096, help="tokens per sequence")
+    parser.add_argument("--prefill-chunk", type=number(int, 1), default=512,
                         help="prefill positions run at a time, bounding a long prompt's memory (default 512)")
-    parser.add_argument("--max-batch", type=int, default=64, help="sequences per session and per batched decode run")
+    parser.add_argument("--max-batch", type=number(int, 1), default=64,
+                        help="sequences per session and per batched decode run")
     parser.add_argument("--no-batching", action="store_true", help="run each session's decode step on its own")
     parser.add_argument("--curve-secret", type=Path, default=None, help="server NAME.key_secret (enables CURVE)")
     parser.add_argument("--allow", type=Path, default=None, help="directory of allowed UE public keys")
     parser.add_argument("--log-messages", type=Path, default=None, help="append received message headers as JSON")
     parser.add_argument("--train", action="store_true",
                         help="also serve split fine-tuning of LoRA adapters (needs the export and finetune extras)")
-    parser.add_argument("--max-training-sessions", type=int, default=16, help="with --train (default 16)")
-    parser.add_argument("--training-memory-mb", type=float, default=2048.0,
+    parser.add_argument("--max-training-sessions", type=number(int, 1), default=16, help="with --train (default 16)")
+    parser.add_argument("--training-memory-mb", type=number(float, 0, above=True), default=2048.0,
                         help="with --train: MiB for every job's adapters and optimizer state and the graphs of steps "
                              "in flight (default 2048)")
-    parser.add_argument("--round-timeout", type=float, default=60.0,
+    parser.add_argument("--round-timeout", type=number(float, 0, above=True), default=60.0,
                         help="seconds a federated round waits for its UEs' adapters after the first arrives")
     parser.add_argument("--codecs", type=comma_list(choices=list(CODECS)), default=tuple(CODECS),
                         help=f"activation codecs to offer UEs, comma-separated (default all: {','.join(CODECS)})")
-    args = parser.parse_args(argv)
-    if args.prefill_chunk < 1:
-        parser.error("--prefill-chunk must be at least 1")
+    return parser
+
+
+def parse(argv: list[str] | None) -> tuple[EdgeConfig, bool]:
+    """The configuration, and whether to serve split fine-tuning too."""
+    args = build_parser().parse_args(argv)
     return EdgeConfig(
         artifact=args.artifact,
         bind=args.bind,

@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 
 from seam.runtime.files import write_atomically
+from seam.runtime.shell import number
 
 # Ordered from smallest to largest, so that comparisons between them are always true.
 _CREATURES = [
@@ -131,8 +132,8 @@ def generate_corpus(sentences: int, seed: int) -> str:
 def add_corpus_parser(commands) -> None:
     parser = commands.add_parser("corpus", help="write grammar text like the trained presets learn from")
     parser.add_argument("out", type=Path, help="text file to write")
-    parser.add_argument("--sentences", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sentences", type=number(int, 1), default=1000)
+    parser.add_argument("--seed", type=number(int, 0), default=0)
     parser.set_defaults(handler=_run_corpus)
 
 

@@ -75,6 +75,8 @@ def _check_request(request: ExportRequest) -> None:
         raise SeamError(f"--dtype {request.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if request.quantize_ue not in (None, *QUANTIZATIONS):
         raise SeamError(f"--quantize-ue {request.quantize_ue!r} is not supported; choose one of {', '.join(QUANTIZATIONS)}")
+    if request.force:
+        _refuse_foreign(Path(request.out))
 
 
 def _staging_dir(out: Path) -> Path:
@@ -187,8 +189,6 @@ def export(request: ExportRequest) -> ExportOutcome:
 
     _check_request(request)
     out = Path(request.out)
-    if request.force:
-        _refuse_foreign(out)
     staging = _staging_dir(out)
     try:
         loaded = load_model(request.model)

@@ -14,45 +14,51 @@ from pathlib import Path
 
 from seam.runtime.errors import SeamError
 from seam.runtime.protocol import TRAINING_MODES
-from seam.runtime.shell import run_cli
+from seam.runtime.addresses import check_address
+from seam.runtime.shell import CommandParser, checked, has, missing_extra, number, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ue_client DIR train", description=__doc__)
+    parser = CommandParser(prog="ue_client DIR train", description=__doc__)
     parser.add_argument("artifact", type=Path, help="the exported artifact (its source model is what trains)")
-    parser.add_argument("--server", required=True, help="edge_server address, e.g. tcp://10.0.0.2:5555")
+    parser.add_argument("--server", required=True, type=checked(check_address),
+                        help="edge_server address, e.g. tcp://10.0.0.2:5555")
     parser.add_argument("--data", type=Path, required=True,
                         help="UTF-8 text, one sample per line (or .jsonl of {\"text\": ...})")
-    parser.add_argument("--cut", type=int, default=None, help="layers trained here (default: half the model)")
+    parser.add_argument("--cut", type=number(int, 1), default=None,
+                        help="layers trained here (default: half the model)")
     parser.add_argument("--mode", choices=TRAINING_MODES, default="edge-loss",
                         help="edge-loss: the labels go to the edge, which computes the loss; u-shaped: the head and "
                              "the labels stay here (default edge-loss)")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps (per round, with --job)")
+    parser.add_argument("--steps", type=number(int, 1), default=100, help="optimizer steps (per round, with --job)")
     parser.add_argument("--job", default="", help="train with the other UEs of this job: the edge's adapters are "
                                                   "shared, this device's are averaged with theirs every round")
-    parser.add_argument("--rounds", type=int, default=1, help="federated rounds (with --job)")
-    parser.add_argument("--job-size", type=int, default=0,
+    parser.add_argument("--rounds", type=number(int, 1), default=1, help="federated rounds (with --job)")
+    parser.add_argument("--job-size", type=number(int, 0), default=0,
                         help="UEs every round of the job waits for, so that none starts without the slow starters "
                              "(default: those training in it; a round still closes at edge_server --round-timeout)")
     parser.add_argument("--name", default="", help="this UE's name in the edge's logs (default host and pid)")
-    parser.add_argument("--round-wait", type=float, default=600.0,
+    parser.add_argument("--round-wait", type=number(float, 0, above=True), default=600.0,
                         help="seconds to wait for a round's average after uploading")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per sample (longer ones are cut)")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the adapters' initialisation and the data order")
+    parser.add_argument("--batch", type=number(int, 1), default=4)
+    parser.add_argument("--max-length", type=number(int, 2), default=128,
+                        help="tokens per sample (longer ones are cut)")
+    parser.add_argument("--lr", type=number(float, 0, 1, above=True), default=1e-3)
+    parser.add_argument("--weight-decay", type=number(float, 0, 1), default=0.0)
+    parser.add_argument("--rank", type=number(int, 1), default=8, help="LoRA rank")
+    parser.add_argument("--alpha", type=number(float, 0, above=True), default=16.0, help="LoRA alpha")
+    parser.add_argument("--seed", type=number(int, 0), default=0,
+                        help="seeds the adapters' initialisation and the data order")
     parser.add_argument("--out", type=Path, default=None, help="where the adapter goes (default DIR/adapters/split)")
     parser.add_argument("--plan", type=Path, default=None,
                         help="a 'seam plan-round' plan: train at this UE's (--name) cut, the link held to its rate")
-    parser.add_argument("--rate-mbit", type=float, default=None,
+    parser.add_argument("--rate-mbit", type=number(float, 0, above=True), default=None,
                         help="hold this UE's link to this rate both ways (the transport's rate limiter)")
-    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+    parser.add_argument("--checkpoint-every", type=number(int, 0), default=0, metavar="STEPS",
                         help="write both sides' adapters and optimizer states every STEPS steps to OUT.checkpoint")
     parser.add_argument("--resume", action="store_true", help="carry on from OUT.checkpoint (same settings and data)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any reply")
+    parser.add_argument("--timeout", type=number(float, 0, above=True), default=60.0,
+                        help="seconds to wait for any reply")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -61,14 +67,10 @@ def checked_plan(args: argparse.Namespace, num_layers: int) -> tuple[int, float 
     """The cut and link rate to train at, from the flags or the ``--plan``; refuses flags that do not go together."""
     from seam.finetune.plan_round import planned
 
-    if args.steps < 1 or args.max_length < 2 or args.rounds < 1:
-        raise SeamError("--steps and --rounds must be at least 1 and --max-length at least 2")
     if args.rounds > 1 and not args.job:
         raise SeamError("--rounds are federated rounds: give the --job this UE trains in")
     if args.job and (args.resume or args.checkpoint_every):
         raise SeamError("checkpoints cover runs without --job for now; a federated run restarts from its rounds")
-    if args.checkpoint_every < 0:
-        raise SeamError("--checkpoint-every must be 0 (never) or a number of steps")
     cut, rate_mbit = args.cut if args.cut is not None else num_layers // 2, args.rate_mbit
     if args.plan is not None:
         if not args.name or args.cut is not None or args.rate_mbit is not None:
@@ -124,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
 
     artifact = Artifact.open(args.artifact)
     cut, rate_mbit = checked_plan(args, artifact.num_layers)
+    if not has("matplotlib"):  # said now, not after the training
+        print(f"ue_client: note: no loss.png without matplotlib ({missing_extra('matplotlib')})", file=sys.stderr)
     # The data is read and checked before anything reaches the edge.
     sequences = tokenize(read_samples(args.data), load_tokenizer(artifact), args.max_length)
     data = batches(sequences, args.batch, artifact.manifest.tokenizer["pad_token_id"], args.seed)
@@ -150,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
 
     def beside(directory: Path) -> None:
         (directory / "losses.json").write_text(json.dumps({"cut": cut, "mode": args.mode, "losses": losses}) + "\n")
-        plot_losses(losses, directory / "loss.png", f"split fine-tuning at cut {cut} ({args.mode})")
+        if has("matplotlib"):
+            plot_losses(losses, directory / "loss.png", f"split fine-tuning at cut {cut} ({args.mode})")
 
     save_adapter(artifact, out, [trained_weights(trainer.model), edge_weights], args.rank, args.alpha, args.seed,
                  beside)

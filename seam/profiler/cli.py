@@ -7,14 +7,15 @@ import argparse
 from pathlib import Path
 
 from seam.runtime.errors import SeamError
-from seam.runtime.shell import comma_list
+from seam.runtime.addresses import check_address
+from seam.runtime.shell import checked, comma_list, number
 
 
 _numbers = comma_list(int)
 
 
 def _add_gap_option(parser) -> None:
-    parser.add_argument("--gap-ms", type=float, default=None,
+    parser.add_argument("--gap-ms", type=number(float, 0), default=None,
                         help="idle time before each measurement, as each side of a split idles between its steps "
                              "(default 20)")
 
@@ -24,8 +25,6 @@ def _gap_s(args: argparse.Namespace) -> float:
 
     if args.gap_ms is None:
         return IDLE_GAP_S
-    if args.gap_ms < 0:
-        raise SeamError("--gap-ms must not be negative")
     return args.gap_ms / 1e3
 
 
@@ -33,14 +32,15 @@ def add_profile_parser(commands) -> None:
     parser = commands.add_parser("profile", help="measure every block of an artifact on this device")
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: --cpus count or cores)")
+    parser.add_argument("--threads", type=number(int, 1), default=None,
+                        help="onnxruntime threads (default: --cpus count or cores)")
     parser.add_argument("--cpus", type=_numbers, default=None, help="pin to these CPUs, e.g. 0,1 (a weaker UE)")
     parser.add_argument("--variant", default=None, help="block variant to measure, e.g. int8 (default: export dtype)")
     parser.add_argument("--batches", type=_numbers, default=None, help="decode batch sizes (default 1; cuda 1,4,16)")
     parser.add_argument("--prefill-lengths", type=_numbers, default=None, help="prompt lengths (default 1..512)")
     parser.add_argument("--past-lengths", type=_numbers, default=None, help="decode past lengths (default 0..2048)")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=number(int, 1), default=10)
+    parser.add_argument("--warmup", type=number(int, 0), default=2)
     _add_gap_option(parser)
     parser.add_argument("--out", type=Path, default=None, help="also write the profile here")
     parser.add_argument("--force", action="store_true", help="measure again even when a cached profile exists")
@@ -67,8 +67,6 @@ def run_profile(args: argparse.Namespace) -> int:
     from seam.runtime.artifact import Artifact
     from seam.runtime.ort_options import default_threads, providers_for
 
-    if args.repeats < 1 or args.warmup < 0:
-        raise SeamError("--repeats must be at least 1 and --warmup at least 0")
     providers_for(args.device)
     artifact = Artifact.open(args.artifact)
     variant = args.variant or artifact.manifest.dtype
@@ -125,12 +123,13 @@ def summary(profile) -> str:
 
 def add_probe_parser(commands) -> None:
     parser = commands.add_parser("probe", help="measure round trip and bandwidth to a running edge_server")
-    parser.add_argument("server", help="tcp://HOST:PORT of the edge_server")
+    parser.add_argument("server", type=checked(check_address), help="tcp://HOST:PORT of the edge_server")
     parser.add_argument("--out", type=Path, default=Path("link-profile.json"))
     parser.add_argument("--sizes", type=_numbers, default=None, help="payload bytes, e.g. 256,4096,1048576")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=number(int, 1), default=7)
     _add_gap_option(parser)
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply")
+    parser.add_argument("--timeout", type=number(float, 0, above=True), default=10.0,
+                        help="seconds to wait for each reply")
     parser.add_argument("--curve-secret", type=Path, default=None, help="this UE's NAME.key_secret")
     parser.add_argument("--server-key", type=Path, default=None, help="the server's public NAME.key")
     parser.set_defaults(handler=run_probe)
@@ -141,8 +140,6 @@ def run_probe(args: argparse.Namespace) -> int:
     from seam.planning.schema import save
     from seam.runtime.transport import TransportConfig, UeSocket
 
-    if args.repeats < 1:
-        raise SeamError("--repeats must be at least 1")
     sizes = args.sizes or DEFAULT_SIZES
     if len(set(sizes)) < 2:
         raise SeamError("--sizes needs at least two different sizes to fit a bandwidth")
@@ -161,7 +158,7 @@ def run_probe(args: argparse.Namespace) -> int:
 def add_traces_parser(commands) -> None:
     parser = commands.add_parser("traces", help="write the shipped link traces (step, random walk, 4G, Wi-Fi)")
     parser.add_argument("out", type=Path, help="directory for the CSV files")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=number(int, 0), default=0)
     parser.set_defaults(handler=_run_traces)
 
 

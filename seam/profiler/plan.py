@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from seam.runtime.shell import comma_list, table
+from seam.runtime.shell import comma_list, number, require, table
 from seam.planning.cost_model import DeviceModel, Link, LinkPlan, check_pair, plan
 from seam.planning.schema import DeviceProfile, LinkProfile, load
 from seam.runtime.artifact import Artifact
@@ -29,11 +29,12 @@ def add_plan_parser(commands) -> None:
                         help="link bandwidths to plan for, Mbit/s (down, and up unless --uplink-bandwidth)")
     parser.add_argument("--uplink-bandwidth", type=_positive, metavar="MBIT[,MBIT...]",
                         help="uplink Mbit/s: one value for every --bandwidth, or one per bandwidth")
-    parser.add_argument("--rtt", type=float, metavar="MS", help="round-trip time in ms (with --bandwidth)")
+    parser.add_argument("--rtt", type=number(float, 0), metavar="MS", help="round-trip time in ms (with --bandwidth)")
     parser.add_argument("--link", type=Path, action="append", default=[], metavar="LINKPROFILE",
                         help="a link profile from 'seam probe' (repeatable), instead of or besides --bandwidth")
-    parser.add_argument("--context", type=int, default=512, help="prompt length and past length (default 512)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--context", type=number(int, 1), default=512,
+                        help="prompt length and past length (default 512)")
+    parser.add_argument("--batch", type=number(int, 1), default=1, help="sequences per step (default 1)")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="also draw the plan to this PNG file")
     parser.set_defaults(handler=run_plan)
 
@@ -43,8 +44,6 @@ def _links(args: argparse.Namespace) -> dict[str, Link]:
     if args.bandwidth:
         if args.rtt is None:
             raise SeamError("--bandwidth needs --rtt (the round-trip time in ms)")
-        if args.rtt < 0:
-            raise SeamError("--rtt must not be negative")
         uplinks = args.uplink_bandwidth or [None]
         if len(uplinks) == 1:
             uplinks = uplinks * len(args.bandwidth)
@@ -97,11 +96,12 @@ def plan_table(link_plan: LinkPlan) -> str:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    if args.context < 1 or args.batch < 1:
-        raise SeamError("--context and --batch must be at least 1")
+    if args.plot:
+        require("matplotlib")
     links = _links(args)
     # Planning reads only the manifest; hashing every weight file here would cost minutes on a large model.
     artifact = Artifact.open(args.directory, verify=False)
+    artifact.check_context(args.context, f"--context {args.context}")
     fingerprint = artifact.manifest.artifact_fingerprint
     ue = _device(args.ue_profile, fingerprint, artifact.split_points)
     edge = _device(args.edge_profile, fingerprint, artifact.split_points)

@@ -28,7 +28,7 @@ from seam.runtime.errors import SeamError
 from seam.runtime.executor import SessionPool
 from seam.runtime.files import write_atomically
 from seam.runtime.impairments import parse as parse_impairment
-from seam.runtime.shell import comma_list
+from seam.runtime.shell import comma_list, number, require
 from seam.runtime.spans import Span
 
 DEFAULT_CODECS = ("fp16", "bf16", "int8", "int4")
@@ -185,10 +185,11 @@ def add_analyze_parser(commands) -> None:
     parser.add_argument("--awgn", type=comma_list(float, allow_empty=True, signed=True), default=DEFAULT_AWGN_DB,
                         metavar="DB[,DB...]",
                         help="Gaussian noise at these SNRs in dB at the cut (empty for none)")
-    parser.add_argument("--window", type=int, default=128, help="tokens per window (default 128)")
-    parser.add_argument("--stride", type=int, default=64, help="tokens between window starts (default 64)")
-    parser.add_argument("--max-tokens", type=int, default=8192, help="analyse at most this many tokens of the text")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the impairments")
+    parser.add_argument("--window", type=number(int, 2), default=128, help="tokens per window (default 128)")
+    parser.add_argument("--stride", type=number(int, 1), default=64, help="tokens between window starts (default 64)")
+    parser.add_argument("--max-tokens", type=number(int, 2), default=8192,
+                        help="analyse at most this many tokens of the text")
+    parser.add_argument("--seed", type=number(int, 0), default=0, help="seeds the impairments")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default DIR/analysis/TEXT.json)")
     parser.add_argument("--plot", type=Path, default=None, metavar="PNG", help="also draw the heatmap here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -198,6 +199,8 @@ def add_analyze_parser(commands) -> None:
 def run_analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    if args.plot:
+        require("matplotlib")
     from seam.runtime.shell import table
     from seam.runtime.text import load_tokenizer
 

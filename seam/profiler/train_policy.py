@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from seam.runtime.errors import SeamError
+from seam.runtime.shell import number
 
 
 def add_train_policy_parser(commands) -> None:
@@ -22,14 +23,16 @@ def add_train_policy_parser(commands) -> None:
     parser.add_argument("--edge-profile", type=Path, required=True, help="the edge's profile")
     parser.add_argument("--ue-profile", type=Path, default=None,
                         help="the UE's profile (default: this device's cached 'seam profile')")
-    parser.add_argument("--ue-slowdown", type=float, default=1.0, help="scale the UE profile this many times slower")
-    parser.add_argument("--alpha", type=float, default=10.0, help="weight of the quality term (default 10)")
-    parser.add_argument("--beta", type=float, default=1.0, help="weight of the speed-up term (default 1)")
-    parser.add_argument("--steps", type=int, default=20000, help="decisions to train on (default 20000)")
+    parser.add_argument("--ue-slowdown", type=number(float, 0, above=True), default=1.0,
+                        help="scale the UE profile this many times slower")
+    parser.add_argument("--alpha", type=number(float, 0), default=10.0, help="weight of the quality term (default 10)")
+    parser.add_argument("--beta", type=number(float, 0, above=True), default=1.0, help="weight of the speed-up term (default 1)")
+    parser.add_argument("--steps", type=number(int, 1), default=20000, help="decisions to train on (default 20000)")
     parser.add_argument("--direct-text", type=Path, default=None,
                         help="train against perplexity measured on this text at every step instead of the surrogate")
-    parser.add_argument("--direct-tokens", type=int, default=256, help="tokens of --direct-text per measurement")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--direct-tokens", type=number(int, 2), default=256,
+                        help="tokens of --direct-text per measurement")
+    parser.add_argument("--seed", type=number(int, 0), default=0)
     parser.add_argument("--out", type=Path, default=None, help="the policy directory (default DIR/policies/learned)")
     parser.set_defaults(handler=run_train_policy)
 
@@ -44,8 +47,6 @@ def run_train_policy(args: argparse.Namespace) -> int:
     from seam.planning.planner import actions
     from seam.planning.policy import QualityBudget
 
-    if args.steps < 1 or not (args.alpha >= 0 and args.beta > 0):
-        raise SeamError("--steps must be positive, --alpha at least 0 and --beta above 0")
     artifact = Artifact.open(args.directory)
     cells = read_cells(args.quality)
     measured = QualityBudget.from_analysis(cells, math.inf).increase_pct

@@ -183,6 +183,8 @@ class Artifact:
     def open(cls, directory: str | Path, verify: bool = True) -> Artifact:
         root = Path(directory)
         path = root / MANIFEST_NAME
+        if root.exists() and not root.is_dir():
+            raise SeamError(f"{root} is a file, not an artifact directory; give the directory 'seam export' wrote")
         if not root.is_dir():
             raise SeamError(f"artifact directory {root} does not exist; create it with 'seam export MODEL --out {root}'")
         if not path.is_file():
@@ -209,6 +211,22 @@ class Artifact:
     @property
     def num_layers(self) -> int:
         return self.manifest.dims.num_layers
+
+    @property
+    def context_length(self) -> int | None:
+        """The most positions the model was trained for, from its config (None when it does not say)."""
+        try:
+            config = json.loads((self.root / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        length = config.get("max_position_embeddings") or config.get("n_positions")
+        return length if isinstance(length, int) and length > 0 else None
+
+    def check_context(self, positions: int, what: str) -> None:
+        """Refuses ``positions`` beyond the model's context, naming ``what`` asked for them."""
+        if self.context_length is not None and positions > self.context_length:
+            raise SeamError(f"{what} need {positions} positions, beyond the model's context of {self.context_length}; "
+                            "ask for fewer")
 
     @property
     def split_points(self) -> list[int]:

@@ -9,6 +9,8 @@ Ctrl-C exits 130, and SIGTERM unwinds through the ``finally`` blocks that remove
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -22,12 +24,30 @@ EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "onnx": "export"
                    "cvxpy": "finetune", "peft": "finetune"}
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other error of a Seam command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def missing_extra(module: str) -> str | None:
     """What to install for a missing ``module``, or None when no extra provides it."""
     extra = EXTRA_OF_MODULE.get(module.split(".")[0])
     if extra is None:
         return None
     return f"this needs {module}, part of the '{extra}' extra; install it with: pip install '{DISTRIBUTION}[{extra}]'"
+
+
+def require(module: str) -> None:
+    """Imports ``module`` now, so that a command whose options need an extra says so before its work, not after
+    it; the hint comes from ``run_cli``."""
+    importlib.import_module(module)
+
+
+def has(module: str) -> bool:
+    """Whether an optional ``module`` is installed, without importing it."""
+    return importlib.util.find_spec(module) is not None
 
 
 def _terminate(signum, frame):
@@ -74,6 +94,42 @@ def comma_list(convert: Callable = str, positive: bool = False, choices: Sequenc
             raise argparse.ArgumentTypeError(f"expected {'positive' if positive else 'non-negative'} numbers, "
                                              f"got {text!r}")
         return values
+
+    return parse
+
+
+def number(kind: type = int, low: float | None = None, high: float | None = None, above: bool = False):
+    """An argparse type for one finite number of ``kind`` in ``[low, high]`` (``(low, high]`` with ``above``);
+    every numeric flag of every command takes one, so that nonsense is refused before anything starts."""
+    bounds = (f"{'above' if above else 'at least'} {low:g}" if low is not None else "",
+              f"at most {high:g}" if high is not None else "")
+    wanted = f"{'an integer' if kind is int else 'a number'}{' ' if any(bounds) else ''}" + \
+        " and ".join(bound for bound in bounds if bound)
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")) or (low is not None and (
+                value < low or (above and value == low))) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+def checked(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type from a ``check`` that raises SeamError, so that the flag is refused before anything
+    starts."""
+
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except SeamError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
 
     return parse
 

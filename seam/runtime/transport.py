@@ -19,6 +19,7 @@ import zmq.auth
 import zmq.utils.monitor
 from zmq.auth.thread import ThreadAuthenticator
 
+from seam.runtime.addresses import check_address, resolve
 from seam.runtime.errors import SeamError
 from seam.runtime.protocol import DEFAULT_MAX_MESSAGE_BYTES, Message, ProtocolError, decode, encode
 
@@ -39,7 +40,6 @@ HANDSHAKE_FAILURES = (
 @dataclass
 class TransportConfig:
     timeout_s: float = 30.0  # longest wait for any reply, seconds
-    connect_attempts: int = 5  # handshake attempts before giving up
     backoff_initial_s: float = 0.2  # first retry delay, doubled per attempt
     backoff_max_s: float = 2.0  # cap on the retry delay
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # larger messages are refused unread
@@ -98,14 +98,6 @@ def check_security(curve_secret: Path | None, allowed_keys: Path | None) -> None
         raise SeamError(f"the allow-list {allowed_keys} is not a directory; give the directory of UE public keys")
 
 
-def reachable_beyond_loopback(address: str) -> bool:
-    """Whether a bound ``tcp://HOST:PORT`` accepts connections from other machines (ipc and inproc do not)."""
-    if not address.startswith("tcp://"):
-        return False
-    host = address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
-    return not (host == "localhost" or host == "::1" or host.startswith("127."))
-
-
 def _socket(context, kind: int, config: TransportConfig):
     socket = context.socket(kind)
     socket.setsockopt(zmq.LINGER, 0)
@@ -125,6 +117,7 @@ class EdgeSocket:
         allowed_keys: Path | None = None,
     ):
         check_security(curve_secret, allowed_keys)
+        check_address(address, bind=True)
         self.config = config
         self.context = zmq.Context()
         self.authenticator = None
@@ -178,8 +171,9 @@ class UeSocket:
         curve_secret: Path | None = None,
         server_key: Path | None = None,
     ):
-        self.address = address
+        self.address = check_address(address)
         self.config = config
+        resolve(address, config.timeout_s)
         self.curve = (_load_secret(curve_secret), _load_public(server_key)) if curve_secret else None
         self.context = zmq.Context()
         self.socket = None
@@ -236,17 +230,21 @@ class UeSocket:
         return reply
 
     def request_with_retries(self, message: Message) -> Message:
-        """For the idempotent handshake: retries with capped exponential backoff while the edge is not up."""
+        """For the idempotent handshake: retries with capped exponential backoff while the edge is not up, all
+        within the timeout, which is the whole wait."""
+        deadline = time.monotonic() + self.config.timeout_s
         delay = self.config.backoff_initial_s
-        for attempt in range(self.config.connect_attempts):
+        while True:
+            remaining = deadline - time.monotonic()
             try:
-                return self.request(message, timeout_s=min(self.config.timeout_s, max(delay * 4, 1.0)))
+                return self.request(message, timeout_s=min(remaining, max(delay * 4, 1.0)))
             except TransportTimeout:
-                if attempt + 1 == self.config.connect_attempts:
-                    raise
+                if deadline - time.monotonic() <= delay:
+                    raise TransportTimeout(
+                        f"no reply from the edge server at {self.address} within {self.config.timeout_s:g} s; "
+                        "check that edge_server is running and reachable, or raise --timeout") from None
                 time.sleep(delay)
                 delay = min(delay * 2, self.config.backoff_max_s)
-        raise AssertionError("unreachable")
 
     def _close_sockets(self) -> None:
         if self.socket is not None:

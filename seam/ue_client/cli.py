@@ -13,27 +13,29 @@ from seam.runtime.codecs import CODECS
 from seam.runtime.errors import SeamError
 from seam.runtime.impairments import parse as parse_impairment
 from seam.runtime.sampling import SamplingParams
-from seam.runtime.shell import run_cli
+from seam.runtime.addresses import check_address
+from seam.runtime.shell import CommandParser, checked, number, run_cli
 from seam.runtime.traces import load_trace
 from seam.runtime.emulation import EmulatedLink
 from seam.runtime.transport import TransportConfig, TransportTimeout
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="ue_client",
         description="Generate text with the tail on an edge server ('ue_client DIR train --help': split fine-tuning).")
     parser.add_argument("artifact", type=Path)
-    parser.add_argument("--server", default="tcp://127.0.0.1:5555")
-    parser.add_argument("--split", type=int, default=None, help="layers run on this device (default: half)")
+    parser.add_argument("--server", default="tcp://127.0.0.1:5555", type=checked(check_address))
+    parser.add_argument("--split", type=number(int, 0), default=None, help="layers run on this device (default: half)")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for any reply")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=number(int, 1), default=32)
+    parser.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=number(int, 0), default=0)
+    parser.add_argument("--top-p", type=number(float, 0, 1, above=True), default=1.0)
+    parser.add_argument("--seed", type=number(int, 0), default=0)
+    parser.add_argument("--timeout", type=number(float, 0, above=True), default=30.0,
+                        help="seconds to wait for any reply")
+    parser.add_argument("--threads", type=number(int, 1), default=None)
     parser.add_argument("--fallback-local", action="store_true",
                         help="generate on this device if the edge is down, or finish here if it stops answering")
     parser.add_argument("--allow-token-upload", action="store_true", help="permit --split 0 (sends token ids)")
@@ -47,12 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="this device's profile (default: its cached 'seam profile' in the artifact)")
     parser.add_argument("--edge-profile", type=Path, default=None, help="the edge's profile, copied from the edge")
     parser.add_argument("--link-profile", type=Path, default=None, help="a 'seam probe' profile to start the link estimate from")
-    parser.add_argument("--min-ue-layers", type=int, default=1,
+    parser.add_argument("--min-ue-layers", type=number(int, 0), default=1,
                         help="layers that always stay on this device (default 1; 0 needs --allow-token-upload)")
-    parser.add_argument("--ue-memory-mb", type=float, default=None, help="memory budget for weights and KV on this device")
+    parser.add_argument("--ue-memory-mb", type=number(float, 0, above=True), default=None,
+                        help="memory budget for weights and KV on this device")
     parser.add_argument("--link-trace", type=Path, default=None,
                         help="emulate a link following this CSV trace (t_s,up_mbit,down_mbit,rtt_ms) on top of the real one")
-    parser.add_argument("--max-ppl-increase", type=float, default=None, metavar="PCT",
+    parser.add_argument("--max-ppl-increase", type=number(float, 0), default=None, metavar="PCT",
                         help="the quality budget: the cost-model policy (with --quality) sends each split's hidden "
                              "states in the codec with the fewest bytes whose measured perplexity increase stays "
                              "within PCT %%; planner and learned never pick a (split, codec) predicted beyond it")
@@ -63,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how hidden states cross the link (falls back, with a warning, to one the edge has)")
     parser.add_argument("--impair", default=None, metavar="SPEC",
                         help="research: corrupt the hidden states at the cut, erasure:P or awgn:SNR_DB")
-    parser.add_argument("--impair-seed", type=int, default=0)
-    parser.add_argument("--ue-slowdown", type=float, default=1.0,
+    parser.add_argument("--impair-seed", type=number(int, 0), default=0)
+    parser.add_argument("--ue-slowdown", type=number(float, 0, above=True), default=1.0,
                         help="emulate a device this many times slower than this one, its profile scaled alike "
                              "(demos and benchmarks on one machine)")
     parser.add_argument("--curve-secret", type=Path, default=None, help="this UE's NAME.key_secret")
@@ -78,15 +81,16 @@ def run(args: argparse.Namespace) -> int:
     from seam.ue_client.client import EdgeClient
     from seam.ue_client.display import StatusLine, TextStream, summary
 
-    if args.max_new_tokens < 1:
-        raise SeamError("--max-new-tokens must be at least 1")
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     artifact = Artifact.open(args.artifact)
     split = args.split if args.split is not None else artifact.default_split
+    artifact.check_split(split, args.allow_token_upload)  # before the network: a wrong split is no network error
     tokenizer = load_tokenizer(artifact)
     prompt_ids = tokenizer.encode(args.prompt).ids
     if not prompt_ids:
         raise SeamError("--prompt encodes to no tokens; give some text")
+    artifact.check_context(len(prompt_ids) + args.max_new_tokens,
+                           f"the prompt ({len(prompt_ids)} tokens) and --max-new-tokens {args.max_new_tokens}")
     stream = TextStream(tokenizer, artifact.manifest.tokenizer.get("eos_token_id"), sys.stdout)
     policy, prior = choose_policy(args, artifact)
     impairment = parse_impairment(args.impair) if args.impair else None
@@ -186,8 +190,6 @@ def quality_budget(args: argparse.Namespace):
         raise SeamError("--quality and --max-ppl-increase go together: the analysis and the increase it may cost")
     if args.quality is None:
         return None
-    if args.max_ppl_increase < 0:
-        raise SeamError("--max-ppl-increase is a percentage of perplexity and cannot be negative")
     return read_analysis(args.quality, args.max_ppl_increase)
 
 
