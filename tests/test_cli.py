@@ -32,6 +32,12 @@ def test_unknown_hub_id_offline(workdir):
     assert not (workdir / "out").exists()
 
 
+def test_a_typo_of_a_preset_gets_a_suggestion_at_once(workdir):
+    result = run_seam("export", "tiny-lama", "--out", str(workdir / "out"), timeout=60)
+    assert_refused(result, "did you mean 'tiny-llama'?")
+    assert not (workdir / "out").exists()
+
+
 def test_missing_directory(workdir):
     result = run_seam("export", str(workdir / "missing" / "model"), "--out", str(workdir / "out"))
     assert_refused(result, "does not exist")

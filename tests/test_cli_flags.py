@@ -93,3 +93,24 @@ def test_plan_refuses_a_context_beyond_the_model(exported, tmp_path):
                       "--edge-profile", str(tmp_path / "edge.json"), "--bandwidth", "10", "--rtt", "5",
                       "--context", "100000")
     assert result.returncode == 2 and "beyond the model's context of 512" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("level, logged", [("info", True), ("warning", False)])
+def test_the_edge_logs_at_the_level_asked(exported, level, logged):
+    import io
+
+    from seam.edge_server.process import edge_server
+    from seam.ue_client.client import EdgeClient
+
+    log = io.StringIO()
+    with edge_server(exported("tiny-llama"), "--log-level", level, log=log) as (_, address):
+        with EdgeClient(exported("tiny-llama"), address) as client, client.session(2) as session:
+            list(session.generate([[4, 5, 6]], 2))
+        time.sleep(0.5)  # the close line is written as the reply goes out
+    assert ("open " in log.getvalue()) is logged, log.getvalue()
+
+
+def test_progress_bars_stay_out_of_a_log_that_is_no_terminal(tmp_path):
+    result = run_seam("export", "tiny-llama", "--out", str(tmp_path / "art"))
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "graph/s" not in result.stderr

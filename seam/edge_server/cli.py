@@ -4,7 +4,6 @@ and serves until SIGINT or SIGTERM."""
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from seam.edge_server.config import EdgeConfig
 from seam.edge_server.server import EdgeServer
 from seam.runtime.codecs import CODECS
 from seam.runtime.protocol import TRAINING_MESSAGES
-from seam.runtime.shell import CommandParser, checked, comma_list, number, run_cli
+from seam.runtime.shell import CommandParser, add_log_level, checked, comma_list, configure_logging, number, run_cli
 from seam.runtime.addresses import check_address, reachable_beyond_loopback
 from seam.runtime.transport import TransportConfig
 
@@ -50,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a federated round waits for its UEs' adapters after the first arrives")
     parser.add_argument("--codecs", type=comma_list(choices=list(CODECS)), default=tuple(CODECS),
                         help=f"activation codecs to offer UEs, comma-separated (default all: {','.join(CODECS)})")
+    add_log_level(parser, "info")
     return parser
 
 
@@ -75,6 +75,7 @@ def parse(argv: list[str] | None) -> tuple[EdgeConfig, bool]:
         round_timeout_s=args.round_timeout,
         max_training_sessions=args.max_training_sessions,
         training_memory_mb=args.training_memory_mb,
+        log_level=args.log_level,
         transport=TransportConfig(),
     ), args.train
 
@@ -108,8 +109,8 @@ def register_training(server: EdgeServer) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s edge_server %(message)s", stream=sys.stderr)
     config, train = parse(argv)
+    configure_logging(config.log_level, "edge_server")
     return run_cli("edge_server", lambda: serve(config, train))
 
 

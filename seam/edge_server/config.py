@@ -30,6 +30,7 @@ class EdgeConfig:
     max_training_sessions: int = 16  # split fine-tuning sessions open at once (with --train)
     training_memory_mb: float = 2048.0  # training jobs' adapters and optimizer state plus the graphs steps keep, MiB
     round_timeout_s: float = 60.0  # a federated round closes without the UEs that have not uploaded by then
+    log_level: str = "info"  # debug, info (a line per session open, move and close), warning or error
     transport: TransportConfig = None
 
     def __post_init__(self):

@@ -22,6 +22,7 @@ from seam.export.validate import pad_token_id, references_for, require_fp32_pari
 from seam.runtime.artifact import MANIFEST_NAME, Artifact, Block, Dimensions, Manifest
 from seam.runtime.errors import SeamError
 from seam.runtime.files import replace_directory, staging_directory
+from seam.runtime.shell import bar_disabled
 from seam.runtime.spans import Span
 from seam.runtime.version import VERSION
 
@@ -209,7 +210,7 @@ def export(request: ExportRequest) -> ExportOutcome:
         dtype = torch.float16 if request.dtype == "fp16" else torch.float32
         loaded.model.to(dtype)
         graphs = (len(cuts) + 1) * (2 if request.quantize_ue else 1)
-        with tqdm(total=graphs, desc="export", unit="graph", disable=request.quiet, leave=False) as bar:
+        with tqdm(total=graphs, desc="export", unit="graph", disable=bar_disabled(request.quiet), leave=False) as bar:
             prelude_file, blocks = _write_graphs(loaded, staging, cuts, dtype, request.quantize_ue, bar)
         family = loaded.family
         manifest = Manifest(

@@ -5,8 +5,10 @@ Every source goes through ``from_pretrained``; presets are simply directories bu
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +46,19 @@ def resolve(source: str) -> str:
         return str(path)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:  # hub ids are "org/name"
         raise SeamError(f"model directory {source} does not exist; give a preset ('seam models'), a directory or a hub id")
+    close = difflib.get_close_matches(source, PRESETS, n=1, cutoff=0.8)
+    if close:  # said at once: a typo of a preset is no hub id worth a network round
+        raise SeamError(f"{source!r} is no preset, directory or hub id; did you mean {close[0]!r}? ('seam models' "
+                        "lists the presets)")
     return source
 
 
 def load_model(source: str) -> LoadedModel:
     """Loads a causal LM for export in fp32 with eager attention, refusing unsupported families early."""
+    # An unreachable hub fails in seconds, not after the client's default waits and retries; set before the hub
+    # client is first imported, which reads them once.
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "5")
     _quiet_transformers()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

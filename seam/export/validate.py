@@ -17,6 +17,7 @@ from seam.runtime.artifact import Artifact
 from seam.runtime.errors import SeamError
 from seam.runtime.executor import SessionPool
 from seam.runtime.generation import LocalSplit, generate, left_pad, positions_from_mask
+from seam.runtime.shell import bar_disabled
 
 DECODE_STEPS = 16
 FP32_TOLERANCE = 1e-4
@@ -165,7 +166,7 @@ def validate(artifact: Artifact, references: list[Reference], pad_id: int, quiet
     variants = list(manifest.blocks[0].variants)
     pool = SessionPool(artifact)
     records = []
-    with tqdm(total=len(cuts) * len(variants), desc="validate", unit="cut", disable=quiet, leave=False) as bar:
+    with tqdm(total=len(cuts) * len(variants), desc="validate", unit="cut", disable=bar_disabled(quiet), leave=False) as bar:
         for variant in variants:
             for cut in cuts:
                 records.append(validate_cut(pool, cut, variant, references, pad_id))

@@ -15,7 +15,7 @@ from pathlib import Path
 from seam.runtime.errors import SeamError
 from seam.runtime.protocol import TRAINING_MODES
 from seam.runtime.addresses import check_address
-from seam.runtime.shell import CommandParser, checked, has, missing_extra, number, run_cli
+from seam.runtime.shell import CommandParser, add_log_level, bar_disabled, checked, configure_logging, has, missing_extra, number, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=number(float, 0, above=True), default=60.0,
                         help="seconds to wait for any reply")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_log_level(parser, "warning")
     return parser
 
 
@@ -93,7 +94,7 @@ def train_round(args: argparse.Namespace, trainer, data, losses: list[float], nu
 
     label = f"round {number + 1}/{args.rounds}" if args.job else "train"
     done = len(losses) - number * args.steps
-    with tqdm(total=args.steps, initial=done, unit="step", disable=args.quiet, file=sys.stderr,
+    with tqdm(total=args.steps, initial=done, unit="step", disable=bar_disabled(args.quiet), file=sys.stderr,
               desc=label) as bar:
         for step in range(done, args.steps):
             losses.append(trainer.step(next(data)))
@@ -182,6 +183,7 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``ue_client DIR train ...``, given ``[DIR, ...]``."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    configure_logging(args.log_level, "ue_client train")
     return run_cli("ue_client train", lambda: run(args))
 
 

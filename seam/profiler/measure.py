@@ -32,6 +32,7 @@ from seam.planning.schema import BlockProfile, DeviceProfile, Timing
 from seam.runtime.artifact import DTYPE_BYTES, NUMPY_DTYPES, Artifact
 from seam.runtime.executor import SessionPool, SpanRunner, past_names
 from seam.runtime.ort_options import PROVIDERS, default_threads, providers_for
+from seam.runtime.shell import bar_disabled
 from seam.runtime.spans import Span
 
 DEFAULT_PREFILL_LENGTHS = (1, 4, 16, 64, 256, 512)
@@ -222,7 +223,7 @@ def profile_device(
 
     timings: list[dict[str, list[Timing]]] = [{"prefill": [], "decode": []} for _ in graphs]
     shapes = _shapes(grid)
-    for phase, batch, length in tqdm(shapes, desc="profiling", unit="shape", disable=not progress, file=sys.stderr):
+    for phase, batch, length in tqdm(shapes, desc="profiling", unit="shape", disable=bar_disabled(not progress), file=sys.stderr):
         past, new = (0, length) if phase == "prefill" else (length, 1)
         measured = _time_in_chain([make_run(batch, past, new) for make_run in graphs], grid)
         for graph, (median, p90) in zip(timings, measured):

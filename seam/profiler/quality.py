@@ -28,7 +28,7 @@ from seam.runtime.errors import SeamError
 from seam.runtime.executor import SessionPool
 from seam.runtime.files import write_atomically
 from seam.runtime.impairments import parse as parse_impairment
-from seam.runtime.shell import comma_list, number, require
+from seam.runtime.shell import bar_disabled, comma_list, number, require
 from seam.runtime.spans import Span
 
 DEFAULT_CODECS = ("fp16", "bf16", "int8", "int4")
@@ -220,7 +220,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     ids = np.array(load_tokenizer(artifact).encode(read_text(args.text)).ids[: args.max_tokens], dtype=np.int64)
     if len(ids) < 2:
         raise SeamError(f"--text {args.text} encodes to fewer than two tokens; give a longer text")
-    with tqdm(total=len(ids) - 1, unit="tok", disable=args.quiet, file=sys.stderr, desc="analyze") as bar:
+    with tqdm(total=len(ids) - 1, unit="tok", disable=bar_disabled(args.quiet), file=sys.stderr, desc="analyze") as bar:
         report = analyze(artifact, ids, cuts, chosen, args.window, args.stride, args.seed, bar.update,
                          args.text.name)
     out = args.out or artifact.root / "analysis" / f"{args.text.stem}.json"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -132,6 +133,23 @@ def checked(check: Callable[[str], object]) -> Callable[[str], str]:
         return text
 
     return parse
+
+
+def bar_disabled(quiet: bool) -> bool | None:
+    """tqdm's ``disable`` for a command's progress bar: off when asked, and off unless stderr is a terminal (None
+    is tqdm's own "only on a TTY"), so that logs never fill with carriage returns."""
+    return True if quiet else None
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=default, help=f"what to log (default {default})")
+
+
+def configure_logging(level: str, name: str) -> None:
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s {name} %(message)s", stream=sys.stderr)
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

@@ -14,7 +14,7 @@ from seam.runtime.errors import SeamError
 from seam.runtime.impairments import parse as parse_impairment
 from seam.runtime.sampling import SamplingParams
 from seam.runtime.addresses import check_address
-from seam.runtime.shell import CommandParser, checked, number, run_cli
+from seam.runtime.shell import CommandParser, add_log_level, checked, configure_logging, number, run_cli
 from seam.runtime.traces import load_trace
 from seam.runtime.emulation import EmulatedLink
 from seam.runtime.transport import TransportConfig, TransportTimeout
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(demos and benchmarks on one machine)")
     parser.add_argument("--curve-secret", type=Path, default=None, help="this UE's NAME.key_secret")
     parser.add_argument("--server-key", type=Path, default=None, help="the server's public NAME.key")
+    add_log_level(parser, "warning")
     return parser
 
 
@@ -195,6 +196,7 @@ def quality_budget(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, "ue_client")
     return run_cli("ue_client", lambda: run(args))
 
 
