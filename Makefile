@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[export,plot,rl,finetune,test]"
+	$(BIN)/python -m pip install --quiet -e ".[export,plot,rl,finetune,allocation,test]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

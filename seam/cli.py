@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from seam.runtime.shell import CommandParser, run_cli
+from seam.runtime.shell import CommandParser, require_extra, run_cli
 
 def build_parser() -> argparse.ArgumentParser:
     from seam.export.cli import add_export_parser, add_models_parser, add_validate_parser
@@ -41,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(f"seam {args.command}", lambda: args.handler(args))
+
+    def command() -> int:
+        if getattr(args, "extra", None):
+            require_extra(args.extra)
+        return args.handler(args)
+
+    return run_cli(f"seam {args.command}", command)
 
 
 def ue_client(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ def add_demo_parser(commands) -> None:
                         help="tokens of the run over a link that drops and recovers (0 skips it)")
     parser.add_argument("--ue-slowdown", type=number(float, 0, above=True), default=4.0,
                         help="how many times slower than this machine the emulated UE runs in that run")
-    parser.set_defaults(handler=run_demo)
+    parser.set_defaults(handler=run_demo, extra="export")
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -145,3 +145,51 @@ def test_the_installed_commands_share_one_shell(exported, tmp_path):
     assert missing_extra("peft.tuners") == ("this needs peft.tuners, part of the 'finetune' extra; install it "
                                             "with: pip install 'seam-llm[finetune]'")
     assert missing_extra("numpy") is None
+
+
+HIDDEN = """
+import importlib.abc, os, sys
+
+class Hidden(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in os.environ["SEAM_TEST_HIDDEN"].split(","):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Hidden())
+"""
+
+
+def without(tmp_path, modules: str, *command: str) -> subprocess.CompletedProcess:
+    """Runs a command as on a machine without ``modules`` (comma-separated)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(HIDDEN)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "SEAM_TEST_HIDDEN": modules}
+    return subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("hidden, command, extra", [
+    ("stable_baselines3", ["-m", "seam.cli", "train-policy", "ART", "--quality", "q.json", "--edge-profile", "e.json"],
+     "rl"),
+    ("torch", ["-m", "seam.cli", "train-policy", "ART", "--quality", "q.json", "--edge-profile", "e.json"], "rl"),
+    ("cvxpy", ["-m", "seam.cli", "plan-round", "setup.json"], "allocation"),
+    ("cvxpy", ["-m", "seam.cli", "ue_client", "ART", "train", "--server", "tcp://127.0.0.1:9", "--data", "d.txt",
+               "--plan", "plan.json"], "allocation"),
+    ("peft", ["-m", "seam.cli", "ue_client", "ART", "train", "--server", "tcp://127.0.0.1:9", "--data", "d.txt"],
+     "finetune"),
+    ("matplotlib", ["-m", "seam.cli", "plan", "ART", "--ue-profile", "u.json", "--edge-profile", "e.json",
+                    "--bandwidth", "10", "--rtt", "5", "--plot", "p.png"], "plot"),
+])
+def test_a_missing_package_names_the_commands_own_extra_before_any_work(exported, tmp_path, hidden, command, extra):
+    artifact = str(exported("tiny-llama"))
+    command = [artifact if part == "ART" else part for part in command]
+    if "ue_client" in command:  # the ue_client entry point, as installed
+        command = ["-c", "import sys; from seam.cli import ue_client; sys.exit(ue_client(sys.argv[1:]))",
+                   *command[command.index("ue_client") + 1:]]
+    result = without(tmp_path, hidden, *command)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"'{extra}' extra" in lines[0] and f"seam-llm[{extra}]" in lines[0], lines[0]

@@ -12,7 +12,8 @@ from seam.edge_server.config import EdgeConfig
 from seam.edge_server.server import EdgeServer
 from seam.runtime.codecs import CODECS
 from seam.runtime.protocol import TRAINING_MESSAGES
-from seam.runtime.shell import CommandParser, add_log_level, checked, comma_list, configure_logging, number, run_cli
+from seam.runtime.shell import (CommandParser, add_log_level, checked, comma_list, configure_logging, number,
+                                require_extra, run_cli)
 from seam.runtime.addresses import check_address, reachable_beyond_loopback
 from seam.runtime.transport import TransportConfig
 
@@ -99,6 +100,7 @@ def serve(config: EdgeConfig, train: bool) -> int:
 
 def register_training(server: EdgeServer) -> None:
     """Serves split fine-tuning beside inference: torch, transformers and peft load only here."""
+    require_extra("finetune")
     from seam.finetune.edge import TrainingService
 
     config = server.config

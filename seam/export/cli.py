@@ -21,7 +21,7 @@ def add_export_parser(commands) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     parser.add_argument("--adapter", type=Path, default=None,
                         help="merge this LoRA adapter (peft format, e.g. from 'ue_client DIR train') into the model")
-    parser.set_defaults(handler=run_export)
+    parser.set_defaults(handler=run_export, extra="export")
 
 
 def add_validate_parser(commands) -> None:
@@ -29,12 +29,12 @@ def add_validate_parser(commands) -> None:
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--model", default=None, help="the source model, when it moved since export")
     parser.add_argument("--quiet", action="store_true")
-    parser.set_defaults(handler=run_validate)
+    parser.set_defaults(handler=run_validate, extra="export")
 
 
 def add_models_parser(commands) -> None:
     parser = commands.add_parser("models", help="list built-in presets and supported model families")
-    parser.set_defaults(handler=run_models)
+    parser.set_defaults(handler=run_models, extra="export")
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -15,7 +15,8 @@ from pathlib import Path
 from seam.runtime.errors import SeamError
 from seam.runtime.protocol import TRAINING_MODES
 from seam.runtime.addresses import check_address
-from seam.runtime.shell import CommandParser, add_log_level, bar_disabled, checked, configure_logging, has, missing_extra, number, run_cli
+from seam.runtime.shell import (CommandParser, add_log_level, bar_disabled, checked, configure_logging, has,
+                                missing_extra, number, require_extra, run_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,7 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     """``ue_client DIR train ...``, given ``[DIR, ...]``."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     configure_logging(args.log_level, "ue_client train")
-    return run_cli("ue_client train", lambda: run(args))
+
+    def train() -> int:
+        for extra in ("finetune", "allocation") if args.plan else ("finetune",):
+            require_extra(extra)
+        return run(args)
+
+    return run_cli("ue_client train", train)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def add_plan_round_parser(commands) -> None:
     parser.add_argument("--common-cut", action="store_true", help="one cut for every UE, as FedAvg over identical "
                                                                   "client models needs")
     parser.add_argument("--out", type=Path, default=Path("plan.json"))
-    parser.set_defaults(handler=run_plan_round)
+    parser.set_defaults(handler=run_plan_round, extra="allocation")
 
 
 def run_plan_round(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ def add_train_policy_parser(commands) -> None:
                         help="tokens of --direct-text per measurement")
     parser.add_argument("--seed", type=number(int, 0), default=0)
     parser.add_argument("--out", type=Path, default=None, help="the policy directory (default DIR/policies/learned)")
-    parser.set_defaults(handler=run_train_policy)
+    parser.set_defaults(handler=run_train_policy, extra="rl")
 
 
 def run_train_policy(args: argparse.Namespace) -> int:

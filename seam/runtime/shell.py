@@ -17,27 +17,46 @@ import sys
 from collections.abc import Callable, Sequence
 
 from seam.runtime.errors import SeamError
-from seam.runtime.version import DISTRIBUTION
+from seam.runtime.version import DISTRIBUTION, VERSION
 
-# Modules of the optional extras, and the extra that installs each.
-EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "onnx": "export", "onnxscript": "export",
-                   "stable_baselines3": "rl", "gymnasium": "rl", "matplotlib": "plot", "scipy": "finetune",
-                   "cvxpy": "finetune", "peft": "finetune"}
+# The optional extras (pyproject.toml) and the modules each installs: the one table every hint is made from.
+EXTRAS = {
+    "export": ("torch", "transformers", "onnx", "onnxscript"),  # seam export, validate, demo
+    "finetune": ("torch", "transformers", "peft"),  # ue_client DIR train, edge_server --train
+    "rl": ("torch", "stable_baselines3", "gymnasium"),  # seam train-policy
+    "allocation": ("scipy", "cvxpy"),  # seam plan-round, ue_client DIR train --plan (FedsLLM, DASHF)
+    "plot": ("matplotlib",),  # --plot, loss curves
+}
 
 
 class CommandParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line, like every other error of a Seam command."""
+    """An argument parser whose errors are one line, like every other error of a Seam command, and which
+    answers ``--version``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=f"%(prog)s {VERSION} ({DISTRIBUTION})")
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
-def missing_extra(module: str) -> str | None:
-    """What to install for a missing ``module``, or None when no extra provides it."""
-    extra = EXTRA_OF_MODULE.get(module.split(".")[0])
-    if extra is None:
-        return None
+def _hint(module: str, extra: str) -> str:
     return f"this needs {module}, part of the '{extra}' extra; install it with: pip install '{DISTRIBUTION}[{extra}]'"
+
+
+def missing_extra(module: str) -> str | None:
+    """What to install for a missing ``module`` when no command said which extra it needs: the first extra that
+    holds it, or None when none does."""
+    extra = next((name for name, modules in EXTRAS.items() if module.split(".")[0] in modules), None)
+    return None if extra is None else _hint(module, extra)
+
+
+def require_extra(extra: str) -> None:
+    """Refuses to start a command whose ``extra`` is not wholly installed, naming that extra."""
+    for module in EXTRAS[extra]:
+        if not has(module):
+            raise SeamError(_hint(module, extra))
 
 
 def require(module: str) -> None:
@@ -48,7 +67,10 @@ def require(module: str) -> None:
 
 def has(module: str) -> bool:
     """Whether an optional ``module`` is installed, without importing it."""
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a finder that refuses it outright
+        return False
 
 
 def _terminate(signum, frame):
