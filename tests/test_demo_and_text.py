@@ -30,3 +30,23 @@ def test_stream_decoder_waits_for_whole_characters(exported):
     pieces = [decoder.push(i) for i in ids]
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_the_readme_python_snippet_runs_as_written(exported):
+    """The README's snippet, with only the artifact and the address swapped for the test's."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from seam.edge_server.process import edge_server
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    artifact = exported("tiny-llama")
+    with edge_server(artifact) as (_, address):
+        code = snippet.replace('"artifacts/small-llama"', repr(str(artifact))).replace(
+            '"tcp://127.0.0.1:5555"', repr(address)).replace("split=6", "split=2")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
