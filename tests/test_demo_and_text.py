@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import run_seam
 from seam.runtime.artifact import Artifact
-from seam.runtime.text import StreamDecoder, load_tokenizer
+from seam.runtime.text import load_tokenizer
 
 
 def test_demo_exports_validates_and_streams(tmp_path):
@@ -21,13 +21,20 @@ def test_demo_exports_validates_and_streams(tmp_path):
     assert "24 tokens; time to first token" in result.stderr
 
 
-def test_stream_decoder_waits_for_whole_characters(exported):
+def test_streamed_text_waits_for_whole_characters(exported):
+    import io
+
+    from seam.ue_client.display import TextStream
+
     tokenizer = load_tokenizer(Artifact.open(exported("tiny-llama")))
     text = "naïve café ✓"
     ids = tokenizer.encode(text).ids
     assert len(ids) > len(text)  # byte-level: multi-byte characters span several tokens
-    decoder = StreamDecoder(tokenizer)
-    pieces = [decoder.push(i) for i in ids]
+    out, pieces = io.StringIO(), []
+    stream = TextStream(tokenizer, None, out)
+    for token in ids:
+        stream.push([token])
+        pieces.append(out.getvalue()[sum(map(len, pieces)):])
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
 

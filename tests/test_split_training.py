@@ -85,6 +85,8 @@ def test_ue_client_train_writes_a_peft_adapter_that_reproduces_the_split_model(e
     losses = json.loads((out / "losses.json").read_text())["losses"]
     assert len(losses) == 12 and losses[-1] < losses[0]
     assert (out / "loss.png").stat().st_size > 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-llama" and config["task_type"] == "CAUSAL_LM"
 
     model = PeftModel.from_pretrained(load_base(artifact).model, out)
     tuned = model.merge_and_unload()

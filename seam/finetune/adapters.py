@@ -50,6 +50,11 @@ def save_adapter(artifact, out: Path, parts: list[dict[str, np.ndarray]], rank: 
     if missing := set(slots) - filled:
         raise SeamError(f"the split run left {len(missing)} adapter weights untrained, e.g. {sorted(missing)[0]}")
 
+    # Named as the user named the model at export (a preset, a hub id or a directory), not by the cache path it
+    # was loaded from, and as a causal LM's adapter, so that peft's auto classes know what to load it onto.
+    config = model.peft_config["default"]
+    config.base_model_name_or_path, config.task_type = artifact.manifest.source, "CAUSAL_LM"
+
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
         extra(staging)

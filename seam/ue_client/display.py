@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import sys
 
-from seam.runtime.text import StreamDecoder
+from tokenizers.decoders import DecodeStream
 
 
 class TextStream:
     """Writes the first sequence's tokens to ``out`` as text, until the end-of-sequence token."""
 
     def __init__(self, tokenizer, eos: int | None, out):
-        self.decoder, self.eos, self.out = StreamDecoder(tokenizer), eos, out
+        self.tokenizer, self.eos, self.out = tokenizer, eos, out
+        self.decoder = DecodeStream(skip_special_tokens=True)
 
     def push(self, tokens) -> bool:
         """Writes the next token; False once the sequence ended."""
         token = int(tokens[0])
         if token == self.eos:
             return False
-        self.out.write(self.decoder.push(token))
+        self.out.write(self.decoder.step(self.tokenizer, token) or "")  # None: a character not yet whole
         self.out.flush()
         return True
 
