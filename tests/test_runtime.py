@@ -13,6 +13,7 @@ import pytest
 from conftest import TINY_PRESETS
 from seam.edge_server.process import edge_server
 from seam.runtime.artifact import Artifact
+from seam.runtime.errors import SeamError
 from seam.runtime.executor import SessionPool
 from seam.runtime.generation import LocalSplit, generate
 from seam.runtime.sampling import Sampler, SamplingParams
@@ -113,3 +114,23 @@ def test_a_prefill_run_in_chunks_gives_the_tokens_of_one_run(exported):
     sampling = SamplingParams(temperature=0.8, top_k=20, seed=5)
     with edge_server(artifact.root, "--prefill-chunk", "2") as (_, address), EdgeClient(artifact, address) as client:
         assert (remote_tokens(client, 1, PROMPTS, sampling) == local_tokens(artifact, PROMPTS, sampling)).all()
+
+
+def test_the_ue_runs_its_int8_blocks_when_asked(exported, tmp_path):
+    from seam.export.exporter import ExportRequest, export
+
+    out = tmp_path / "int8"
+    export(ExportRequest(model="tiny-llama", out=out, cuts="2", quantize_ue="int8", quiet=True))
+    artifact = Artifact.open(out)
+    greedy = SamplingParams()
+    model = LocalSplit(SessionPool(artifact), 2, "int8")  # the same int8 UE blocks chained in one process
+    pad = artifact.manifest.tokenizer["pad_token_id"]
+    expected = np.stack([tokens for tokens, _ in generate(model, PROMPTS, NEW_TOKENS, pad,
+                                                          lambda logits, _: Sampler(greedy)(logits))], axis=1)
+    with edge_server(artifact.root) as (_, address), EdgeClient(artifact, address, variant="int8") as client:
+        with client.session(2, greedy) as session:
+            assert session.head.variant == "int8"
+            tokens = np.stack(list(session.generate(PROMPTS, NEW_TOKENS)), axis=1)
+    assert (tokens == expected).all()
+    with pytest.raises(SeamError, match="no 'int8' blocks"):
+        EdgeClient(exported("tiny-llama"), "tcp://127.0.0.1:9", variant="int8")

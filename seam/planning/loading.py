@@ -20,9 +20,11 @@ def profile_key(artifact: Artifact, device: str, threads: int, variant: str) -> 
     return ProfileKey(artifact.manifest.artifact_fingerprint, device, PROVIDERS[device], threads, variant)
 
 
-def cached_profile(artifact: Artifact, threads: int | None) -> Path | None:
-    """This device's cached ``seam profile`` of ``artifact`` at ``threads``, or None."""
-    key = profile_key(artifact, "cpu", threads or default_threads(), artifact.manifest.dtype)
+def cached_profile(artifact: Artifact, threads: int | None, variant: str | None = None,
+                   device: str = "cpu") -> Path | None:
+    """This device's cached ``seam profile`` of ``artifact`` at ``threads`` with ``variant`` blocks on ``device``,
+    or None."""
+    key = profile_key(artifact, device, threads or default_threads(), variant or artifact.manifest.dtype)
     cached = artifact.root / "profiles" / key.file_name()
     return cached if cached.is_file() else None
 

@@ -222,6 +222,15 @@ class Artifact:
         length = config.get("max_position_embeddings") or config.get("n_positions")
         return length if isinstance(length, int) and length > 0 else None
 
+    def check_variant(self, variant: str | None) -> str:
+        """The block variant ``variant`` names (None: the export dtype), refused unless every block has it."""
+        variant = variant or self.manifest.dtype
+        if any(variant not in block.variants for block in self.manifest.blocks):
+            common = sorted(set.intersection(*(set(block.variants) for block in self.manifest.blocks)))
+            raise SeamError(f"this artifact has no {variant!r} blocks, only {', '.join(common)}; 'seam export MODEL "
+                            "--out DIR --quantize-ue int8' also writes int8 ones")
+        return variant
+
     def check_context(self, positions: int, what: str) -> None:
         """Refuses ``positions`` beyond the model's context, naming ``what`` asked for them."""
         if self.context_length is not None and positions > self.context_length:

@@ -23,6 +23,7 @@ from seam.runtime.codecs import CODECS, CODECS_CAPABILITY, negotiate, offered
 from seam.runtime.emulation import EmulatedLink, connect
 from seam.runtime.errors import SeamError
 from seam.runtime.executor import SessionPool
+from seam.runtime.ort_options import providers_for
 from seam.runtime.protocol import PROTOCOL_VERSION, Hello, Welcome
 from seam.runtime.sampling import SamplingParams
 from seam.runtime.transport import TransportConfig, UeSocket
@@ -45,12 +46,16 @@ class EdgeClient:
         emulated: EmulatedLink | None = None,
         ue_slowdown: float = 1.0,
         codec: str = "fp32",
+        variant: str | None = None,
+        device: str = "cpu",
     ):
         if ue_slowdown < 1:
             raise SeamError(f"a UE slowdown of {ue_slowdown:g} would make this device faster; use 1 or more")
         self.ue_slowdown = ue_slowdown  # emulates a device this many times slower (bench and demo on one machine)
         self.artifact = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
-        self.pool = SessionPool(self.artifact, threads)
+        self.variant = self.artifact.check_variant(variant)  # the UE's blocks: the export dtype, or int8
+        providers_for(device)  # a device this onnxruntime cannot use is refused before the network
+        self.pool = SessionPool(self.artifact, threads, device)
         self._connection = (server, transport or TransportConfig(), curve_secret, server_key, emulated)
         self.socket = connect(*self._connection)
         try:

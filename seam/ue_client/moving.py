@@ -88,7 +88,8 @@ def rebuild_layers(session: RemoteSession, layers: Span) -> SpanRunner:
     else:
         start, first = 0, session.sequence[:, : session.past]
     pool = session.client.pool
-    return session.compute(lambda: recompute(pool, Span(start, layers.end), first, mask, keep_boundaries=True))
+    return session.compute(lambda: recompute(pool, Span(start, layers.end), first, mask, session.head.variant,
+                                             keep_boundaries=True))
 
 
 def finish_locally(session: RemoteSession, sequence: np.ndarray, mask: np.ndarray, lost: SeamError) -> np.ndarray:
@@ -100,7 +101,8 @@ def finish_locally(session: RemoteSession, sequence: np.ndarray, mask: np.ndarra
     went down with it."""
     started, old = time.perf_counter(), session.split
     session.open = False
-    session.head = session.client.pool.runner(Span(0, session.num_layers), keep_boundaries=True)
+    session.head = session.client.pool.runner(Span(0, session.num_layers), session.client.variant,
+                                              keep_boundaries=True)
     session.head.reset(session.batch)
     logits = session.compute(lambda: session.head.run(sequence, mask, positions_from_mask(mask)))[:, -1, :]
     tokens = session.sampler(logits)

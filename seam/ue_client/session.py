@@ -58,7 +58,7 @@ class RemoteSession:
         self.codec = client.codec  # how hidden states cross; may change between steps, to one the edge offered
         self.impairment: Impairment | None = None  # research: corrupts the hidden states at the cut before coding
         self.impairment_rng = np.random.default_rng(0)
-        self.head = client.pool.runner(Span(0, split), keep_boundaries=True)
+        self.head = client.pool.runner(Span(0, split), client.variant, keep_boundaries=True)
         self.facts = ArtifactFacts.of(client.artifact.manifest, self.head.variant, self.head.kv_dtype.itemsize)
         self.session_id = uuid.uuid4().hex
         self.stats = GenerationStats()
