@@ -169,16 +169,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def plot_losses(losses: list[float], path: Path, title: str) -> None:
+    loss_figure(losses, title).savefig(path, dpi=110)
+
+
+def loss_figure(losses: list[float], title: str):
+    """The loss of every step, steps counted in whole numbers."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(6, 3.5), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots()
     axes.plot(range(1, len(losses) + 1), losses)
     axes.set(xlabel="step", ylabel="loss", title=title)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
     axes.grid(alpha=0.3)
-    figure.savefig(path, dpi=110)
+    return figure
 
 
 def main(argv: list[str] | None = None) -> int:

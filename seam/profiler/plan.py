@@ -91,8 +91,8 @@ def plan_table(link_plan: LinkPlan) -> str:
                 row += [_ms(part) for part in (step.ue_s, step.uplink_s, step.edge_s, step.downlink_s, step.total_s)]
         row.append("<- best" if cost.split == link_plan.best else "")
         rows.append(row)
-    headers = ["split", "UE", "up", "edge", "down", "per token", "UE", "up", "edge", "down", "first token", ""]
-    return table(headers, rows)
+    headers = ["split", "UE", "up", "edge", "down", "total", "UE", "up", "edge", "down", "total", ""]
+    return table(headers, rows, groups=[("", 1), ("per token (decode)", 5), ("first token (prefill)", 5), ("", 1)])
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -128,32 +128,55 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def plot(plans: list[LinkPlan], path: Path) -> None:
-    """Left: the decode latency parts of each split at the median bandwidth; right: the best split per bandwidth."""
+    figure = plan_figure(plans)
+    write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=110), binary=True)
+
+
+def plan_figure(plans: list[LinkPlan]):
+    """Per-token latency and time to first token of every split at every bandwidth, each line's best split
+    marked; the latency parts of each split at the middle bandwidth; and the best split per bandwidth."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     by_rate = sorted(plans, key=lambda p: p.link.down_bytes_per_s)
-    shown = by_rate[(len(by_rate) - 1) // 2]
-    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    figure = Figure(figsize=(12, 8.5), layout="constrained")
     FigureCanvasAgg(figure)  # Agg draws without a display and without touching pyplot's global state
-    left, right = figure.subplots(1, 2)
-    splits = [cost.split for cost in shown.costs]
-    bottom = [0.0] * len(splits)
-    parts = [("UE", "ue_s"), ("uplink", "uplink_s"), ("rtt", "rtt_s"), ("edge", "edge_s"), ("downlink", "downlink_s")]
-    for label, name in parts:
-        heights = [getattr(cost.decode, name) * 1e3 for cost in shown.costs]
-        left.bar(splits, heights, bottom=bottom, label=label)
-        bottom = [b + h for b, h in zip(bottom, heights)]
-    left.set(title=f"per-token latency at {shown.name}", xlabel="split (layers on the UE)", ylabel="ms",
-             xticks=splits)
-    left.set_ylim(top=max(bottom) * 1.3)  # headroom so the legend does not cover the bars
-    left.legend(ncols=3, loc="upper left", fontsize="small")
+    (decode, prefill), (parts, best) = figure.subplots(2, 2)
+    splits = [cost.split for cost in by_rate[0].costs]
+    for axes, phase, title in ((decode, "decode", "per-token latency"), (prefill, "prefill", "time to first token")):
+        for link_plan in by_rate:
+            totals = [getattr(cost, phase).total_s * 1e3 for cost in link_plan.costs]
+            line, = axes.plot(splits, totals, marker=".", label=link_plan.name)
+            lowest = min(range(len(totals)), key=totals.__getitem__)
+            axes.plot(splits[lowest], totals[lowest], marker="*", markersize=14, color=line.get_color(),
+                      markeredgecolor="black")
+        axes.set(title=f"{title} (star: the best split for that link)", xlabel="split (layers on the UE)",
+                 ylabel="ms", xticks=splits)
+        axes.set_yscale("log")
+        axes.legend(fontsize="small", title="link")
+    _parts(parts, by_rate[(len(by_rate) - 1) // 2], splits)
     rates = [p.link.down_mbit for p in by_rate]
-    right.plot(rates, [p.best for p in by_rate], marker="o")
-    right.set(title="best split", xlabel="bandwidth, Mbit/s (down)", ylabel="split (layers on the UE)",
-              yticks=splits, ylim=(min(splits) - 0.5, max(splits) + 0.5))
+    best.plot(rates, [p.best for p in by_rate], marker="o")
+    best.set(title="best split for per-token latency", xlabel="bandwidth, Mbit/s (down)",
+             ylabel="split (layers on the UE)", yticks=splits, ylim=(min(splits) - 0.5, max(splits) + 0.5))
     if len(rates) > 1 and rates[-1] / rates[0] > 20:
-        right.set_xscale("log")
-    right.set_xticks(rates, [f"{rate:g}" for rate in rates], minor=False)
-    right.minorticks_off()
-    write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=120), binary=True)
+        best.set_xscale("log")
+    best.set_xticks(rates, [f"{rate:g}" for rate in rates], minor=False)
+    best.minorticks_off()
+    return figure
+
+
+def _parts(axes, shown: LinkPlan, splits: list[int]) -> None:
+    """Stacked bars: where each split's per-token time goes over one link, its best split marked."""
+    bottom = [0.0] * len(splits)
+    for label, name in (("UE", "ue_s"), ("uplink", "uplink_s"), ("rtt", "rtt_s"), ("edge", "edge_s"),
+                        ("downlink", "downlink_s")):
+        heights = [getattr(cost.decode, name) * 1e3 for cost in shown.costs]
+        axes.bar(splits, heights, bottom=bottom, label=label)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    axes.annotate("best", (shown.best, bottom[splits.index(shown.best)]), xytext=(0, 4), textcoords="offset points",
+                  ha="center", fontweight="bold")
+    axes.set(title=f"per-token latency by part at {shown.name}", xlabel="split (layers on the UE)", ylabel="ms",
+             xticks=splits)
+    axes.set_ylim(top=max(bottom) * 1.35)  # headroom so the legend does not cover the bars
+    axes.legend(ncols=3, loc="upper left", fontsize="small")

@@ -141,6 +141,12 @@ def analyze(artifact: Artifact, ids: np.ndarray, cuts: Sequence[int], chosen: Se
 
 
 def plot_heatmap(report: QualityReport, path: Path) -> Path:
+    figure = heatmap_figure(report)
+    return write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=110), binary=True)
+
+
+def heatmap_figure(report: QualityReport):
+    """Each cut's perplexity increase per codec or impairment, its value written in every cell."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -153,12 +159,14 @@ def plot_heatmap(report: QualityReport, path: Path) -> Path:
     axes.set(xticks=range(len(headers) - 1), xticklabels=headers[1:], yticks=range(len(rows)),
              yticklabels=[row[0] for row in rows], xlabel="codec or impairment at the cut",
              ylabel="cut (layers on the UE)",
-             title=f"perplexity increase over the unsplit model ({report.baseline_ppl:.3f}), %")
+             title=f"perplexity increase in % (the unsplit model: {report.baseline_ppl:.4g})")
     axes.tick_params(axis="x", rotation=45)
-    for (row, column), value in np.ndenumerate(values):
-        axes.text(column, row, f"{value:+.1f}", ha="center", va="center", fontsize="small", color="tab:blue")
+    for (row, column), value in np.ndenumerate(values):  # light text on dark cells, dark on light
+        shade = image.norm(np.log10(1 + max(value, 0)))
+        axes.text(column, row, f"{value:+.1f}", ha="center", va="center", fontsize="small",
+                  color="white" if shade > 0.5 else "black")
     figure.colorbar(image, label="log10(1 + increase %)")
-    return write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=110), binary=True)
+    return figure
 
 
 def read_text(path: Path) -> str:

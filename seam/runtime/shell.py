@@ -174,8 +174,17 @@ def configure_logging(level: str, name: str) -> None:
     logging.basicConfig(level=level.upper(), format=f"%(asctime)s {name} %(message)s", stream=sys.stderr)
 
 
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    """A plain-text table, right-aligned columns under a dashed rule."""
+def table(headers: list[str], rows: list[list[str]], groups: list[tuple[str, int]] | None = None) -> str:
+    """A plain-text table, right-aligned columns under a dashed rule; ``groups`` (label, columns spanned) adds a
+    line above the headers naming runs of columns."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
     line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *[line(row) for row in rows]])
+    lines = [line(headers).rstrip(), line(["-" * w for w in widths]), *[line(row).rstrip() for row in rows]]
+    if groups:
+        spans, first = [], 0
+        for label, count in groups:
+            width = sum(widths[first:first + count]) + 2 * (count - 1)
+            spans.append(label.center(width, "-" if label else " ") if label else " " * width)
+            first += count
+        lines.insert(0, "  ".join(spans).rstrip())
+    return "\n".join(lines)
