@@ -31,7 +31,7 @@ def add_demo_parser(commands) -> None:
     parser.add_argument("--max-new-tokens", type=number(int, 1), default=32)
     parser.add_argument("--adaptive-tokens", type=number(int, 1), default=160,
                         help="tokens of the run over a link that drops and recovers (0 skips it)")
-    parser.add_argument("--ue-slowdown", type=number(float, 0, above=True), default=4.0,
+    parser.add_argument("--ue-slowdown", type=number(float, 1), default=4.0,
                         help="how many times slower than this machine the emulated UE runs in that run")
     parser.set_defaults(handler=run_demo, extra="export")
 

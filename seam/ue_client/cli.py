@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--impair", default=None, metavar="SPEC",
                         help="research: corrupt the hidden states at the cut, erasure:P or awgn:SNR_DB")
     parser.add_argument("--impair-seed", type=number(int, 0), default=0)
-    parser.add_argument("--ue-slowdown", type=number(float, 0, above=True), default=1.0,
+    parser.add_argument("--ue-slowdown", type=number(float, 1), default=1.0,
                         help="emulate a device this many times slower than this one, its profile scaled alike "
                              "(demos and benchmarks on one machine)")
     parser.add_argument("--curve-secret", type=Path, default=None, help="this UE's NAME.key_secret")
