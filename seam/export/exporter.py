@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from seam.export import onnx_writer
 from seam.export.segment import Prelude, Segment
-from seam.export.sources import LoadedModel, fingerprint, load_model, merge_adapter
+from seam.export.sources import LoadedModel, fingerprint, gguf_sha256, load_model, merge_adapter
 from seam.export.validate import pad_token_id, references_for, require_fp32_parity, validate
 from seam.runtime.artifact import MANIFEST_NAME, Artifact, Block, Dimensions, Manifest
 from seam.runtime.errors import SeamError
@@ -123,6 +123,16 @@ def _refuse_foreign(out: Path) -> None:
                         "--force would delete it: move it out of the artifact, or export to another --out")
 
 
+def _export_args(request: ExportRequest, loaded: LoadedModel, cuts: list[int]) -> dict:
+    """What the export was made with, as the manifest records it: an export with other arguments is another."""
+    export_args = {"cuts": cuts, "dtype": request.dtype, "quantize_ue": request.quantize_ue}
+    if (digest := gguf_sha256(request.model)) is not None:  # the checkpoint file itself, beside its source path
+        export_args["gguf_sha256"] = digest
+    if request.adapter is not None:
+        export_args["adapter"] = merge_adapter(loaded, Path(request.adapter))
+    return export_args
+
+
 def _blocks(cuts: list[int], num_layers: int) -> list[Span]:
     bounds = [0, *cuts, num_layers]
     return [Span(start, end) for start, end in zip(bounds, bounds[1:])]
@@ -196,9 +206,7 @@ def export(request: ExportRequest) -> ExportOutcome:
         config = loaded.model.config
         num_layers = config.num_hidden_layers
         cuts = parse_cuts(request.cuts, num_layers)
-        export_args = {"cuts": cuts, "dtype": request.dtype, "quantize_ue": request.quantize_ue}
-        if request.adapter is not None:
-            export_args["adapter"] = merge_adapter(loaded, Path(request.adapter))
+        export_args = _export_args(request, loaded, cuts)
         model_fingerprint = fingerprint(loaded.model)
         existing = _existing_manifest(out)
         if existing is not None and not request.force:

@@ -107,7 +107,7 @@ PRESETS = {
         ),
     ]
 }
-DEFAULT_PRESET = "small-llama"
+DEFAULT_PRESET = "smollm2-135m-instruct"  # a packaged real model (seam.export.packaged)
 
 
 def seam_home() -> Path:

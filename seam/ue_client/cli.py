@@ -28,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--server", default="tcp://127.0.0.1:5555", type=checked(check_address))
     parser.add_argument("--split", type=number(int, 0), default=None, help="layers run on this device (default: half)")
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", required=True,
+                        help="what to ask; a chat model gets it as a user turn of its chat template")
+    parser.add_argument("--system", default=None, help="a system turn before the prompt (chat models)")
+    parser.add_argument("--raw", action="store_true", help="send the prompt as it is, without the chat template")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="end the answer where this text appears (not written; may be given several times)")
     parser.add_argument("--max-new-tokens", type=number(int, 1), default=32)
     parser.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=number(int, 0), default=0)
@@ -84,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from seam.runtime.artifact import Artifact
+    from seam.runtime.chat import encode_prompt
     from seam.runtime.text import load_tokenizer
     from seam.ue_client.client import EdgeClient
     from seam.ue_client.display import StatusLine, TextStream, summary
@@ -95,12 +101,12 @@ def run(args: argparse.Namespace) -> int:
     variant = artifact.check_variant(args.variant)
     providers_for(args.device)
     tokenizer = load_tokenizer(artifact)
-    prompt_ids = tokenizer.encode(args.prompt).ids
+    prompt_ids = encode_prompt(artifact, tokenizer, args.prompt, args.system, args.raw)
     if not prompt_ids:
         raise SeamError("--prompt encodes to no tokens; give some text")
     artifact.check_context(len(prompt_ids) + args.max_new_tokens,
                            f"the prompt ({len(prompt_ids)} tokens) and --max-new-tokens {args.max_new_tokens}")
-    stream = TextStream(tokenizer, artifact.manifest.tokenizer.get("eos_token_id"), sys.stdout)
+    stream = TextStream(tokenizer, artifact.manifest.tokenizer.get("eos_token_id"), sys.stdout, tuple(args.stop))
     policy, prior = choose_policy(args, artifact)
     impairment = parse_impairment(args.impair) if args.impair else None
     emulated = EmulatedLink(load_trace(args.link_trace)) if args.link_trace else None

@@ -9,24 +9,39 @@ from tokenizers.decoders import DecodeStream
 
 
 class TextStream:
-    """Writes the first sequence's tokens to ``out`` as text, until the end-of-sequence token."""
+    """Writes the first sequence's tokens to ``out`` as text, until the end-of-sequence token or one of ``stops``
+    (which is not written)."""
 
-    def __init__(self, tokenizer, eos: int | None, out):
-        self.tokenizer, self.eos, self.out = tokenizer, eos, out
+    def __init__(self, tokenizer, eos: int | None, out, stops: tuple[str, ...] = ()):
+        self.tokenizer, self.eos, self.out, self.stops = tokenizer, eos, out, tuple(stop for stop in stops if stop)
         self.decoder = DecodeStream(skip_special_tokens=True)
+        self.held = ""  # text that could still be the start of a stop string
 
     def push(self, tokens) -> bool:
         """Writes the next token; False once the sequence ended."""
         token = int(tokens[0])
         if token == self.eos:
             return False
-        self.out.write(self.decoder.step(self.tokenizer, token) or "")  # None: a character not yet whole
-        self.out.flush()
+        self.held += self.decoder.step(self.tokenizer, token) or ""  # None: a character not yet whole
+        found = [self.held.index(stop) for stop in self.stops if stop in self.held]
+        if found:
+            self._write(self.held[:min(found)])
+            self.held = ""
+            return False
+        keep = max((size for stop in self.stops for size in range(len(stop) - 1, 0, -1)
+                    if self.held.endswith(stop[:size])), default=0)
+        self._write(self.held[:len(self.held) - keep])
+        self.held = self.held[len(self.held) - keep:]
         return True
 
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
     def end(self) -> None:
-        self.out.write("\n")
-        self.out.flush()
+        self._write(self.held + "\n")
+        self.held = ""
 
 
 def summary(session, socket, split: int) -> str:
