@@ -16,7 +16,9 @@ from pathlib import Path
 
 from seam.runtime.shell import number
 
-DEFAULT_PROMPT = "The device keeps the first layers, and the edge server"
+DEFAULT_PROMPT = "What is the capital of France?"
+# Long enough an answer for the link to drop and recover while it streams.
+ADAPTIVE_PROMPT = "Write a long story about a robot who learns to paint."
 DEMO_LINK_MBIT, DEMO_DROP_MBIT = 50.0, 0.1  # the adaptive run's link, and what it drops to for a while
 
 
@@ -27,9 +29,11 @@ def add_demo_parser(commands) -> None:
     parser.add_argument("--model", default=DEFAULT_PRESET, help=f"preset, directory or hub id (default {DEFAULT_PRESET})")
     parser.add_argument("--out", type=Path, default=None, help="artifact directory (default artifacts/MODEL)")
     parser.add_argument("--split", type=number(int, 0), default=None, help="layers kept on the UE (default: half)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the first run's question (default {DEFAULT_PROMPT!r})")
+    parser.add_argument("--adaptive-prompt", default=ADAPTIVE_PROMPT,
+                        help="the question of the run whose link drops and recovers")
     parser.add_argument("--max-new-tokens", type=number(int, 1), default=32)
-    parser.add_argument("--adaptive-tokens", type=number(int, 1), default=160,
+    parser.add_argument("--adaptive-tokens", type=number(int, 0), default=160,
                         help="tokens of the run over a link that drops and recovers (0 skips it)")
     parser.add_argument("--ue-slowdown", type=number(float, 1), default=4.0,
                         help="how many times slower than this machine the emulated UE runs in that run")
@@ -58,7 +62,7 @@ def run_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryFile("w+") as server_log:
         with edge_server(out, log=server_log) as (_, address):
             print(f"edge_server listening on {address}; the prompt's token ids stay on the UE", flush=True)
-            print(args.prompt, end="", flush=True)
+            print(f"> {args.prompt}", flush=True)
             status = ue_client_main(
                 [str(out), "--server", address, "--split", str(split), "--prompt", args.prompt,
                  "--max-new-tokens", str(args.max_new_tokens)]
@@ -87,9 +91,9 @@ def adaptive_run(artifact, address: str, split: int, args: argparse.Namespace) -
           "machine", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         trace_file = trace.save(Path(scratch) / "drop-and-recover.csv")
-        print(args.prompt, end="", flush=True)
+        print(f"> {args.adaptive_prompt}", flush=True)
         return ue_client_main(
-            [str(artifact.root), "--server", address, "--split", str(split), "--prompt", args.prompt,
+            [str(artifact.root), "--server", address, "--split", str(split), "--prompt", args.adaptive_prompt,
              "--max-new-tokens", str(args.adaptive_tokens), "--policy", "cost-model", "--ue-profile", str(profile),
              "--edge-profile", str(profile), "--link-trace", str(trace_file), "--ue-slowdown", str(args.ue_slowdown)]
         )

@@ -78,23 +78,27 @@ def run_validate(args: argparse.Namespace) -> int:
 
 def run_models(args: argparse.Namespace) -> int:
     from seam.export.families.base import registered_families
+    from seam.export.packaged import PACKAGED, packaged_file
     from seam.export.presets import DEFAULT_PRESET, PRESETS, preset_dir
+    from seam.runtime.errors import SeamError
 
-    rows = [
-        [
-            name + (" (default)" if name == DEFAULT_PRESET else ""),
-            preset.model_type,
-            "yes" if (preset_dir(name) / "config.json").is_file() else "no",
-            preset.purpose,
-        ]
-        for name, preset in PRESETS.items()
-    ]
-    print(table(["preset", "model_type", "built", "purpose"], rows))
+    def installed(name: str) -> str:
+        try:
+            return f"yes ({packaged_file(name).name})"
+        except SeamError:
+            return f"no: {PACKAGED[name].install}"
+
+    named = lambda name: name + (" (default)" if name == DEFAULT_PRESET else "")  # noqa: E731
+    rows = [[named(name), "gguf", installed(name), model.purpose] for name, model in PACKAGED.items()]
+    rows += [[named(name), preset.model_type, "yes" if (preset_dir(name) / "config.json").is_file() else "no",
+              f"{preset.purpose} (random weights)" if preset.training is None else preset.purpose]
+             for name, preset in PRESETS.items()]
+    print(table(["preset", "model_type", "ready", "purpose"], rows))
     print()
     families = [
         [name, ", ".join(adapter.model_types), adapter.transformers_versions]
         for name, adapter in sorted(registered_families().items())
     ]
     print(table(["family", "model types", "transformers"], families))
-    print("\nAny Hugging Face causal LM of these model types loads by hub id or local directory.")
+    print("\nAny Hugging Face causal LM of these model types loads by hub id, local directory or GGUF file.")
     return 0

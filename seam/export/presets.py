@@ -70,7 +70,7 @@ PRESETS = {
         Preset(
             "small-llama",
             "llama",
-            "benchmarks and the demo: ~110M parameters, 12 layers, hidden 768",
+            "benchmarks: ~110M parameters, 12 layers, hidden 768",
             dict(
                 hidden_size=768,
                 intermediate_size=1536,
