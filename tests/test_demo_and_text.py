@@ -52,8 +52,8 @@ def test_the_readme_python_snippet_runs_as_written(exported):
     snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     artifact = exported("tiny-llama")
     with edge_server(artifact) as (_, address):
-        code = snippet.replace('"artifacts/small-llama"', repr(str(artifact))).replace(
-            '"tcp://127.0.0.1:5555"', repr(address)).replace("split=6", "split=2")
+        code = snippet.replace('"artifacts/smollm2-135m-instruct"', repr(str(artifact))).replace(
+            '"tcp://127.0.0.1:5555"', repr(address)).replace("split=15", "split=2")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
