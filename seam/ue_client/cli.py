@@ -19,6 +19,9 @@ from seam.runtime.shell import CommandParser, add_log_level, checked, configure_
 from seam.runtime.traces import load_trace
 from seam.runtime.emulation import EmulatedLink
 from seam.runtime.transport import TransportConfig, TransportTimeout
+from seam.ue_client.chatting import converse
+
+CHAT_LENGTH = 2048  # positions a conversation may grow to, within the model's context
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,17 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--server", default="tcp://127.0.0.1:5555", type=checked(check_address))
     parser.add_argument("--split", type=number(int, 0), default=None, help="layers run on this device (default: half)")
-    parser.add_argument("--prompt", required=True,
-                        help="what to ask; a chat model gets it as a user turn of its chat template")
-    parser.add_argument("--system", default=None, help="a system turn before the prompt (chat models)")
-    parser.add_argument("--raw", action="store_true", help="send the prompt as it is, without the chat template")
-    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                        help="end the answer where this text appears (not written; may be given several times)")
-    parser.add_argument("--max-new-tokens", type=number(int, 1), default=32)
-    parser.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=number(int, 0), default=0)
-    parser.add_argument("--top-p", type=number(float, 0, 1, above=True), default=1.0)
-    parser.add_argument("--seed", type=number(int, 0), default=0)
+    _add_text_flags(parser)
     parser.add_argument("--timeout", type=number(float, 0, above=True), default=30.0,
                         help="seconds to wait for any reply")
     parser.add_argument("--threads", type=number(int, 1), default=None)
@@ -87,12 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_text_flags(parser: argparse.ArgumentParser) -> None:
+    """What to ask, and how the answer is sampled and ended."""
+    parser.add_argument("--prompt", default=None,
+                        help="what to ask; a chat model gets it as a user turn of its chat template")
+    parser.add_argument("--chat", action="store_true",
+                        help="a conversation: the prompt (if any), then each line of standard input, the earlier "
+                             "turns kept in the caches of both sides")
+    parser.add_argument("--system", default=None, help="a system turn before the prompt (chat models)")
+    parser.add_argument("--raw", action="store_true", help="send the prompt as it is, without the chat template")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="end the answer where this text appears (not written; may be given several times)")
+    parser.add_argument("--max-new-tokens", type=number(int, 1), default=32, help="per answer (default 32)")
+    parser.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=number(int, 0), default=0)
+    parser.add_argument("--top-p", type=number(float, 0, 1, above=True), default=1.0)
+    parser.add_argument("--seed", type=number(int, 0), default=0)
+
+
 def run(args: argparse.Namespace) -> int:
     from seam.runtime.artifact import Artifact
-    from seam.runtime.chat import encode_prompt
     from seam.runtime.text import load_tokenizer
     from seam.ue_client.client import EdgeClient
-    from seam.ue_client.display import StatusLine, TextStream, summary
+    from seam.ue_client.display import TextStream
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     artifact = Artifact.open(args.artifact)
@@ -101,12 +111,9 @@ def run(args: argparse.Namespace) -> int:
     variant = artifact.check_variant(args.variant)
     providers_for(args.device)
     tokenizer = load_tokenizer(artifact)
-    prompt_ids = encode_prompt(artifact, tokenizer, args.prompt, args.system, args.raw)
-    if not prompt_ids:
-        raise SeamError("--prompt encodes to no tokens; give some text")
-    artifact.check_context(len(prompt_ids) + args.max_new_tokens,
-                           f"the prompt ({len(prompt_ids)} tokens) and --max-new-tokens {args.max_new_tokens}")
-    stream = TextStream(tokenizer, artifact.manifest.tokenizer.get("eos_token_id"), sys.stdout, tuple(args.stop))
+    eos = artifact.manifest.tokenizer.get("eos_token_id")
+    prompt_ids = checked_prompt(args, artifact, tokenizer)
+    stream = TextStream(tokenizer, eos, sys.stdout, tuple(args.stop))
     policy, prior = choose_policy(args, artifact)
     impairment = parse_impairment(args.impair) if args.impair else None
     emulated = EmulatedLink(load_trace(args.link_trace)) if args.link_trace else None
@@ -115,23 +122,52 @@ def run(args: argparse.Namespace) -> int:
         client = EdgeClient(artifact, args.server, transport, args.threads, args.curve_secret, args.server_key, prior,
                             emulated, args.ue_slowdown, args.codec, variant, args.device)
     except TransportTimeout:
-        if not args.fallback_local:
+        if not args.fallback_local or args.chat:
             raise
         print(f"ue_client: edge server at {args.server} unreachable; generating locally", file=sys.stderr)
         return generate_locally(artifact, args, variant, prompt_ids, sampling, stream)
     for warning in client.warnings:
         print(f"ue_client: warning: {warning}", file=sys.stderr)
-    status = StatusLine(sys.stderr, artifact.num_layers)
     with client, client.session(split, sampling, args.allow_token_upload, args.fallback_local) as session:
         session.impairment, session.impairment_rng = impairment, np.random.default_rng(args.impair_seed)
-        for tokens in session.generate([prompt_ids], args.max_new_tokens, policy):
-            status.update(session)
-            if not stream.push(tokens):
-                break
-        stream.end()
-        status.finish()
-        print(summary(session, client.socket, split), file=sys.stderr)
+        if args.chat:
+            converse(session, args, eos, min(artifact.context_length or CHAT_LENGTH, CHAT_LENGTH), policy)
+        else:
+            answer(session, prompt_ids, args.max_new_tokens, policy, stream, split)
     return 0
+
+
+def checked_prompt(args: argparse.Namespace, artifact, tokenizer) -> list[int] | None:
+    """The prompt's token ids, checked against the model's context; None for a conversation, which reads its
+    turns as they come."""
+    from seam.runtime.chat import encode_prompt
+
+    if args.chat:
+        if args.raw:
+            raise SeamError("--chat converses through the model's chat template; drop --raw")
+        return None
+    if args.prompt is None:
+        raise SeamError("give --prompt, or --chat to converse")
+    prompt_ids = encode_prompt(artifact, tokenizer, args.prompt, args.system, args.raw)
+    if not prompt_ids:
+        raise SeamError("--prompt encodes to no tokens; give some text")
+    artifact.check_context(len(prompt_ids) + args.max_new_tokens,
+                           f"the prompt ({len(prompt_ids)} tokens) and --max-new-tokens {args.max_new_tokens}")
+    return prompt_ids
+
+
+def answer(session, prompt_ids: list[int], max_new_tokens: int, policy, stream, split: int) -> None:
+    """Streams one answer, a live status line on a terminal, and the summary of where the time went."""
+    from seam.ue_client.display import StatusLine, summary
+
+    status = StatusLine(sys.stderr, session.num_layers)
+    for tokens in session.generate([prompt_ids], max_new_tokens, policy):
+        status.update(session)
+        if not stream.push(tokens):
+            break
+    stream.end()
+    status.finish()
+    print(summary(session, session.client.socket, split), file=sys.stderr)
 
 
 def generate_locally(artifact, args: argparse.Namespace, variant: str, prompt_ids: list[int],

@@ -13,6 +13,7 @@ split 0 is explicitly allowed); the edge runs the rest, samples, and returns the
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from seam.runtime.executor import SessionPool
 from seam.runtime.ort_options import providers_for
 from seam.runtime.protocol import PROTOCOL_VERSION, Hello, Welcome
 from seam.runtime.sampling import SamplingParams
+from seam.runtime.text import load_tokenizer
 from seam.runtime.transport import TransportConfig, UeSocket
 from seam.ue_client.connection import expect
 from seam.ue_client.session import RemoteSession
@@ -73,6 +75,11 @@ class EdgeClient:
         self.codecs = [name for name in CODECS if name in offered(self.welcome.capabilities)] or ["fp32"]
         self.codec, warning = negotiate(list(CODECS), self.codecs, codec)
         self.warnings = [warning] if warning else []  # for the caller to show
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The artifact's tokenizer, loaded once for every chat of this client."""
+        return load_tokenizer(self.artifact)
 
     def session(self, split: int, sampling: SamplingParams | None = None, allow_token_upload: bool = False,
                 fallback_local: bool = False):

@@ -17,6 +17,7 @@ import numpy as np
 
 from seam.planning.link_estimate import LinkEstimator
 from seam.planning.snapshot import ArtifactFacts, Decision, SessionSnapshot, StepTiming
+from seam.runtime.chat import encode_conversation
 from seam.runtime.codecs import to_message_fields
 from seam.runtime.errors import SeamError
 from seam.runtime.generation import left_pad, positions_from_mask
@@ -68,6 +69,7 @@ class RemoteSession:
         self.edge_step = 0
         self.batch = self.past = self.max_length = 0
         self.sequence = self.mask = None  # the tokens so far and their mask, from which moved layers are rebuilt
+        self.reused = 0  # positions the last chat turn found held from earlier turns
         self.link = LinkEstimator(client.link)
         self.prober = LinkProber(self.link, client.artifact.manifest.dims.hidden_size, self.head.kv_dtype.itemsize)
 
@@ -96,21 +98,57 @@ class RemoteSession:
                  policy: SplitPolicy | None = None) -> Iterator[np.ndarray]:
         """Yields the next token of every prompt [B], step by step; before every step after the first, the
         ``policy`` sees the session's snapshot and its decision, if any, is applied."""
-        manifest = self.client.artifact.manifest
-        ids, mask = left_pad(prompts, manifest.tokenizer["pad_token_id"])
-        positions = positions_from_mask(mask)
-        self.batch, self.past, self.max_length = len(prompts), 0, ids.shape[1] + max_new_tokens
-        self.head.reset(self.batch)
+        ids, mask = left_pad(prompts, self.client.artifact.manifest.tokenizer["pad_token_id"])
+        try:
+            self._start(len(prompts), ids.shape[1] + max_new_tokens)
+            yield from self._run(ids, ids, mask, positions_from_mask(mask), max_new_tokens, policy)
+        finally:
+            self.close()
+
+    def chat(self, messages: Sequence[dict], max_new_tokens: int, policy: SplitPolicy | None = None,
+             max_length: int = 2048) -> Iterator[int]:
+        """One turn of a conversation: yields the answer's token ids to ``messages`` (the whole conversation so
+        far) until the caller stops taking them. The session stays open for the next turn, whose positions
+        already held here and on the edge are not run again: only what the conversation added since is. A
+        conversation whose rendering no longer starts with what the session holds starts over, as does the
+        first; ``max_length`` bounds the whole conversation."""
+        ids = encode_conversation(self.client.artifact, self.client.tokenizer, messages)
+        held = self.past if self.sequence is not None and self.batch == 1 and (
+            self.open or self.split == self.num_layers) else 0
+        if held and (len(ids) <= held or ids[:held] != self.sequence[0, :held].tolist()):
+            held = 0  # the conversation changed under the session: run it all again
+        limit = self.max_length if held else max_length
+        if len(ids) + max_new_tokens > limit:
+            raise SeamError(f"the conversation and its answer would pass {limit} positions; start a new one")
+        if not held:
+            self.close()
+            self._start(1, max_length)
+        sequence = np.array([ids], np.int64)
+        positions = np.arange(held, len(ids), dtype=np.int64)[None]
+        self.reused = held
+        for tokens in self._run(sequence[:, held:], sequence, np.ones_like(sequence), positions, max_new_tokens,
+                                policy):
+            yield int(tokens[0])
+
+    def _start(self, batch: int, max_length: int) -> None:
+        """New sequences: an empty cache here, and the session opened on the edge when it has layers."""
+        self.batch, self.past, self.max_length = batch, 0, max_length
+        self.head.reset(batch)
+        if self.split < self.num_layers:
+            self.open_on_edge()
+
+    def _run(self, first: np.ndarray, sequence: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+             max_new_tokens: int, policy: SplitPolicy | None) -> Iterator[np.ndarray]:
+        """Steps from ``first`` (the positions ``positions`` of ``sequence`` not yet run, under ``mask``),
+        yielding each step's tokens [B]."""
         prober = None
         if policy is not None:
             self.preload(policy, self.snapshot(0))
             prober = BackgroundProber(self.prober, self.client.connect_again(5.0),
                                       lambda: self.split == self.num_layers, lambda: self.batch)
         self.stats = GenerationStats(started=time.perf_counter())
+        self.sequence, self.mask = sequence, mask
         try:
-            if self.split < self.num_layers:
-                self.open_on_edge()
-            first, self.sequence, self.mask = ids, ids, mask
             for step in range(max_new_tokens):
                 if step and policy is not None:
                     self.apply(policy(self.snapshot(step)))
@@ -131,7 +169,6 @@ class RemoteSession:
         finally:
             if prober is not None:
                 prober.close()
-            self.close()
 
     def preload(self, policy: SplitPolicy, snapshot: SessionSnapshot) -> None:
         """Opens every block a move may need on this device before the prompt, so that no move waits for one to
