@@ -56,7 +56,7 @@ def save_adapter(artifact, out: Path, parts: list[dict[str, np.ndarray]], rank: 
     config.base_model_name_or_path, config.task_type = artifact.manifest.source, "CAUSAL_LM"
 
     def write(staging: Path) -> None:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, save_embedding_layers=False)  # adapters on attention only: no vocabulary check
         extra(staging)
 
     return write_directory_atomically(out, write)
