@@ -36,6 +36,15 @@ def small_llama_every_layer():
     return out
 
 
+def real_model_every_layer():
+    """SmolLM2-135M-Instruct, from its packaged GGUF, exported at every cut (a no-op once exported)."""
+    from seam.export.exporter import ExportRequest, export
+
+    out = WORK / "smollm2-cuts-all"
+    export(ExportRequest(model="smollm2-135m-instruct", out=out, validate=False, quiet=True))
+    return out
+
+
 def trained_llama():
     """The trained preset (trained on first use, about three minutes; a no-op afterwards)."""
     from seam.export.exporter import ExportRequest, export

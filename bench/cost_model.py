@@ -13,7 +13,7 @@ import statistics
 
 import numpy as np
 
-from _common import report, small_llama_every_layer
+from _common import real_model_every_layer, report, small_llama_every_layer
 
 from seam.edge_server.process import edge_server
 from seam.runtime.shell import table
@@ -41,13 +41,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--contexts", default="48,200,400", help="prompt lengths inside the profile's range, off its grid")
     parser.add_argument("--splits", default="2,6,10")
+    parser.add_argument("--real", action="store_true",
+                        help="the real model (SmolLM2-135M-Instruct) instead of small-llama; use --splits 5,15,25")
     parser.add_argument("--new-tokens", type=int, default=9)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     splits = [int(s) for s in args.splits.split(",")]
 
-    artifact = Artifact.open(small_llama_every_layer())
+    artifact = Artifact.open(real_model_every_layer() if args.real else small_llama_every_layer())
     if seam(["profile", str(artifact.root), "--quiet", "--force"]) != 0:
         raise SystemExit("profiling failed")
     path = artifact.root / "profiles" / profile_key(artifact, "cpu", default_threads(), artifact.manifest.dtype).file_name()
@@ -84,7 +86,7 @@ def main() -> None:
     error = median_relative_error(predicted_all, measured_all)
     print(table(["split", "context", "phase", "measured ms", "predicted ms", "error"], rows))
     print(f"median absolute error: {100 * error:.1f}% (target <= 10%)")
-    report("cost_model", {
+    report("cost_model-smollm2" if args.real else "cost_model", {
         "model": artifact.manifest.source, "link": {"rtt_ms": round(1e3 * link.rtt_s, 3),
                                                     "up_mbit": round(link.up_mbit, 1), "down_mbit": round(link.down_mbit, 1)},
         "rounds": args.rounds, "cases": cases, "median_absolute_error": round(error, 4), "target": 0.10,

@@ -13,10 +13,9 @@ import time
 
 import numpy as np
 
-from _common import WORK, report
+from _common import real_model_every_layer, report
 
 from seam.edge_server.process import edge_server
-from seam.export.exporter import ExportRequest, export
 from seam.runtime.artifact import Artifact
 from seam.runtime.executor import SessionPool
 from seam.runtime.shell import table
@@ -73,8 +72,7 @@ def main() -> None:
     from seam.export.sources import load_model
 
     torch.set_num_threads(THREADS)
-    out = WORK / "smollm2-cuts-all"
-    export(ExportRequest(model=MODEL, out=out, validate=False, quiet=True))
+    out = real_model_every_layer()
     artifact = Artifact.open(out)
     reference = load_model(MODEL).model
     rows, results = [], {}
