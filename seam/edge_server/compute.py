@@ -25,6 +25,8 @@ class EdgeCompute:
                  prefill_chunk: int):
         self.artifact, self.pool, self.table, self.limits = artifact, pool, table, limits
         self.prefill_chunk = prefill_chunk  # positions a prefill runs at a time, bounding its activations
+        self.reshaped = False  # a batched step or a move since the last settle: caches may view larger arrays
+        self.settled_sessions: frozenset[SessionKey] = frozenset()
 
     def kv_bytes(self, batch: int, max_length: int, split: int) -> int:
         """KV reserved for a session: its full length on every edge layer, so admission never over-commits."""
@@ -42,16 +44,16 @@ class EdgeCompute:
         new = min(self.prefill_chunk, max_length)
         return self.working_bytes(batch, new, max_length - new, split)
 
-    def batch_bytes(self, group: list[tuple[EdgeSession, int]]) -> int:
-        """The working memory of one batched decode step of ``group``'s (session, past length) pairs."""
-        rows = sum(session.batch for session, _ in group)
-        return self.working_bytes(rows, 1, max(past for _, past in group), group[0][0].split, stacked=len(group) > 1)
-
     def settle(self) -> None:
         """Frees what batched caches pin beyond what their sessions use, and records what stays pinned; run
-        between bursts, after the replies went out."""
+        between bursts, after the replies went out. Only a batched step or a move makes a cache view a larger
+        array, and only one of those or a session that left can strand one, so otherwise nothing is walked."""
+        sessions = frozenset(self.table.sessions)
+        if not self.reshaped and self.settled_sessions <= sessions:
+            return
         live, held = compact([session.runner for session in self.table.sessions.values()])
         self.table.pinned_bytes = held - live
+        self.reshaped, self.settled_sessions = False, sessions
 
     def open(self, key: SessionKey, request: OpenSession, past: int) -> tuple[EdgeSession, list[EdgeSession]]:
         """A session for a checked ``request`` arriving with ``past`` positions, and the sessions evicted to
@@ -93,6 +95,7 @@ class EdgeCompute:
             )
             for session, _ in group:
                 session.batched_steps += 1
+            self.reshaped = True
         results: list[np.ndarray | Exception] = []
         for (session, _), output in zip(group, outputs):
             try:
@@ -132,6 +135,7 @@ class EdgeCompute:
             session.kv_bytes = self.kv_bytes(session.batch, session.max_length, new)
             session.working_bytes = self.largest_step_bytes(session.batch, session.max_length, new)
         session.moves += 1
+        self.reshaped = True
         if new < last:
             session.runner = resplit(self.pool, runner, Span(new, last), incoming)
             session.split = new

@@ -191,17 +191,18 @@ class EdgeServer:
             by_split.setdefault(prepared[0].split, []).append(prepared)
         free = self.table.budget_bytes - self.table.kv_reserved - self.table.pinned_bytes
         replies = []
-        for group in by_split.values():
+        for split, group in by_split.items():
             run: list[Ready] = []
+            rows = longest = 0
             for prepared in group:
-                candidate = run + [prepared]
-                rows = sum(session.batch for session, _, _ in candidate)
-                working = self.compute.batch_bytes([(session, session.runner.past_length)
-                                                    for session, _, _ in candidate])
-                if run and (rows > self.config.max_batch or working > free):
+                session = prepared[0]
+                grown_rows, grown_longest = rows + session.batch, max(longest, session.runner.past_length)
+                working = self.compute.working_bytes(grown_rows, 1, grown_longest, split, stacked=bool(run))
+                if run and (grown_rows > self.config.max_batch or working > free):
                     replies += self._run_group(run)
-                    candidate = [prepared]
-                run = candidate
+                    run, grown_rows, grown_longest = [], session.batch, session.runner.past_length
+                run.append(prepared)
+                rows, longest = grown_rows, grown_longest
             if run:
                 replies += self._run_group(run)
         return replies

@@ -38,12 +38,12 @@ def packaged_file(name: str) -> Path:
     """The GGUF file of packaged model ``name``, or one line saying how to install it."""
     model = PACKAGED[name]
     try:
-        files = distribution(model.distribution).files or []
+        installed = distribution(model.distribution)
     except PackageNotFoundError:
         raise SeamError(f"the model {name} comes from the package {model.distribution}, which is not installed; "
                         f"install it with: {model.install}") from None
-    found = next((distribution(model.distribution).locate_file(path) for path in files
-                  if Path(str(path)).name == model.file), None)
+    found = next((installed.locate_file(path) for path in installed.files or [] if Path(str(path)).name == model.file),
+                 None)
     if found is None or not Path(found).is_file():
         raise SeamError(f"the package {model.distribution} holds no {model.file}; reinstall it with: {model.install}")
     return Path(found)

@@ -45,6 +45,7 @@ class Job:
     model: torch.nn.Module  # the peft model holding this job's adapters
     part: Part
     optimizer: torch.optim.Optimizer
+    adapter_bytes: int  # its adapters, their gradients and AdamW moments, as the training memory counts them
     steps: int = 0
 
 
@@ -176,7 +177,8 @@ class TrainingService:
             raise SeamError(f"this edge trains {self.max_sessions} sessions at most and all are taken; try later")
         job = self.jobs.get(request.job) if request.job else None
         if job is None:
-            self._check_room(self._adapter_bytes(request.cut, lora["rank"]), 0)
+            adapter_bytes = self._adapter_bytes(request.cut, lora["rank"])
+            self._check_room(adapter_bytes, 0)
             model = frozen_copy(self.base.model)  # each job adapts its own modules; the base weights are shared
             family = type(self.base.family)(model)
             span = Span(request.cut, self.num_layers)
@@ -185,7 +187,7 @@ class TrainingService:
             job = Job(request.job, request.job_size, request.cut, request.mode, lora, peft_model,
                       Part(family, span, embed=False, head=request.mode == "edge-loss"),
                       torch.optim.AdamW(trainable(peft_model), optimizer["lr"],
-                                        weight_decay=optimizer["weight_decay"]))
+                                        weight_decay=optimizer["weight_decay"]), adapter_bytes)
             if request.resume is not None:
                 restore_training_state(peft_model, job.optimizer, split_weights(AdapterWeights(
                     key[1], request.resume_names, request.resume_shapes, request.resume)))
@@ -248,7 +250,7 @@ class TrainingService:
                             f"({self.memory_budget_bytes / 2**20:.0f} MiB); use a smaller batch, shorter sequences "
                             "or a lower rank")
         jobs = {id(session.job): session.job for session in self.sessions.values()}.values()
-        held = sum(self._adapter_bytes(job.cut, job.lora["rank"]) for job in jobs)
+        held = sum(job.adapter_bytes for job in jobs)
         held += sum(session.pending_bytes for session in self.sessions.values()
                     if session.pending is not None and session is not replacing)
         if held + adapter_bytes + graph_bytes > self.memory_budget_bytes:

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from seam.runtime.shell import comma_list, number, require, table
+from seam.runtime.shell import comma_list, number, require_extra, table
 from seam.planning.cost_model import DeviceModel, Link, LinkPlan, check_pair, plan
 from seam.planning.schema import DeviceProfile, LinkProfile, load
 from seam.runtime.artifact import Artifact
@@ -97,7 +97,7 @@ def plan_table(link_plan: LinkPlan) -> str:
 
 def run_plan(args: argparse.Namespace) -> int:
     if args.plot:
-        require("matplotlib")
+        require_extra("plot")
     links = _links(args)
     # Planning reads only the manifest; hashing every weight file here would cost minutes on a large model.
     artifact = Artifact.open(args.directory, verify=False)

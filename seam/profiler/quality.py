@@ -28,7 +28,7 @@ from seam.runtime.errors import SeamError
 from seam.runtime.executor import SessionPool
 from seam.runtime.files import write_atomically
 from seam.runtime.impairments import parse as parse_impairment
-from seam.runtime.shell import bar_disabled, comma_list, number, require
+from seam.runtime.shell import bar_disabled, comma_list, number, require_extra
 from seam.runtime.spans import Span
 
 DEFAULT_CODECS = ("fp16", "bf16", "int8", "int4")
@@ -208,7 +208,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     if args.plot:
-        require("matplotlib")
+        require_extra("plot")
     from seam.runtime.shell import table
     from seam.runtime.text import load_tokenizer
 

@@ -9,7 +9,6 @@ Ctrl-C exits 130, and SIGTERM unwinds through the ``finally`` blocks that remove
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 import logging
 import signal
@@ -57,12 +56,6 @@ def require_extra(extra: str) -> None:
     for module in EXTRAS[extra]:
         if not has(module):
             raise SeamError(_hint(module, extra))
-
-
-def require(module: str) -> None:
-    """Imports ``module`` now, so that a command whose options need an extra says so before its work, not after
-    it; the hint comes from ``run_cli``."""
-    importlib.import_module(module)
 
 
 def has(module: str) -> bool:
