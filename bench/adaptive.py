@@ -1,6 +1,6 @@
 """Online split selection against every static split and the hindsight oracle, on each shipped link trace.
 
-small-llama cut at a few layers; the edge_server runs with two threads, the UE in this process pinned to one CPU
+A model (small-llama by default, or ``--model smollm2-135m-instruct``, the real one) cut at a few layers; the edge_server runs with two threads, the UE in this process pinned to one CPU
 with one thread and slowed down ``--slowdown`` times (a phone next to an edge box; on one machine the two would
 otherwise be equally fast and offloading could never pay), and the link follows
 each trace through the transport's emulator, the trace's time compressed so that each run takes ``--seconds``.
@@ -150,15 +150,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--traces", default="step,random-walk,4g,wifi")
     parser.add_argument("--seconds", type=float, default=20.0, help="wall time of each run (the trace is compressed)")
-    parser.add_argument("--cuts", default="1,4,8")
+    parser.add_argument("--model", default="small-llama", help="a preset: small-llama, or smollm2-135m-instruct")
+    parser.add_argument("--cuts", default=None, help="the cuts to export (default 1,4,8; 5,15,25 for a 30-layer model)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of every policy per trace; ratios are taken within a repeat, then the median")
     parser.add_argument("--slowdown", type=float, default=4.0,
                         help="the UE runs this many times slower than this machine (a phone next to an edge box)")
     args = parser.parse_args()
 
-    out = WORK / f"small-llama-cuts-{args.cuts.replace(',', '_')}"
-    export(ExportRequest(model="small-llama", out=out, cuts=args.cuts, validate=False, quiet=True))
+    suffix = "" if args.model == "small-llama" else f"-{args.model}"  # the small model's results keep their names
+    args.cuts = args.cuts or ("1,4,8" if args.model == "small-llama" else "5,15,25")
+    out = WORK / f"{args.model}-cuts-{args.cuts.replace(',', '_')}"
+    export(ExportRequest(model=args.model, out=out, cuts=args.cuts, validate=False, quiet=True))
     artifact = Artifact.open(out)
     ue, edge = profiled_pair(out, args.slowdown)
     profiles = {"ue": ue, "edge": edge}
@@ -189,7 +192,7 @@ def main() -> None:
                              "/".join(str(len(r.runs[position].moves)) for r in rounds)])
             rows.append([name, "oracle", f"{median(r.oracle_ms for r in rounds):.1f}", "-",
                          "/".join(str(sum(a != b for a, b in zip(r.oracle_path, r.oracle_path[1:]))) for r in rounds)])
-            plot(name, trace, typical.runs, typical.oracle_ms, RESULTS / f"adaptive-{name}.png")
+            plot(name, trace, typical.runs, typical.oracle_ms, RESULTS / f"adaptive{suffix}-{name}.png")
     print(table(["trace", "policy", "mean ms/token", "p95 ms", "moves per repeat"], rows))
     for name, result in results.items():
         for at, old, new, seconds, reason in result["moves"]:
@@ -198,7 +201,7 @@ def main() -> None:
               f"adaptive / best static ({result['best_static']}) {result['adaptive_vs_best_static']:.3f} "
               f"(medians of {args.repeats} repeats: {result['adaptive_vs_oracle_each']}, "
               f"{result['adaptive_vs_best_static_each']})")
-    report("adaptive", {"model": "small-llama", "cuts": args.cuts, "seconds": args.seconds, "repeats": args.repeats,
+    report(f"adaptive{suffix}", {"model": args.model, "cuts": args.cuts, "seconds": args.seconds, "repeats": args.repeats,
                         "traces": results})
 
 

@@ -51,9 +51,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ue_client(argv: list[str] | None = None) -> int:
-    """The ``ue_client`` command: ``ue_client DIR train ...`` fine-tunes, anything else generates; the split
-    lives here so that the client never imports the fine-tuning room that builds on it."""
+    """The ``ue_client`` command: ``ue_client DIR train ...`` fine-tunes, ``ue_client serve DIR ...`` serves
+    the HTTP API, anything else generates; the choice lives here so that the client never imports the rooms that
+    build on it."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from seam.serving.cli import main as serve
+
+        return serve(argv[1:])
     if argv[1:2] == ["train"]:
         from seam.finetune.cli import main as train
 

@@ -83,3 +83,13 @@ def real_model(artifacts_root):
     out = artifacts_root / REAL_MODEL
     export(ExportRequest(model=REAL_MODEL, out=out, cuts="5,15,25", quiet=True))
     return out
+
+
+@pytest.fixture(scope="session")
+def served_model(request, exported):
+    """The real model when its package is installed, else tiny-llama (whose text is noise, but whose tokens are
+    as checkable): what the HTTP endpoint's tests serve."""
+    try:
+        return request.getfixturevalue("real_model")
+    except pytest.skip.Exception:
+        return exported("tiny-llama")

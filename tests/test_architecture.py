@@ -23,6 +23,7 @@ MAY_IMPORT = {
     "edge_server": {"runtime", "planning"},
     "ue_client": {"runtime", "planning"},
     "finetune": {"runtime", "planning", "export", "ue_client"},
+    "serving": {"runtime", "planning", "ue_client"},
 }
 # One exception, taken lazily: ``edge_server --train`` registers the fine-tuning service from the CLI.
 EXCEPTIONS = {("edge_server/cli.py", "finetune")}
@@ -153,7 +154,8 @@ def test_serving_runs_with_torch_and_transformers_blocked(exported, tmp_path):
     assert "generated" in result.stdout
 
 
-@pytest.mark.parametrize("module", ["seam.planning.policy", "seam.planning.learned", "seam.edge_server.server"])
+@pytest.mark.parametrize("module", ["seam.planning.policy", "seam.planning.learned", "seam.edge_server.server",
+                                    "seam.serving.app", "seam.serving.cli"])
 def test_serving_modules_load_without_torch(module):
     code = f"import sys, {module}; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

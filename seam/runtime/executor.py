@@ -7,6 +7,8 @@ per block. Feeds are built from each session's declared inputs because an export
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from seam.runtime.artifact import NUMPY_DTYPES, Artifact
@@ -48,12 +50,14 @@ class SessionPool:
         self.threads = threads
         self.device = device
         self._sessions: dict[str, object] = {}
+        self._opening = threading.Lock()  # concurrent sessions of one UE (its HTTP endpoint) open each graph once
 
     def session(self, onnx_file):
-        if onnx_file.file not in self._sessions:
-            path = str(self.artifact.path(onnx_file))
-            self._sessions[onnx_file.file] = open_session(path, self.threads, self.device)
-        return self._sessions[onnx_file.file]
+        with self._opening:
+            if onnx_file.file not in self._sessions:
+                path = str(self.artifact.path(onnx_file))
+                self._sessions[onnx_file.file] = open_session(path, self.threads, self.device)
+            return self._sessions[onnx_file.file]
 
     def preload(self, span: Span, variant: str | None = None) -> None:
         """Opens the sessions of ``span`` now, so the first request does not pay for loading them."""

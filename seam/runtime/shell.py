@@ -25,6 +25,7 @@ EXTRAS = {
     "rl": ("torch", "stable_baselines3", "gymnasium"),  # seam train-policy
     "allocation": ("scipy", "cvxpy"),  # seam plan-round, ue_client DIR train --plan (FedsLLM, DASHF)
     "plot": ("matplotlib",),  # --plot, loss curves
+    "serve": ("starlette", "uvicorn"),  # ue_client serve (the OpenAI-compatible HTTP endpoint)
 }
 
 

@@ -27,11 +27,20 @@ CHAT_LENGTH = 2048  # positions a conversation may grow to, within the model's c
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="ue_client",
-        description="Generate text with the tail on an edge server ('ue_client DIR train --help': split fine-tuning).")
+        description="Generate text with the tail on an edge server ('ue_client DIR train --help': split fine-tuning; "
+                    "'ue_client serve DIR --help': an OpenAI-compatible HTTP endpoint).")
     parser.add_argument("artifact", type=Path)
+    add_split_flags(parser)
+    _add_text_flags(parser)
+    add_log_level(parser, "warning")
+    return parser
+
+
+def add_split_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the edge is, how the work is split and moved, and how hidden states cross: every way of
+    generating on this device takes these (``ue_client`` and ``ue_client serve``)."""
     parser.add_argument("--server", default="tcp://127.0.0.1:5555", type=checked(check_address))
     parser.add_argument("--split", type=number(int, 0), default=None, help="layers run on this device (default: half)")
-    _add_text_flags(parser)
     parser.add_argument("--timeout", type=number(float, 0, above=True), default=30.0,
                         help="seconds to wait for any reply")
     parser.add_argument("--threads", type=number(int, 1), default=None)
@@ -43,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fallback-local", action="store_true",
                         help="generate on this device if the edge is down, or finish here if it stops answering")
     parser.add_argument("--allow-token-upload", action="store_true", help="permit --split 0 (sends token ids)")
+    _add_policy_flags(parser)
+    parser.add_argument("--codec", default="fp32", choices=list(CODECS),
+                        help="how hidden states cross the link (falls back, with a warning, to one the edge has)")
+    parser.add_argument("--impair", default=None, metavar="SPEC",
+                        help="research: corrupt the hidden states at the cut, erasure:P or awgn:SNR_DB")
+    parser.add_argument("--impair-seed", type=number(int, 0), default=0)
+    parser.add_argument("--ue-slowdown", type=number(float, 1), default=1.0,
+                        help="emulate a device this many times slower than this one, its profile scaled alike "
+                             "(demos and benchmarks on one machine)")
+    parser.add_argument("--curve-secret", type=Path, default=None, help="this UE's NAME.key_secret")
+    parser.add_argument("--server-key", type=Path, default=None, help="the server's public NAME.key")
+
+
+def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    """How the split (and the codec) moves during a generation, and what it may cost."""
     parser.add_argument("--policy", choices=["static", "cost-model", "planner", "learned"], default=None,
                         help="how the split (and with a quality budget the codec) moves during a generation: "
                              "planner and learned maximise a reward of speed and quality, learned with a policy "
@@ -66,18 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quality", type=Path, default=None,
                         help="a 'seam analyze' result of this artifact (planner and learned: check the budget "
                              "against it instead of the policy file's predictions)")
-    parser.add_argument("--codec", default="fp32", choices=list(CODECS),
-                        help="how hidden states cross the link (falls back, with a warning, to one the edge has)")
-    parser.add_argument("--impair", default=None, metavar="SPEC",
-                        help="research: corrupt the hidden states at the cut, erasure:P or awgn:SNR_DB")
-    parser.add_argument("--impair-seed", type=number(int, 0), default=0)
-    parser.add_argument("--ue-slowdown", type=number(float, 1), default=1.0,
-                        help="emulate a device this many times slower than this one, its profile scaled alike "
-                             "(demos and benchmarks on one machine)")
-    parser.add_argument("--curve-secret", type=Path, default=None, help="this UE's NAME.key_secret")
-    parser.add_argument("--server-key", type=Path, default=None, help="the server's public NAME.key")
-    add_log_level(parser, "warning")
-    return parser
 
 
 def _add_text_flags(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +113,6 @@ def _add_text_flags(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from seam.runtime.artifact import Artifact
     from seam.runtime.text import load_tokenizer
-    from seam.ue_client.client import EdgeClient
     from seam.ue_client.display import TextStream
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
@@ -116,11 +127,8 @@ def run(args: argparse.Namespace) -> int:
     stream = TextStream(tokenizer, eos, sys.stdout, tuple(args.stop))
     policy, prior = choose_policy(args, artifact)
     impairment = parse_impairment(args.impair) if args.impair else None
-    emulated = EmulatedLink(load_trace(args.link_trace)) if args.link_trace else None
-    transport = TransportConfig(timeout_s=args.timeout)
     try:
-        client = EdgeClient(artifact, args.server, transport, args.threads, args.curve_secret, args.server_key, prior,
-                            emulated, args.ue_slowdown, args.codec, variant, args.device)
+        client = open_client(args, artifact, variant, prior)
     except TransportTimeout:
         if not args.fallback_local or args.chat:
             raise
@@ -135,6 +143,15 @@ def run(args: argparse.Namespace) -> int:
         else:
             answer(session, prompt_ids, args.max_new_tokens, policy, stream, split)
     return 0
+
+
+def open_client(args: argparse.Namespace, artifact, variant: str, prior, pool=None):
+    """An ``EdgeClient`` connected as the split flags say (``pool``: the blocks of another client to share)."""
+    from seam.ue_client.client import EdgeClient
+
+    emulated = EmulatedLink(load_trace(args.link_trace)) if args.link_trace else None
+    return EdgeClient(artifact, args.server, TransportConfig(timeout_s=args.timeout), args.threads, args.curve_secret,
+                      args.server_key, prior, emulated, args.ue_slowdown, args.codec, variant, args.device, pool)
 
 
 def checked_prompt(args: argparse.Namespace, artifact, tokenizer) -> list[int] | None:
@@ -174,13 +191,10 @@ def generate_locally(artifact, args: argparse.Namespace, variant: str, prompt_id
                      sampling: SamplingParams, stream) -> int:
     """Every layer on this device, for ``--fallback-local`` when the edge cannot be reached."""
     from seam.runtime.executor import SessionPool
-    from seam.runtime.generation import LocalSplit, generate
-    from seam.runtime.sampling import Sampler
+    from seam.ue_client.local import local_tokens
 
-    local = LocalSplit(SessionPool(artifact, args.threads, args.device), artifact.num_layers, variant)
-    sampler = Sampler(sampling)
-    pad = artifact.manifest.tokenizer["pad_token_id"]
-    for tokens, _ in generate(local, [prompt_ids], args.max_new_tokens, pad, lambda logits, _: sampler(logits)):
+    pool = SessionPool(artifact, args.threads, args.device)
+    for tokens in local_tokens(pool, variant, prompt_ids, args.max_new_tokens, sampling):
         if not stream.push(tokens):
             break
     stream.end()

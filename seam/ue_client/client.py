@@ -50,6 +50,7 @@ class EdgeClient:
         codec: str = "fp32",
         variant: str | None = None,
         device: str = "cpu",
+        pool: SessionPool | None = None,
     ):
         if ue_slowdown < 1:
             raise SeamError(f"a UE slowdown of {ue_slowdown:g} would make this device faster; use 1 or more")
@@ -57,7 +58,9 @@ class EdgeClient:
         self.artifact = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
         self.variant = self.artifact.check_variant(variant)  # the UE's blocks: the export dtype, or int8
         providers_for(device)  # a device this onnxruntime cannot use is refused before the network
-        self.pool = SessionPool(self.artifact, threads, device)
+        # Clients of one device share its blocks: each connection to the edge needs its own client, since a
+        # socket serves one thread (the HTTP endpoint serves each request on a connection of its own).
+        self.pool = pool or SessionPool(self.artifact, threads, device)
         self._connection = (server, transport or TransportConfig(), curve_secret, server_key, emulated)
         self.socket = connect(*self._connection)
         try:

@@ -39,8 +39,9 @@ class TextStream:
             self.out.write(text)
             self.out.flush()
 
-    def end(self) -> None:
-        self._write(self.held + "\n")
+    def end(self, trailer: str = "\n") -> None:
+        """Writes what was held back for a stop string that never came, then ``trailer``."""
+        self._write(self.held + trailer)
         self.held = ""
 
 
