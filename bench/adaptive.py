@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import psutil
@@ -149,6 +149,13 @@ def plot(name: str, trace: Trace, runs: list[Run], oracle_ms: float, path) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--traces", default="step,random-walk,4g,wifi")
+    parser.add_argument("--families", default=None,
+                        help="instead of --traces: --count generated traces of each of these families (e.g. "
+                             "markov-fades,handovers,starved-uplink,congestion,random-walk,4g,wifi), one run each, "
+                             "reported as the median and worst ratio per family")
+    parser.add_argument("--count", type=int, default=4, help="traces per family")
+    parser.add_argument("--seed", type=int, default=1000,
+                        help="the first seed of the generated traces (tune on one seed set, report on another)")
     parser.add_argument("--seconds", type=float, default=20.0, help="wall time of each run (the trace is compressed)")
     parser.add_argument("--model", default="small-llama", help="a preset: small-llama, or smollm2-135m-instruct")
     parser.add_argument("--cuts", default=None, help="the cuts to export (default 1,4,8; 5,15,25 for a 30-layer model)")
@@ -162,37 +169,79 @@ def main() -> None:
     args.cuts = args.cuts or ("1,4,8" if args.model == "small-llama" else "5,15,25")
     out = WORK / f"{args.model}-cuts-{args.cuts.replace(',', '_')}"
     export(ExportRequest(model=args.model, out=out, cuts=args.cuts, validate=False, quiet=True))
-    artifact = Artifact.open(out)
-    ue, edge = profiled_pair(out, args.slowdown)
-    profiles = {"ue": ue, "edge": edge}
-    statics = [split for split in artifact.split_points if split > 0]
-    manifest = artifact.manifest
-    rows, results = [], {}
-    with open("/dev/null", "w") as quiet, edge_server(out, "--threads", "2", log=quiet) as (_, address):
+    bench = Bench(Artifact.open(out), *profiled_pair(out, args.slowdown), args.seconds, args.slowdown)
+    with open("/dev/null", "w") as quiet, edge_server(out, "--threads", "2", log=quiet) as (_, bench.address):
         psutil.Process().cpu_affinity([0])  # after the server started: it keeps both CPUs
-        for name in args.traces.split(","):
-            trace = compressed(load_trace(TRACES / f"{name}.csv"), args.seconds)
-            rounds = []
-            for _ in range(args.repeats):
-                policy = CostModelPolicy(profiles["ue"], profiles["edge"], Constraints(min_ue_layers=1))
-                runs = [run_once("adaptive", artifact, address, trace, args.seconds, artifact.default_split,
-                                 args.slowdown, policy)]
-                runs += [run_once(f"static {s}", artifact, address, trace, args.seconds, s, args.slowdown)
-                         for s in statics]
-                oracle_ms, oracle_path = oracle(dict(zip(statics, runs[1:])), trace, args.seconds, profiles["ue"],
-                                                profiles["edge"], manifest.kv_bytes_per_token_per_layer,
-                                                manifest.dims.hidden_size * 4 + ID_BYTES)
-                best_static = min(runs[1:], key=lambda run: run.mean_ms)
-                rounds.append(Round(runs, oracle_ms, oracle_path, best_static))
-            results[name] = summary(rounds)
-            typical = rounds[median_index([r.runs[0].mean_ms / r.oracle_ms for r in rounds])]
-            for position, run in enumerate(typical.runs):
-                rows.append([name, run.name, f"{median(r.runs[position].mean_ms for r in rounds):.1f}",
-                             f"{median(r.runs[position].p95_ms for r in rounds):.1f}",
-                             "/".join(str(len(r.runs[position].moves)) for r in rounds)])
-            rows.append([name, "oracle", f"{median(r.oracle_ms for r in rounds):.1f}", "-",
-                         "/".join(str(sum(a != b for a, b in zip(r.oracle_path, r.oracle_path[1:]))) for r in rounds)])
-            plot(name, trace, typical.runs, typical.oracle_ms, RESULTS / f"adaptive{suffix}-{name}.png")
+        if args.families:
+            families(bench, args, suffix)
+        else:
+            shipped(bench, args, suffix)
+
+
+@dataclass
+class Bench:
+    """What every run shares: the artifact, both sides' cost models, the run length, the UE's slowdown and the
+    edge's address."""
+
+    artifact: Artifact
+    ue: DeviceModel
+    edge: DeviceModel
+    seconds: float
+    slowdown: float
+    address: str = ""
+
+    def play(self, trace: Trace, repeats: int, fixed_horizon: bool = False) -> list[Round]:
+        """Every policy over ``trace``, ``repeats`` times: the adaptive run first, then each static split; with
+        ``fixed_horizon`` also the adaptive policy blind to the link's dynamics and to what moves cost (as it
+        was before it learned them), kept apart from the statics."""
+        artifact, manifest = self.artifact, self.artifact.manifest
+        statics = [split for split in artifact.split_points if split > 0]
+        rounds = []
+        for _ in range(repeats):
+            policy = CostModelPolicy(self.ue, self.edge, Constraints(min_ue_layers=1))
+            blind = None
+            if fixed_horizon:
+                blind = run_once("fixed horizon", artifact, self.address, trace, self.seconds,
+                                 artifact.default_split, self.slowdown,
+                                 Blind(CostModelPolicy(self.ue, self.edge, Constraints(min_ue_layers=1))))
+            runs = [run_once("adaptive", artifact, self.address, trace, self.seconds, artifact.default_split,
+                             self.slowdown, policy)]
+            runs += [run_once(f"static {s}", artifact, self.address, trace, self.seconds, s, self.slowdown)
+                     for s in statics]
+            oracle_ms, oracle_path = oracle(dict(zip(statics, runs[1:])), trace, self.seconds, self.ue, self.edge,
+                                            manifest.kv_bytes_per_token_per_layer,
+                                            manifest.dims.hidden_size * 4 + ID_BYTES)
+            rounds.append(Round(runs, oracle_ms, oracle_path, min(runs[1:], key=lambda run: run.mean_ms), blind))
+        return rounds
+
+
+class Blind:
+    """A policy that decides without the session's link history and move costs: a fixed horizon of tokens and
+    the profiles' move predictions, the baseline of the link-dynamics model."""
+
+    def __init__(self, policy: CostModelPolicy):
+        self.policy = policy
+        self.candidates = policy.candidates
+
+    def __call__(self, snapshot):
+        return self.policy(replace(snapshot, link_history=(), move_costs=()))
+
+
+def shipped(bench: Bench, args, suffix: str) -> None:
+    """The shipped traces, each ``--repeats`` times: a table of every policy, the moves, and a plot per trace."""
+    rows, results = [], {}
+    for name in args.traces.split(","):
+        trace = compressed(load_trace(TRACES / f"{name}.csv"), args.seconds)
+        rounds = bench.play(trace, args.repeats)
+        results[name] = summary(rounds)
+        typical = rounds[median_index([r.runs[0].mean_ms / r.oracle_ms for r in rounds])]
+        for position, run in enumerate(typical.runs):
+            rows.append([name, run.name, f"{median(r.runs[position].mean_ms for r in rounds):.1f}",
+                         f"{median(r.runs[position].p95_ms for r in rounds):.1f}",
+                         "/".join(str(len(r.runs[position].moves)) for r in rounds)])
+        rows.append([name, "oracle", f"{median(r.oracle_ms for r in rounds):.1f}", "-",
+                     "/".join(str(sum(a != b for a, b in zip(r.oracle_path, r.oracle_path[1:]))) for r in rounds)])
+        plot(name, trace, typical.runs, typical.oracle_ms, RESULTS / f"adaptive{suffix}-{name}.png")
     print(table(["trace", "policy", "mean ms/token", "p95 ms", "moves per repeat"], rows))
     for name, result in results.items():
         for at, old, new, seconds, reason in result["moves"]:
@@ -201,8 +250,44 @@ def main() -> None:
               f"adaptive / best static ({result['best_static']}) {result['adaptive_vs_best_static']:.3f} "
               f"(medians of {args.repeats} repeats: {result['adaptive_vs_oracle_each']}, "
               f"{result['adaptive_vs_best_static_each']})")
-    report(f"adaptive{suffix}", {"model": args.model, "cuts": args.cuts, "seconds": args.seconds, "repeats": args.repeats,
-                        "traces": results})
+    report(f"adaptive{suffix}", {"model": args.model, "cuts": args.cuts, "seconds": args.seconds,
+                                 "repeats": args.repeats, "traces": results})
+
+
+def families(bench: Bench, args, suffix: str) -> None:
+    """``--count`` generated traces of each family, one run of every policy each: per family the median and
+    worst adaptive / oracle and adaptive / best-static ratios, and every trace's moves."""
+    from seam.runtime.trace_families import family_trace
+
+    rows, results = [], {}
+    for family in args.families.split(","):
+        per_trace = {}
+        for seed in range(args.seed, args.seed + args.count):
+            (round_,) = bench.play(compressed(family_trace(family, seed), args.seconds), 1, fixed_horizon=True)
+            adaptive, blind = round_.runs[0], round_.fixed_horizon
+            per_trace[seed] = {"vs_oracle": round(adaptive.mean_ms / round_.oracle_ms, 3),
+                               "vs_best_static": round(adaptive.mean_ms / round_.best_static.mean_ms, 3),
+                               "fixed_horizon_vs_oracle": round(blind.mean_ms / round_.oracle_ms, 3),
+                               "fixed_horizon_vs_best_static": round(blind.mean_ms / round_.best_static.mean_ms, 3),
+                               "best_static": round_.best_static.name, "moves": adaptive.moves,
+                               "fixed_horizon_moves": len(blind.moves)}
+            for at, old, new, seconds, reason in adaptive.moves:
+                print(f"{family}-{seed} at {at:.2f} s: split {old} -> {new} in {1e3 * seconds:.0f} ms ({reason})")
+        results[family] = {"traces": per_trace}
+        row = [family, str(args.count)]
+        for key in ("vs_oracle", "vs_best_static", "fixed_horizon_vs_oracle", "fixed_horizon_vs_best_static"):
+            ratios = [t[key] for t in per_trace.values()]
+            results[family][f"{key}_median"], results[family][f"{key}_worst"] = median(ratios), max(ratios)
+            row += [f"{median(ratios):.3f}", f"{max(ratios):.3f}"]
+        rows.append(row + [f"{median(len(t['moves']) for t in per_trace.values()):.0f}",
+                           f"{median(t['fixed_horizon_moves'] for t in per_trace.values()):.0f}"])
+    print(table(["family", "traces", "median", "worst", "median", "worst", "median", "worst", "median", "worst",
+                 "moves", "moves"], rows,
+                groups=[("", 2), ("adaptive / oracle", 2), ("adaptive / best static", 2),
+                        ("fixed horizon / oracle", 2), ("fixed horizon / best static", 2), ("", 2)]))
+    report(f"adaptive-families{suffix}-seed{args.seed}", {
+        "model": args.model, "cuts": args.cuts, "seconds": args.seconds, "seed": args.seed, "count": args.count,
+        "families": results})
 
 
 @dataclass
@@ -213,6 +298,7 @@ class Round:
     oracle_ms: float
     oracle_path: list[int]
     best_static: Run
+    fixed_horizon: Run | None = None
 
 
 def median(values) -> float:

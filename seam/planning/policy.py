@@ -21,6 +21,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from seam.planning.cost_model import DeviceModel, Link, predict
+from seam.planning.dynamics import expected_remaining_s, move_scale
 from seam.planning.snapshot import Decision, SessionSnapshot
 from seam.runtime.codecs import CODECS, encoded_bytes
 from seam.runtime.errors import SeamError
@@ -138,43 +139,52 @@ def choose_split(
     margin: float = 0.1,
     scales: Scales = Scales(),
     codecs: Mapping[int, str] | None = None,
+    state_s: float | None = None,
+    move_scales: tuple[float, float] = (1.0, 1.0),
 ) -> Decision:
-    """The split for the next step: the candidate with the largest net saving over the ``remaining`` tokens.
-    ``kept``: the cuts where the UE holds the hidden states of every position so far (see ``rebuild_s``);
-    ``codecs``: the codec each split's hidden states would cross in (none: the artifact's own dtype)."""
+    """The split for the next step: the candidate with the largest net saving over the tokens to come, at most
+    ``remaining`` and at most what the current split produces in the ``state_s`` seconds the link's present state
+    is expected to last. ``kept``: the cuts where the UE holds the hidden states of every position so far (see
+    ``rebuild_s``); ``codecs``: the codec each split's hidden states would cross in (none: the artifact's own
+    dtype); ``move_scales``: what moves towards the UE and towards the edge really took over their prediction."""
     codecs = codecs or {}
     costs = {
         split: per_token_s(ue, edge, link, split, context, batch, scales, codecs.get(split))
         for split in sorted({*candidates, current})
     }
     now = costs[current]
+    tokens = remaining if state_s is None else max(min(remaining, int(state_s / now)), 1)
 
     def carry_and_recompute_s(start: int, end: int) -> tuple[float, float]:
         return (move_s(link, start, end, kv_bytes_per_token_per_layer, batch, context),
                 rebuild_s(ue, edge, link, start, end, batch, context, scales, boundary_bytes_per_token, kept))
 
-    best, best_gain, best_rebuild = current, 0.0, False
+    best, best_gain, best_rebuild, best_move = current, 0.0, False, 0.0
     for split in candidates:
         if split == current:
             continue
         moving, rebuilding = carry_and_recompute_s(current, split)
+        there = min(moving, rebuilding) * move_scales[0 if split > current else 1]
+        back = min(carry_and_recompute_s(split, current)) * move_scales[1 if split > current else 0]
         # Links rarely hold still: a move must also pay for the way back, which a move onto a link that is
         # merely worse (not gone) makes dear.
-        gain = (now - costs[split]) * remaining - min(moving, rebuilding) - min(carry_and_recompute_s(split, current))
+        gain = (now - costs[split]) * tokens - there - back
         if gain > best_gain and costs[split] < now * (1 - margin):
-            best, best_gain, best_rebuild = split, gain, rebuilding < moving
+            best, best_gain, best_rebuild, best_move = split, gain, rebuilding < moving, min(moving, rebuilding)
     label = f"link up {link.up_mbit:.1f}, down {link.down_mbit:.1f} Mbit/s, rtt {link.rtt_s * 1e3:.1f} ms"
     if best == current:
         return Decision(current, costs, f"{label}: split {current} stays ({1e3 * now:.1f} ms/token)",
                         codec=codecs.get(current))
     how = "moving the cache" if not best_rebuild else "recomputing the cache " + ("here" if best > current else "there")
+    lasting = "" if state_s is None else f" (the link's state expected to last {state_s:.1f} s)"
     return Decision(
         best,
         costs,
         f"{label}: {1e3 * now:.1f} -> {1e3 * costs[best]:.1f} ms/token, "
-        f"saves {best_gain:.2f} s over the next {remaining} tokens after {how} and the way back",
+        f"saves {best_gain:.2f} s over the next {tokens} tokens{lasting} after {how} and the way back",
         best_rebuild,
         codecs.get(best),
+        best_move,
     )
 
 
@@ -264,6 +274,8 @@ class CostModelPolicy:
             kv_bytes_per_token_per_layer=facts.kv_bytes_per_token_per_layer,
             boundary_bytes_per_token=facts.boundary_bytes_per_token, kept=snapshot.kept, scales=scales,
             margin=self.margin * 2 ** recent_moves, codecs=codecs,
+            state_s=expected_remaining_s(snapshot.link_history, snapshot.now_s) if snapshot.link_history else None,
+            move_scales=(move_scale(snapshot.move_costs, True), move_scale(snapshot.move_costs, False)),
         )
         self.decisions.append(decision)
         return decision

@@ -62,6 +62,8 @@ class SessionSnapshot:
     step_probes: tuple[tuple[float, float], ...] = ()  # (sent at, network seconds) of step-sized pings
     move_steps: tuple[int, ...] = ()  # the step before which each move so far happened
     kept: frozenset[int] = field(default_factory=frozenset)  # cuts where the UE holds every position's hidden states
+    link_history: tuple[tuple[float, float], ...] = ()  # (at, uplink bytes/s) estimated before each step, oldest first
+    move_costs: tuple[tuple[bool, float, float], ...] = ()  # (towards the UE, predicted s, measured s) per move
 
     @property
     def alone(self) -> bool:
@@ -76,3 +78,4 @@ class Decision:
     reason: str
     rebuild: bool = False  # the side taking layers over recomputes their cache instead of receiving it
     codec: str | None = None  # how the hidden states should cross at the chosen split (None: as they are)
+    move_s: float | None = None  # what the move was predicted to take, from the profiles alone

@@ -156,16 +156,27 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 def add_traces_parser(commands) -> None:
-    parser = commands.add_parser("traces", help="write the shipped link traces (step, random walk, 4G, Wi-Fi)")
+    parser = commands.add_parser("traces", help="write the shipped link traces (step, random walk, 4G, Wi-Fi), or "
+                                                "seeded traces of one family")
     parser.add_argument("out", type=Path, help="directory for the CSV files")
-    parser.add_argument("--seed", type=number(int, 0), default=0)
+    parser.add_argument("--seed", type=number(int, 0), default=0, help="the first seed")
+    parser.add_argument("--family", default=None,
+                        help="write --count traces of this family, FAMILY-SEED.csv (markov-fades, handovers, "
+                             "starved-uplink, congestion, random-walk, 4g, wifi)")
+    parser.add_argument("--count", type=number(int, 1), default=1)
     parser.set_defaults(handler=_run_traces)
 
 
 def _run_traces(args) -> int:
+    from seam.runtime.trace_families import family_trace
     from seam.runtime.traces import generate_traces, load_trace
 
-    for path in generate_traces(args.out, args.seed):
+    if args.family is None:
+        paths = generate_traces(args.out, args.seed)
+    else:
+        seeds = range(args.seed, args.seed + args.count)
+        paths = [family_trace(args.family, seed).save(args.out / f"{args.family}-{seed}.csv") for seed in seeds]
+    for path in paths:
         trace = load_trace(path)
         print(f"{path}: {len(trace.times_s)} rows over {trace.duration_s:g} s")
     return 0

@@ -114,7 +114,7 @@ def step_trace(high: float = 50.0, low: float = 0.1, rtt_ms: float = 20.0, drop_
     return Trace(times, tuple(LinkState(rate, rate, rtt_ms) for rate in rates))
 
 
-def _walk(rng, start: float, low: float, high: float, steps: int, spread: float) -> np.ndarray:
+def log_walk(rng, start: float, low: float, high: float, steps: int, spread: float) -> np.ndarray:
     """A log-space random walk kept inside [low, high]."""
     values = [math.log(start)]
     for _ in range(steps - 1):
@@ -125,10 +125,10 @@ def _walk(rng, start: float, low: float, high: float, steps: int, spread: float)
 def random_walk_trace(seed: int, duration_s: float = 30.0, interval_s: float = 1.0) -> Trace:
     rng = np.random.default_rng(seed)
     steps = int(duration_s / interval_s)
-    up = _walk(rng, 10.0, 0.5, 100.0, steps, 0.4)
-    down = _walk(rng, 20.0, 0.5, 100.0, steps, 0.4)
-    rtt = _walk(rng, 30.0, 5.0, 150.0, steps, 0.15)
-    return _rounded(interval_s, up, down, rtt)
+    up = log_walk(rng, 10.0, 0.5, 100.0, steps, 0.4)
+    down = log_walk(rng, 20.0, 0.5, 100.0, steps, 0.4)
+    rtt = log_walk(rng, 30.0, 5.0, 150.0, steps, 0.15)
+    return rounded(interval_s, up, down, rtt)
 
 
 def cellular_trace(seed: int, duration_s: float = 30.0, interval_s: float = 0.5) -> Trace:
@@ -136,10 +136,10 @@ def cellular_trace(seed: int, duration_s: float = 30.0, interval_s: float = 0.5)
     rng = np.random.default_rng(seed)
     steps = int(duration_s / interval_s)
     fade = rng.random(steps) < 0.06
-    down = _walk(rng, 25.0, 2.0, 80.0, steps, 0.3) * np.where(fade, 0.08, 1.0)
-    up = _walk(rng, 6.0, 0.5, 20.0, steps, 0.3) * np.where(fade, 0.08, 1.0)
-    rtt = _walk(rng, 50.0, 30.0, 120.0, steps, 0.1) * np.where(fade, 2.0, 1.0)
-    return _rounded(interval_s, up, down, rtt)
+    down = log_walk(rng, 25.0, 2.0, 80.0, steps, 0.3) * np.where(fade, 0.08, 1.0)
+    up = log_walk(rng, 6.0, 0.5, 20.0, steps, 0.3) * np.where(fade, 0.08, 1.0)
+    rtt = log_walk(rng, 50.0, 30.0, 120.0, steps, 0.1) * np.where(fade, 2.0, 1.0)
+    return rounded(interval_s, up, down, rtt)
 
 
 def wifi_trace(seed: int, duration_s: float = 30.0, interval_s: float = 0.5) -> Trace:
@@ -147,12 +147,12 @@ def wifi_trace(seed: int, duration_s: float = 30.0, interval_s: float = 0.5) -> 
     rng = np.random.default_rng(seed)
     steps = int(duration_s / interval_s)
     contention = np.convolve(rng.random(steps) < 0.05, np.ones(4), mode="same") > 0  # bursts of about 2 s
-    rate = _walk(rng, 80.0, 20.0, 200.0, steps, 0.15) * np.where(contention, 0.05, 1.0)
-    rtt = _walk(rng, 4.0, 1.0, 15.0, steps, 0.2) * np.where(contention, 5.0, 1.0)
-    return _rounded(interval_s, rate * 0.8, rate, rtt)
+    rate = log_walk(rng, 80.0, 20.0, 200.0, steps, 0.15) * np.where(contention, 0.05, 1.0)
+    rtt = log_walk(rng, 4.0, 1.0, 15.0, steps, 0.2) * np.where(contention, 5.0, 1.0)
+    return rounded(interval_s, rate * 0.8, rate, rtt)
 
 
-def _rounded(interval_s: float, up, down, rtt) -> Trace:
+def rounded(interval_s: float, up, down, rtt) -> Trace:
     times = tuple(round(i * interval_s, 3) for i in range(len(up)))
     states = tuple(LinkState(round(float(u), 3), round(float(d), 3), round(float(r), 2)) for u, d, r in zip(up, down, rtt))
     return Trace(times, states)

@@ -26,8 +26,10 @@ if TYPE_CHECKING:
     from seam.ue_client.session import RemoteSession
 
 
-def move_split(session: RemoteSession, split: int, reason: str = "", rebuild: bool = False) -> None:
-    """Moves ``session`` to ``split``; with ``rebuild``, the side taking layers over recomputes their cache."""
+def move_split(session: RemoteSession, split: int, reason: str = "", rebuild: bool = False,
+               predicted_s: float | None = None) -> None:
+    """Moves ``session`` to ``split``; with ``rebuild``, the side taking layers over recomputes their cache.
+    ``predicted_s``, what a policy expected the move to take, is kept beside what it took."""
     old = session.split
     if split == old:
         return
@@ -41,7 +43,8 @@ def move_split(session: RemoteSession, split: int, reason: str = "", rebuild: bo
         moved, incoming, boundaries = _take_from_edge(session, split, rebuild)
     session.head = resplit(session.client.pool, session.head, Span(0, split), incoming, boundaries)
     session.split = split
-    session.moves.append(Move(len(session.stats.timings), old, split, moved, time.perf_counter() - started, reason))
+    session.moves.append(Move(len(session.stats.timings), old, split, moved, time.perf_counter() - started, reason,
+                              predicted_s))
 
 
 def _hand_to_edge(session: RemoteSession, split: int, rebuild: bool) -> int:

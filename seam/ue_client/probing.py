@@ -59,8 +59,9 @@ class BackgroundProber:
     """Keeps the link estimate fresh while the UE generates alone and sends nothing else, so that it sees the
     link come back; from a thread with a connection of its own, so that a probe never holds up a step.
 
-    It stays quiet while the edge has layers: a probe sharing the link with steps would queue them behind it,
-    and both would measure less than the link gives. Steps measure the link themselves then."""
+    While the edge has layers it leaves the uplink alone: a probe sharing it with steps would queue them behind
+    it, and both would measure less than the link gives; steps measure the uplink themselves then. It probes
+    only the downlink then, which the steps' replies barely use, when its estimate has gone stale."""
 
     def __init__(self, prober: LinkProber, socket: UeSocket, alone: Callable[[], bool], batch: Callable[[], int],
                  period_s: float = 0.25, timeout_s: float = 5.0):
@@ -79,6 +80,10 @@ class BackgroundProber:
                     # Only the uplink: from here every move sends layers to the edge, and a probe of a
                     # collapsed downlink would hold the next step-sized ping back for seconds.
                     self.prober.probe(self.socket, self.batch(), step_sized=True, directions=("up",))
+                else:
+                    # Steps measure the uplink, but their replies (a token each) are too small to measure the
+                    # downlink, which a move of the cache onto this device crosses: a probe when it is stale.
+                    self.prober.probe(self.socket, self.batch(), directions=("down",))
             except SeamError:
                 pass  # a lost edge shows in the steps themselves; the estimate just stays as it was
             self.stopping.wait(self.period_s)

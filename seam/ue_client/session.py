@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 SplitPolicy = Callable[[SessionSnapshot], "Decision | None"]  # consulted before each step after the first
 TIMINGS_SEEN = 8  # the most recent steps a snapshot carries: policies calibrate on a window of a few
+LINK_HISTORY = 1024  # link estimates a snapshot carries: minutes of a generation, for the link's dynamics
 
 
 class RemoteSession:
@@ -71,6 +73,7 @@ class RemoteSession:
         self.sequence = self.mask = None  # the tokens so far and their mask, from which moved layers are rebuilt
         self.reused = 0  # positions the last chat turn found held from earlier turns
         self.link = LinkEstimator(client.link)
+        self.link_history: deque[tuple[float, float]] = deque(maxlen=LINK_HISTORY)  # (at, uplink bytes/s)
         self.prober = LinkProber(self.link, client.artifact.manifest.dims.hidden_size, self.head.kv_dtype.itemsize)
 
     @property
@@ -151,6 +154,7 @@ class RemoteSession:
         try:
             for step in range(max_new_tokens):
                 if step and policy is not None:
+                    self.link_history.append((time.perf_counter(), self.link.link().up_bytes_per_s))
                     self.apply(policy(self.snapshot(step)))
                 try:
                     tokens = self._step(first, mask, positions)
@@ -187,19 +191,22 @@ class RemoteSession:
             link=self.link.link(), timings_since_move=tuple(self.stats.timings[max(since_move, 1):][-TIMINGS_SEEN:]),
             step_probes=tuple(self.prober.step_probes), move_steps=tuple(move.before_step for move in self.moves),
             kept=frozenset(cut for cut in range(self.num_layers + 1) if self.kept_boundary(cut)),
+            link_history=tuple(self.link_history),
+            move_costs=tuple((move.to_split > move.from_split, move.predicted_s, move.seconds)
+                             for move in self.moves if move.predicted_s is not None),
         )
 
     def apply(self, decision: Decision | None) -> None:
         """Moves the split (and switches the codec) as a policy decided."""
         if decision is None:
             return
-        self.move_split(decision.split, decision.reason, decision.rebuild)
+        self.move_split(decision.split, decision.reason, decision.rebuild, decision.move_s)
         if decision.codec is not None:
             self.codec = decision.codec
 
-    def move_split(self, split: int, reason: str = "", rebuild: bool = False) -> None:
+    def move_split(self, split: int, reason: str = "", rebuild: bool = False, predicted_s: float | None = None) -> None:
         """Moves the split between two steps (see ``seam.ue_client.moving``)."""
-        moving.move_split(self, split, reason, rebuild)
+        moving.move_split(self, split, reason, rebuild, predicted_s)
 
     def kept_boundary(self, cut: int) -> bool:
         """Whether this device holds the hidden states at ``cut`` for every position so far (see SpanRunner)."""

@@ -43,3 +43,4 @@ class Move:
     sent_bytes: int  # KV cache, or hidden states to recompute it from, that crossed the link
     seconds: float
     reason: str = ""
+    predicted_s: float | None = None  # what the profiles said it would take, when a policy chose it
