@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     from seam.export.corpus import add_corpus_parser
     from seam.finetune.plan_round import add_plan_round_parser
     from seam.profiler.cli import add_probe_parser, add_profile_parser, add_traces_parser
+    from seam.profiler.pipeline_plan import add_plan_pipeline_parser
     from seam.profiler.plan import add_plan_parser
     from seam.profiler.quality import add_analyze_parser
     from seam.profiler.train_policy import add_train_policy_parser
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_parser(commands)
     add_probe_parser(commands)
     add_plan_parser(commands)
+    add_plan_pipeline_parser(commands)
     add_analyze_parser(commands)
     add_train_policy_parser(commands)
     add_traces_parser(commands)

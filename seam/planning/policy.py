@@ -177,15 +177,9 @@ def choose_split(
                         codec=codecs.get(current))
     how = "moving the cache" if not best_rebuild else "recomputing the cache " + ("here" if best > current else "there")
     lasting = "" if state_s is None else f" (the link's state expected to last {state_s:.1f} s)"
-    return Decision(
-        best,
-        costs,
-        f"{label}: {1e3 * now:.1f} -> {1e3 * costs[best]:.1f} ms/token, "
-        f"saves {best_gain:.2f} s over the next {tokens} tokens{lasting} after {how} and the way back",
-        best_rebuild,
-        codecs.get(best),
-        best_move,
-    )
+    reason = (f"{label}: {1e3 * now:.1f} -> {1e3 * costs[best]:.1f} ms/token, saves {best_gain:.2f} s over the "
+              f"next {tokens} tokens{lasting} after {how} and the way back")
+    return Decision(best, costs, reason, best_rebuild, codecs.get(best), best_move)
 
 
 def calibration(measured_s: Sequence[float], predicted_s: float, bounds: tuple[float, float] = (0.25, 4.0)) -> float:

@@ -62,7 +62,8 @@ def _links(args: argparse.Namespace) -> dict[str, Link]:
     return links
 
 
-def _device(path: Path, fingerprint: str, split_points: list[int]) -> DeviceModel:
+def checked_device(path: Path, fingerprint: str, split_points: list[int]) -> DeviceModel:
+    """The cost model of the profile at ``path``, refused unless it was measured on this artifact."""
     profile = load(path, DeviceProfile)
     if profile.key.artifact_fingerprint != fingerprint:
         raise SeamError(
@@ -103,8 +104,8 @@ def run_plan(args: argparse.Namespace) -> int:
     artifact = Artifact.open(args.directory, verify=False)
     artifact.check_context(args.context, f"--context {args.context}")
     fingerprint = artifact.manifest.artifact_fingerprint
-    ue = _device(args.ue_profile, fingerprint, artifact.split_points)
-    edge = _device(args.edge_profile, fingerprint, artifact.split_points)
+    ue = checked_device(args.ue_profile, fingerprint, artifact.split_points)
+    edge = checked_device(args.edge_profile, fingerprint, artifact.split_points)
     check_pair(ue, edge)
     for side, model, path in (("UE", ue, args.ue_profile), ("edge", edge, args.edge_profile)):
         for line in model.beyond_measured(args.context, args.batch):
