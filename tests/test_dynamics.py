@@ -69,3 +69,25 @@ def test_each_trace_family_is_seeded_and_valid(family):
     assert first.times_s[0] == 0 and all(a < b for a, b in zip(first.times_s, first.times_s[1:]))
     assert all(s.up_mbit > 0 and s.down_mbit > 0 and s.rtt_ms >= 0 for s in first.states)
     assert first.duration_s >= 25
+
+
+def test_a_generation_measures_both_directions_of_the_link(exported):
+    """The downlink used to keep its 10 Mbit/s prior for ever: decode steps' replies are too small to measure it,
+    and the background prober's connection, never greeted, got 4 KiB replies at most."""
+    from seam.edge_server.process import edge_server
+    from seam.runtime.emulation import EmulatedLink
+    from seam.runtime.traces import LinkState, Trace
+    from seam.runtime.transport import TransportConfig
+    from seam.ue_client.client import EdgeClient
+
+    artifact = exported("tiny-llama")
+    link = EmulatedLink(Trace((0.0, 60.0), (LinkState(4.0, 40.0, 20.0),) * 2))
+    with edge_server(artifact) as (_, address), EdgeClient(artifact, address, TransportConfig(timeout_s=30),
+                                                           emulated=link) as client:
+        with client.session(2) as session:
+            for _ in session.generate([[5, 6, 7, 8]], 80, policy=lambda snapshot: None):
+                pass
+            estimate = session.link.link()
+            recorded = len(session.link_history)
+    assert 20 < estimate.down_mbit < 80 and 2 < estimate.up_mbit < 8, estimate
+    assert recorded == 79  # one estimate before every step after the first

@@ -13,9 +13,9 @@ import numpy as np
 from seam.planning.link_estimate import LinkEstimator
 from seam.planning.wire_sizes import downlink_bytes, uplink_bytes
 from seam.runtime.errors import SeamError
-from seam.runtime.protocol import Ping, Pong
+from seam.runtime.protocol import PROBE_FINGERPRINT, PROTOCOL_VERSION, Hello, Ping, Pong, Welcome
 from seam.runtime.transport import UeSocket
-from seam.ue_client.connection import exchange
+from seam.ue_client.connection import exchange, expect
 
 PROBE_TRIES = 3  # sizes grow 8x a try: from 8 KiB to 512 KiB, enough for hundreds of Mbit/s
 
@@ -59,9 +59,9 @@ class BackgroundProber:
     """Keeps the link estimate fresh while the UE generates alone and sends nothing else, so that it sees the
     link come back; from a thread with a connection of its own, so that a probe never holds up a step.
 
-    While the edge has layers it leaves the uplink alone: a probe sharing it with steps would queue them behind
-    it, and both would measure less than the link gives; steps measure the uplink themselves then. It probes
-    only the downlink then, which the steps' replies barely use, when its estimate has gone stale."""
+    While the edge has layers it probes a direction only once its estimate is stale (``LinkEstimator.stale``,
+    two seconds without a rate sample): a probe sharing the link with steps queues them behind it, so it stays
+    rare, and sized to a few round trips of the link as last measured."""
 
     def __init__(self, prober: LinkProber, socket: UeSocket, alone: Callable[[], bool], batch: Callable[[], int],
                  period_s: float = 0.25, timeout_s: float = 5.0):
@@ -74,6 +74,12 @@ class BackgroundProber:
         self.thread.start()
 
     def _run(self) -> None:
+        try:
+            # A greeting as a link probe: the edge answers a connection that said hello with replies as large as
+            # a downlink probe asks for (before one, at most 4 KiB), and opens no session for it.
+            expect(self.socket.request(Hello(PROTOCOL_VERSION, PROBE_FINGERPRINT)), Welcome)
+        except SeamError:
+            pass  # an edge that cannot be greeted cannot be probed either; the steps will say more
         while not self.stopping.is_set():
             try:
                 if self.alone():
@@ -81,9 +87,10 @@ class BackgroundProber:
                     # collapsed downlink would hold the next step-sized ping back for seconds.
                     self.prober.probe(self.socket, self.batch(), step_sized=True, directions=("up",))
                 else:
-                    # Steps measure the uplink, but their replies (a token each) are too small to measure the
-                    # downlink, which a move of the cache onto this device crosses: a probe when it is stale.
-                    self.prober.probe(self.socket, self.batch(), directions=("down",))
+                    # A decode step's few KiB up and one token down measure neither direction on a link whose
+                    # round trip dwarfs their transfer, yet a move crosses one of them with a whole cache or
+                    # every position's hidden states: a probe of each direction once its estimate is stale.
+                    self.prober.probe(self.socket, self.batch())
             except SeamError:
                 pass  # a lost edge shows in the steps themselves; the estimate just stays as it was
             self.stopping.wait(self.period_s)
