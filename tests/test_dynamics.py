@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from seam.planning.cost_model import Link
-from seam.planning.dynamics import PRIOR_STATE_S, band, expected_remaining_s, move_scale, states
+from seam.planning.dynamics import INITIAL_STATE_S, PRIOR_STATE_S, band, expected_remaining_s, move_scale, states
 from seam.runtime.trace_families import FAMILIES, family_trace
 from test_policy import decide
 
@@ -32,9 +32,11 @@ def test_states_are_bands_of_the_uplink_and_their_durations():
 
 
 def test_a_new_state_lasts_the_prior_and_an_old_one_as_long_again():
-    assert expected_remaining_s([], 0) == PRIOR_STATE_S
-    assert expected_remaining_s(history((0.1, GOOD)), 0.1) == pytest.approx(PRIOR_STATE_S - 0.1, abs=0.01)
-    assert expected_remaining_s(history((8, GOOD)), 8.0) == pytest.approx(8.0)
+    assert expected_remaining_s([], 0) == INITIAL_STATE_S  # the link as the session found it
+    assert expected_remaining_s(history((30, GOOD)), 30.0) == pytest.approx(30.0)
+    changed = history((3, GOOD), (0.1, BAD))
+    assert expected_remaining_s(changed, 3.1) == pytest.approx(PRIOR_STATE_S - 0.1, abs=0.01)
+    assert expected_remaining_s(history((3, GOOD), (8, BAD)), 11.0) == pytest.approx(8.0)
 
 
 def test_short_outages_seen_before_make_the_next_one_short():

@@ -6,7 +6,7 @@ The link's **state** is the band of its uplink rate, a factor of ``BAND_RATIO`` 
 cross; a fade or an outage changes it, jitter rarely does). From the estimates a session recorded before each
 step, the states it went through and how long each lasted give the expected remaining time of the present
 one: the mean of what the earlier states of that band lasted beyond the present one's age, with a prior state of
-``PRIOR_STATE_S`` among them. A state older than every precedent is expected to last as long again (the longer
+``PRIOR_STATE_S`` among them; the state the session started in is expected to hold ``INITIAL_STATE_S``. A state older than every precedent is expected to last as long again (the longer
 a link has held, the longer it tends to hold). A one-second handover outage is then priced as one second, and
 after two of them the policy knows outages here are short.
 
@@ -21,7 +21,10 @@ import statistics
 from collections.abc import Sequence
 
 BAND_RATIO = 4.0
-PRIOR_STATE_S = 2.0  # how long a link state lasts before the session has seen any end
+# How long the link stays as the session found it, before it has seen any change: a link is usually as it has
+# been for a while, and a generation's first decisions (leaving the default split) should not wait for it.
+INITIAL_STATE_S = 10.0
+PRIOR_STATE_S = 2.0  # how long a state the session saw the link change into lasts, before any precedent
 MOVE_SCALE_BOUNDS = (0.5, 20.0)  # a move took half to twenty times its prediction: beyond, one outlier spoke
 
 
@@ -46,8 +49,10 @@ def expected_remaining_s(history: Sequence[tuple[float, float]], now_s: float,
                          prior_s: float = PRIOR_STATE_S) -> float:
     """Seconds the link's present state is expected to last from ``now_s`` (``prior_s`` without history)."""
     if not history:
-        return prior_s
+        return INITIAL_STATE_S
     completed, current, age = states(history, now_s)
+    if not completed:
+        return max(INITIAL_STATE_S - age, age)
     precedents = [seconds for level, seconds in completed if level == current] + [prior_s]
     beyond = [seconds - age for seconds in precedents if seconds > age]
     return statistics.fmean(beyond) if beyond else age

@@ -36,6 +36,9 @@ class LinkEstimator:
     def __init__(self, prior: Link, window: int = 32, rates: int = 5, stale_s: float = 2.0, dominance: float = 0.8,
                  transfer_share: float = 0.3, min_rate_bytes: int = 1024, rate_window_s: float = 1.0):
         self.samples: deque[Sample] = deque(maxlen=window)
+        # The last samples that moved enough bytes one way to measure it, kept apart: dozens of decode steps
+        # would otherwise push a probe's measurement out of the window long before it goes stale.
+        self.measuring: dict[str, deque[Sample]] = {"up": deque(maxlen=rates), "down": deque(maxlen=rates)}
         self.lock = threading.Lock()
         self.prior = prior
         self.rates = rates  # bandwidth samples per direction in the harmonic mean
@@ -49,10 +52,14 @@ class LinkEstimator:
         if sample.seconds > 0:
             with self.lock:
                 self.samples.append(sample)
+                for direction, kept in self.measuring.items():
+                    if self._measures(sample, direction):
+                        kept.append(sample)
 
     def _snapshot(self) -> list[Sample]:
         with self.lock:
-            return sorted(self.samples, key=lambda sample: sample.at_s)
+            kept = {*self.samples, *self.measuring["up"], *self.measuring["down"]}
+        return sorted(kept, key=lambda sample: sample.at_s)
 
     def _measures(self, sample: Sample, direction: str) -> int:
         """The bytes ``sample`` moved in ``direction`` if they dominate it, else 0."""
