@@ -56,6 +56,11 @@ class LinkEstimator:
                     if self._measures(sample, direction):
                         kept.append(sample)
 
+    def measured(self, direction: str) -> bool:
+        """Whether any message so far measured ``direction``'s rate (before one, the estimate is the prior's)."""
+        with self.lock:
+            return bool(self.measuring[direction])
+
     def _snapshot(self) -> list[Sample]:
         with self.lock:
             kept = {*self.samples, *self.measuring["up"], *self.measuring["down"]}

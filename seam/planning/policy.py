@@ -268,7 +268,7 @@ class CostModelPolicy:
             kv_bytes_per_token_per_layer=facts.kv_bytes_per_token_per_layer,
             boundary_bytes_per_token=facts.boundary_bytes_per_token, kept=snapshot.kept, scales=scales,
             margin=self.margin * 2 ** recent_moves, codecs=codecs,
-            state_s=expected_remaining_s(snapshot.link_history, snapshot.now_s) if snapshot.link_history else None,
+            state_s=expected_remaining_s(snapshot.link_history, snapshot.now_s),
             move_scales=(move_scale(snapshot.move_costs, True), move_scale(snapshot.move_costs, False)),
         )
         self.decisions.append(decision)

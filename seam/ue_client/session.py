@@ -154,7 +154,8 @@ class RemoteSession:
         try:
             for step in range(max_new_tokens):
                 if step and policy is not None:
-                    self.link_history.append((time.perf_counter(), self.link.link().up_bytes_per_s))
+                    if self.link.measured("up"):  # the prior giving way to a measurement is no change of the link
+                        self.link_history.append((time.perf_counter(), self.link.link().up_bytes_per_s))
                     self.apply(policy(self.snapshot(step)))
                 try:
                     tokens = self._step(first, mask, positions)
