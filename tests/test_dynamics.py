@@ -93,3 +93,15 @@ def test_a_generation_measures_both_directions_of_the_link(exported):
             recorded = len(session.link_history)
     assert 20 < estimate.down_mbit < 80 and 2 < estimate.up_mbit < 8, estimate
     assert 60 < recorded <= 79  # an estimate before every step after the first, once the uplink was measured
+
+
+def test_the_way_back_is_priced_on_the_link_before_the_fade():
+    from seam.planning.dynamics import rate_before
+
+    assert rate_before(history((3, GOOD)), 3.0) is None
+    assert rate_before(history((3, GOOD), (2, BAD)), 5.0) == pytest.approx(GOOD)
+    slow = Link.from_mbit(0.05, 200)
+    stuck = decide(slow, current=1, state_s=10.0)
+    freed = decide(slow, current=1, state_s=10.0, back_link=Link.from_mbit(40, 20))
+    assert freed.split == 4 and "saves" in freed.reason
+    assert stuck.split == 1  # priced over the fade, the way back (an upload of every position) never pays

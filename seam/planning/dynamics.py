@@ -58,6 +58,20 @@ def expected_remaining_s(history: Sequence[tuple[float, float]], now_s: float,
     return statistics.fmean(beyond) if beyond else age
 
 
+def rate_before(history: Sequence[tuple[float, float]], now_s: float) -> float | None:
+    """The median uplink rate of the state before the present one (None while the session has seen no change):
+    what a move made for this state will most likely come back on."""
+    if not history:
+        return None
+    completed, _, age = states(history, now_s)
+    if not completed:
+        return None
+    began = now_s - age
+    previous_began = began - completed[-1][1]
+    rates = [rate for at, rate in history if previous_began <= at < began]
+    return statistics.median(rates) if rates else None
+
+
 def move_scale(costs: Sequence[tuple[bool, float, float]], towards_ue: bool) -> float:
     """Measured over predicted for the moves in this direction so far, from ``costs`` (towards this device,
     predicted s, measured s); 1 before any."""

@@ -21,7 +21,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from seam.planning.cost_model import DeviceModel, Link, predict
-from seam.planning.dynamics import expected_remaining_s, move_scale
+from seam.planning.dynamics import expected_remaining_s, move_scale, rate_before
 from seam.planning.snapshot import Decision, SessionSnapshot
 from seam.runtime.codecs import CODECS, encoded_bytes
 from seam.runtime.errors import SeamError
@@ -141,12 +141,14 @@ def choose_split(
     codecs: Mapping[int, str] | None = None,
     state_s: float | None = None,
     move_scales: tuple[float, float] = (1.0, 1.0),
+    back_link: Link | None = None,
 ) -> Decision:
     """The split for the next step: the candidate with the largest net saving over the tokens to come, at most
     ``remaining`` and at most what the current split produces in the ``state_s`` seconds the link's present state
     is expected to last. ``kept``: the cuts where the UE holds the hidden states of every position so far (see
     ``rebuild_s``); ``codecs``: the codec each split's hidden states would cross in (none: the artifact's own
-    dtype); ``move_scales``: what moves towards the UE and towards the edge really took over their prediction."""
+    dtype); ``move_scales``: what moves towards the UE and towards the edge really took over their prediction;
+    ``back_link``: the link the way back will likely cross, once the present state ends (default ``link``)."""
     codecs = codecs or {}
     costs = {
         split: per_token_s(ue, edge, link, split, context, batch, scales, codecs.get(split))
@@ -155,9 +157,9 @@ def choose_split(
     now = costs[current]
     tokens = remaining if state_s is None else max(min(remaining, int(state_s / now)), 1)
 
-    def carry_and_recompute_s(start: int, end: int) -> tuple[float, float]:
-        return (move_s(link, start, end, kv_bytes_per_token_per_layer, batch, context),
-                rebuild_s(ue, edge, link, start, end, batch, context, scales, boundary_bytes_per_token, kept))
+    def carry_and_recompute_s(start: int, end: int, over: Link = link) -> tuple[float, float]:
+        return (move_s(over, start, end, kv_bytes_per_token_per_layer, batch, context),
+                rebuild_s(ue, edge, over, start, end, batch, context, scales, boundary_bytes_per_token, kept))
 
     best, best_gain, best_rebuild, best_move = current, 0.0, False, 0.0
     for split in candidates:
@@ -165,7 +167,7 @@ def choose_split(
             continue
         moving, rebuilding = carry_and_recompute_s(current, split)
         there = min(moving, rebuilding) * move_scales[0 if split > current else 1]
-        back = min(carry_and_recompute_s(split, current)) * move_scales[1 if split > current else 0]
+        back = min(carry_and_recompute_s(split, current, back_link or link)) * move_scales[1 if split > current else 0]
         # Links rarely hold still: a move must also pay for the way back, which a move onto a link that is
         # merely worse (not gone) makes dear.
         gain = (now - costs[split]) * tokens - there - back
@@ -254,6 +256,15 @@ class CostModelPolicy:
                                 NETWORK_SCALE_BOUNDS),
         )
 
+    @staticmethod
+    def back_link(snapshot: SessionSnapshot) -> Link | None:
+        """The link as it was before its present state, when that was faster: a move made for a fade comes back
+        when the fade ends, not over the fade."""
+        before = rate_before(snapshot.link_history, snapshot.now_s)
+        if before is None or before <= snapshot.link.up_bytes_per_s:
+            return None
+        return replace(snapshot.link, up_bytes_per_s=before)
+
     def __call__(self, snapshot: SessionSnapshot) -> Decision | None:
         candidates = self.candidates(snapshot)
         scales = self.scales(snapshot, candidates)
@@ -270,6 +281,7 @@ class CostModelPolicy:
             margin=self.margin * 2 ** recent_moves, codecs=codecs,
             state_s=expected_remaining_s(snapshot.link_history, snapshot.now_s),
             move_scales=(move_scale(snapshot.move_costs, True), move_scale(snapshot.move_costs, False)),
+            back_link=self.back_link(snapshot),
         )
         self.decisions.append(decision)
         return decision
