@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from seam.planning.cost_model import Link
-from seam.planning.dynamics import INITIAL_STATE_S, PRIOR_STATE_S, band, expected_remaining_s, move_scale, states
+from seam.planning.dynamics import INITIAL_STATE_S, downlink_following, move_scale, rate_before, states
+from seam.planning.dynamics import expected_remaining_s as remaining_of
 from seam.runtime.trace_families import FAMILIES, family_trace
 from test_policy import decide
 
@@ -23,26 +24,42 @@ def history(*segments: tuple[float, float], every_s: float = 0.1) -> list[tuple[
     return points
 
 
-def test_states_are_bands_of_the_uplink_and_their_durations():
-    completed, current, age = states(history((2, GOOD), (1, BAD), (3, GOOD)), now_s=6.0)
-    assert [level for level, _ in completed] == [band(GOOD), band(BAD)]
-    assert [seconds for _, seconds in completed] == pytest.approx([2, 1])
-    assert current == band(GOOD) and age == pytest.approx(3)
-    assert band(GOOD) == band(GOOD * 1.3)  # jitter stays in a state
+def test_states_are_runs_of_the_uplink_at_one_level_and_their_durations():
+    found = states(history((2, GOOD), (1, BAD), (3, GOOD)), now_s=6.0)
+    assert [state.level for state in found] == pytest.approx([GOOD, BAD, GOOD])
+    assert [state.seconds for state in found] == pytest.approx([2, 1, 3])
+    # The estimate of a good link from small messages errs by a few times: still one state.
+    noisy = [(0.1 * index, GOOD * (0.3, 1.0, 2.0)[index % 3]) for index in range(30)]
+    assert len(states(noisy, 3.0)) == 1
 
 
-def test_a_new_state_lasts_the_prior_and_an_old_one_as_long_again():
+def expected_remaining_s(history: list[tuple[float, float]], now_s: float) -> float:
+    return remaining_of(states(history, now_s))
+
+
+def test_a_state_is_expected_to_last_as_long_again_as_it_has_held():
     assert expected_remaining_s([], 0) == INITIAL_STATE_S  # the link as the session found it
     assert expected_remaining_s(history((30, GOOD)), 30.0) == pytest.approx(30.0)
     changed = history((3, GOOD), (0.1, BAD))
-    assert expected_remaining_s(changed, 3.1) == pytest.approx(PRIOR_STATE_S - 0.1, abs=0.01)
+    assert expected_remaining_s(changed, 3.1) == pytest.approx(0.1)  # just changed: staying may be worth it
+    assert expected_remaining_s(changed, 4.5) == pytest.approx(1.5)
     assert expected_remaining_s(history((3, GOOD), (8, BAD)), 11.0) == pytest.approx(8.0)
+
+
+def test_a_drop_is_left_once_staying_has_cost_what_the_move_costs():
+    """Ski rental: with nothing like the present state seen before, the policy waits out a drop until staying
+    has cost about what the move and the way back cost, so a short outage is ridden out and a long one is not."""
+    slow = Link.from_mbit(0.05, 200)
+    found = states(history((5, GOOD), (0.1, BAD)), 5.1)
+    assert decide(slow, current=1, state_s=remaining_of(found)).split == 1
+    held = states(history((5, GOOD), (20, BAD)), 25.0)
+    assert decide(slow, current=1, state_s=remaining_of(held)).split == 4
 
 
 def test_short_outages_seen_before_make_the_next_one_short():
     seen = history((3, GOOD), (0.5, BAD), (3, GOOD), (0.5, BAD), (3, GOOD), (0.1, BAD))
     now = seen[-1][0] + 0.1
-    assert expected_remaining_s(seen, now) < 1.0  # outages here lasted 0.5 s; the prior alone says 2 s
+    assert expected_remaining_s(seen, now) < 0.5  # outages here lasted 0.5 s, this one has for 0.1 s
 
 
 def test_a_move_is_weighed_by_how_long_the_link_state_lasts():
@@ -91,17 +108,34 @@ def test_a_generation_measures_both_directions_of_the_link(exported):
                 pass
             estimate = session.link.link()
             recorded = len(session.link_history)
+            down_measured_at = session.snapshot(80).down_measured_at
     assert 20 < estimate.down_mbit < 80 and 2 < estimate.up_mbit < 8, estimate
+    assert down_measured_at is not None and down_measured_at > session.link_history[0][0]
     assert 60 < recorded <= 79  # an estimate before every step after the first, once the uplink was measured
 
 
 def test_the_way_back_is_priced_on_the_link_before_the_fade():
-    from seam.planning.dynamics import rate_before
-
-    assert rate_before(history((3, GOOD)), 3.0) is None
-    assert rate_before(history((3, GOOD), (2, BAD)), 5.0) == pytest.approx(GOOD)
+    assert rate_before(states(history((3, GOOD)), 3.0)) is None
+    assert rate_before(states(history((3, GOOD), (2, BAD)), 5.0)) == pytest.approx(GOOD)
+    # The estimate on its way down (one step at an in-between rate) is not the link the move comes back on.
+    passing = history((3, GOOD), (0.1, GOOD / 15), (2, BAD))
+    assert rate_before(states(passing, 5.1)) == pytest.approx(GOOD)
     slow = Link.from_mbit(0.05, 200)
     stuck = decide(slow, current=1, state_s=10.0)
     freed = decide(slow, current=1, state_s=10.0, back_link=Link.from_mbit(40, 20))
     assert freed.split == 4 and "saves" in freed.reason
     assert stuck.split == 1  # priced over the fade, the way back (an upload of every position) never pays
+
+
+def test_a_downlink_measured_before_a_fade_is_taken_to_fade_with_the_uplink():
+    link = Link(0.02, BAD, GOOD)  # the uplink's estimate fell; the downlink's is from before
+    faded = history((3, GOOD), (2, BAD))
+    assert downlink_following(link, states(faded, 5.0), 1.0).down_bytes_per_s == pytest.approx(BAD)
+    assert downlink_following(link, states(faded, 5.0), None).down_bytes_per_s == pytest.approx(BAD)
+    # Measured during the fade: the measurement stands. Before any change: nothing to follow.
+    assert downlink_following(link, states(faded, 5.0), 4.0) == link
+    assert downlink_following(link, states(history((3, GOOD)), 3.0), None) == link
+    # A recovered uplink does not raise a downlink measured in the fade: the next probe will.
+    slow_down = Link(0.02, GOOD, BAD)
+    recovered = history((3, BAD), (2, GOOD))
+    assert downlink_following(slow_down, states(recovered, 5.0), 1.0) == slow_down

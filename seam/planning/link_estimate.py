@@ -47,11 +47,15 @@ class LinkEstimator:
         self.transfer_share = transfer_share  # share of its time a transfer must take to measure a rate
         self.min_rate_bytes = min_rate_bytes  # below this, a message's time is round trip and jitter
         self.rate_window_s = rate_window_s  # rate samples older than this before the newest are dropped
+        # The estimate changes only when a sample arrives, and a session reads it several times a step.
+        self.observed = 0
+        self.cached: tuple[int, Link, dict[str, float | None]] | None = None
 
     def observe(self, sample: Sample) -> None:
         if sample.seconds > 0:
             with self.lock:
                 self.samples.append(sample)
+                self.observed += 1
                 for direction, kept in self.measuring.items():
                     if self._measures(sample, direction):
                         kept.append(sample)
@@ -92,11 +96,28 @@ class LinkEstimator:
         return moved >= self.min_rate_bytes and sample.seconds < 0.5 * (rtt_s + moved / rate)
 
     def link(self) -> Link:
-        """The current estimate. The round trip and the rates depend on each other (a rate is bytes over the time
-        left once the round trip is taken out), so a few rounds settle them, starting from the quickest sample."""
-        samples = self._snapshot()
+        """The current estimate."""
+        return self._estimate()[0]
+
+    def measured_at(self, direction: str) -> float | None:
+        """When the newest sample the estimate of ``direction``'s rate rests on was taken (None: the prior's)."""
+        return self._estimate()[1][direction]
+
+    def _estimate(self) -> tuple[Link, dict[str, float | None]]:
+        with self.lock:
+            observed, cached = self.observed, self.cached
+        if cached is None or cached[0] != observed:
+            cached = (observed, *self._settle(self._snapshot()))
+            with self.lock:
+                self.cached = cached
+        return cached[1], cached[2]
+
+    def _settle(self, samples: list[Sample]) -> tuple[Link, dict[str, float | None]]:
+        """The estimate from ``samples`` and when each direction was last measured. The round trip and the rates
+        depend on each other (a rate is bytes over the time left once the round trip is taken out), so a few
+        rounds settle them, starting from the quickest sample."""
         if not samples:
-            return self.prior
+            return self.prior, {"up": None, "down": None}
         # Messages too small to measure a rate (pings, most requests) measure the round trip nearly directly.
         small = [s for s in samples if s.up_bytes + s.down_bytes < self.min_rate_bytes] or samples
         rtt = min(sample.seconds for sample in samples)
@@ -106,7 +127,8 @@ class LinkEstimator:
             up = harmonic_mean(rate for _, rate in up_rates) if up_rates else self.prior.up_bytes_per_s
             down = harmonic_mean(rate for _, rate in down_rates) if down_rates else self.prior.down_bytes_per_s
             rtt = max(statistics.median(s.seconds - s.up_bytes / up - s.down_bytes / down for s in small), 0.0)
-        return Link(rtt, up, down)
+        return Link(rtt, up, down), {"up": up_rates[-1][0] if up_rates else None,
+                                     "down": down_rates[-1][0] if down_rates else None}
 
     @property
     def rtt_s(self) -> float:
@@ -122,13 +144,8 @@ class LinkEstimator:
 
     def stale(self, now_s: float) -> list[str]:
         """The directions ('up', 'down') with no bandwidth sample in the last ``stale_s`` seconds."""
-        rtt, samples = self.rtt_s, self._snapshot()
-        stale = []
-        for direction in ("up", "down"):
-            rates = self._rate_samples(samples, direction, rtt)
-            if not rates or now_s - rates[-1][0] > self.stale_s:
-                stale.append(direction)
-        return stale
+        return [direction for direction in ("up", "down")
+                if (at := self.measured_at(direction)) is None or now_s - at > self.stale_s]
 
     def probe_bytes(self, direction: str) -> int:
         """A probe payload whose transfer takes about four round trips at the current estimate, so that it

@@ -21,7 +21,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from seam.planning.cost_model import DeviceModel, Link, predict
-from seam.planning.dynamics import expected_remaining_s, move_scale, rate_before
+from seam.planning.dynamics import State, downlink_following, expected_remaining_s, move_scale, rate_before, states
 from seam.planning.snapshot import Decision, SessionSnapshot
 from seam.runtime.codecs import CODECS, encoded_bytes
 from seam.runtime.errors import SeamError
@@ -257,13 +257,13 @@ class CostModelPolicy:
         )
 
     @staticmethod
-    def back_link(snapshot: SessionSnapshot) -> Link | None:
-        """The link as it was before its present state, when that was faster: a move made for a fade comes back
-        when the fade ends, not over the fade."""
-        before = rate_before(snapshot.link_history, snapshot.now_s)
-        if before is None or before <= snapshot.link.up_bytes_per_s:
+    def back_link(link: Link, found: list[State]) -> Link | None:
+        """``link`` as it was before the link's present state (``found``'s last), when that was faster: a move
+        made for a fade comes back when the fade ends, not over the fade."""
+        before = rate_before(found)
+        if before is None or before <= link.up_bytes_per_s:
             return None
-        return replace(snapshot.link, up_bytes_per_s=before)
+        return replace(link, up_bytes_per_s=before, down_bytes_per_s=link.down_bytes_per_s * before / link.up_bytes_per_s)
 
     def __call__(self, snapshot: SessionSnapshot) -> Decision | None:
         candidates = self.candidates(snapshot)
@@ -273,15 +273,16 @@ class CostModelPolicy:
         facts = snapshot.artifact
         targets, codecs = self.targets(snapshot, scales, candidates)
         recent_moves = sum(step > snapshot.step - self.settle_tokens for step in snapshot.move_steps)
+        found = states(snapshot.link_history, snapshot.now_s)
+        link = downlink_following(snapshot.link, found, snapshot.down_measured_at)
         decision = choose_split(
-            self.ue, self.edge, snapshot.link, current=snapshot.split, candidates=targets, context=snapshot.past,
+            self.ue, self.edge, link, current=snapshot.split, candidates=targets, context=snapshot.past,
             remaining=min(snapshot.max_length - snapshot.past - 1, self.horizon), batch=snapshot.batch,
             kv_bytes_per_token_per_layer=facts.kv_bytes_per_token_per_layer,
             boundary_bytes_per_token=facts.boundary_bytes_per_token, kept=snapshot.kept, scales=scales,
-            margin=self.margin * 2 ** recent_moves, codecs=codecs,
-            state_s=expected_remaining_s(snapshot.link_history, snapshot.now_s),
+            margin=self.margin * 2 ** recent_moves, codecs=codecs, state_s=expected_remaining_s(found),
             move_scales=(move_scale(snapshot.move_costs, True), move_scale(snapshot.move_costs, False)),
-            back_link=self.back_link(snapshot),
+            back_link=self.back_link(link, found),
         )
         self.decisions.append(decision)
         return decision

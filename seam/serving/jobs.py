@@ -83,7 +83,7 @@ def _generate(service, job: Job) -> Answer:
                 progress = Progress(service.hub, job.request_id, session)
                 _take(job, session.generate([job.prompt_ids], job.max_tokens, service.new_policy()), stream, answer,
                       progress)
-            answer.seam = figures(session, service.split)
+            answer.seam = figures(session)
     except TransportTimeout:
         if not service.args.fallback_local or answer.completion_tokens:
             raise
@@ -135,12 +135,12 @@ class Progress:
         self.moves_sent = len(session.moves)
 
 
-def figures(session, first_split: int) -> dict:
+def figures(session) -> dict:
     """Seam's account of one generation, for the reply's usage."""
     stats = session.stats
     medians = stats.decode_medians_ms() if stats.timings else {}
     return {
-        "split": session.split, "first_split": first_split, "layers": session.num_layers, "codec": session.codec,
+        "split": session.split, "first_split": session.first_split, "layers": session.num_layers, "codec": session.codec,
         "tokens_per_s": _finite(stats.tokens_per_second),
         "time_to_first_token_ms": round(1e3 * stats.time_to_first_token_s, 2) if stats.arrivals else None,
         "per_token_ms": {part.removesuffix("_s"): round(ms, 3) for part, ms in medians.items()},

@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         if args.chat:
             converse(session, args, eos, min(artifact.context_length or CHAT_LENGTH, CHAT_LENGTH), policy)
         else:
-            answer(session, prompt_ids, args.max_new_tokens, policy, stream, split)
+            answer(session, prompt_ids, args.max_new_tokens, policy, stream)
     return 0
 
 
@@ -173,7 +173,7 @@ def checked_prompt(args: argparse.Namespace, artifact, tokenizer) -> list[int] |
     return prompt_ids
 
 
-def answer(session, prompt_ids: list[int], max_new_tokens: int, policy, stream, split: int) -> None:
+def answer(session, prompt_ids: list[int], max_new_tokens: int, policy, stream) -> None:
     """Streams one answer, a live status line on a terminal, and the summary of where the time went."""
     from seam.ue_client.display import StatusLine, summary
 
@@ -184,7 +184,7 @@ def answer(session, prompt_ids: list[int], max_new_tokens: int, policy, stream, 
             break
     stream.end()
     status.finish()
-    print(summary(session, session.client.socket, split), file=sys.stderr)
+    print(summary(session, session.client.socket), file=sys.stderr)
 
 
 def generate_locally(artifact, args: argparse.Namespace, variant: str, prompt_ids: list[int],

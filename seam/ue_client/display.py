@@ -45,13 +45,15 @@ class TextStream:
         self.held = ""
 
 
-def summary(session, socket, split: int) -> str:
-    """Two lines: tokens, time to first token and rate; the median per-token parts and the bytes each way."""
+def summary(session, socket) -> str:
+    """Two lines: tokens, time to first token and rate; the median per-token parts and the bytes each way; before
+    them, why the generation started at another split than asked, if it did."""
     stats, num_layers = session.stats, session.num_layers
     medians = stats.decode_medians_ms()
     moves = f"; {len(session.moves)} moves, ended at split {session.split}" if session.moves else ""
+    chosen = f"ue_client: started at split {session.first_split} ({session.start_reason})\n" if session.start_reason else ""
     return (
-        f"ue_client: split {split}/{num_layers}{moves}; {len(stats.arrivals)} tokens; "
+        f"{chosen}ue_client: split {session.first_split}/{num_layers}{moves}; {len(stats.arrivals)} tokens; "
         f"time to first token {1e3 * stats.time_to_first_token_s:.1f} ms; {stats.tokens_per_second:.1f} tokens/s\n"
         f"ue_client: per token (median): UE {medians['ue_s']:.2f} ms, network {medians['network_s']:.2f} ms, "
         f"edge {medians['edge_s']:.2f} ms; sent {socket.bytes_sent} B, received {socket.bytes_received} B"

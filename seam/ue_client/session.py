@@ -12,6 +12,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
@@ -66,6 +67,8 @@ class RemoteSession:
         self.session_id = uuid.uuid4().hex
         self.stats = GenerationStats()
         self.moves: list[Move] = []
+        self.first_split = split  # where the sequences started, and why when a policy chose it (see _start)
+        self.start_reason = ""
         self.edge_stats: dict = {}  # the edge's own account of the session, filled in on close
         self.open = False
         self.edge_step = 0
@@ -103,7 +106,7 @@ class RemoteSession:
         ``policy`` sees the session's snapshot and its decision, if any, is applied."""
         ids, mask = left_pad(prompts, self.client.artifact.manifest.tokenizer["pad_token_id"])
         try:
-            self._start(len(prompts), ids.shape[1] + max_new_tokens)
+            self._start(len(prompts), ids.shape[1] + max_new_tokens, policy, ids.shape[1])
             yield from self._run(ids, ids, mask, positions_from_mask(mask), max_new_tokens, policy)
         finally:
             self.close()
@@ -125,7 +128,7 @@ class RemoteSession:
             raise SeamError(f"the conversation and its answer would pass {limit} positions; start a new one")
         if not held:
             self.close()
-            self._start(1, max_length)
+            self._start(1, max_length, policy, len(ids))
         sequence = np.array([ids], np.int64)
         positions = np.arange(held, len(ids), dtype=np.int64)[None]
         self.reused = held
@@ -133,9 +136,22 @@ class RemoteSession:
                                 policy):
             yield int(tokens[0])
 
-    def _start(self, batch: int, max_length: int) -> None:
-        """New sequences: an empty cache here, and the session opened on the edge when it has layers."""
+    def _start(self, batch: int, max_length: int, policy: SplitPolicy | None = None, prompt_length: int = 1) -> None:
+        """New sequences: an empty cache here, and the session opened on the edge when it has layers. With a
+        ``policy``, they start at the split it chooses over the link as a probe finds it, for steps at the
+        context of a ``prompt_length`` prompt: nothing is held yet, so starting elsewhere costs nothing, where a
+        move after the prefill would carry or recompute a cache."""
         self.batch, self.past, self.max_length = batch, 0, max_length
+        if policy is not None:
+            self.preload(policy, self.snapshot(0))
+            self.probe_link()
+            decision = policy(replace(self.snapshot(0), past=prompt_length))
+            if decision is not None and decision.split != self.split:
+                self.head = self.client.pool.runner(Span(0, decision.split), self.head.variant, keep_boundaries=True)
+                self.split, self.start_reason = decision.split, decision.reason
+            if decision is not None and decision.codec is not None:
+                self.codec = decision.codec
+        self.first_split = self.split
         self.head.reset(batch)
         if self.split < self.num_layers:
             self.open_on_edge()
@@ -192,7 +208,7 @@ class RemoteSession:
             link=self.link.link(), timings_since_move=tuple(self.stats.timings[max(since_move, 1):][-TIMINGS_SEEN:]),
             step_probes=tuple(self.prober.step_probes), move_steps=tuple(move.before_step for move in self.moves),
             kept=frozenset(cut for cut in range(self.num_layers + 1) if self.kept_boundary(cut)),
-            link_history=tuple(self.link_history),
+            link_history=tuple(self.link_history), down_measured_at=self.link.measured_at("down"),
             move_costs=tuple((move.to_split > move.from_split, move.predicted_s, move.seconds)
                              for move in self.moves if move.predicted_s is not None),
         )
