@@ -89,6 +89,7 @@ def test_plan_pipeline_prints_the_placement_against_even_and_single(exported, tm
                       "--micro-batches", "8", "--sequence", "64")
     assert result.returncode == 0, result.stderr
     assert "placed:" in result.stdout and "an even split" in result.stdout and "single fastest node" in result.stdout
+    assert "run it: seam train-pipeline" in result.stdout and "--microbatches 8" in result.stdout
     wrong = run_seam("plan-pipeline", str(artifact.root), "--ue-profile", str(paths["ue"]), "--node",
                      f"gpu={paths['gpu']}", "--memory", "nope=10")
     assert wrong.returncode != 0 and "--memory names nope" in wrong.stderr

@@ -114,6 +114,12 @@ def run_plan_pipeline(args: argparse.Namespace) -> int:
     print(f"{artifact.num_layers} layers over {len(nodes)} stages; times per micro-batch or token, the step is {unit}")
     print(placement_table(placed))
     print(f"placed: {1e3 * placed.step_s:.1f} ms")
+    if args.mode == "train":
+        used = [stage for stage in placed.stages if stage.span[0] < stage.span[1]]
+        cuts = ",".join(str(stage.span[0]) for stage in used[1:])
+        print(f"run it: seam train-pipeline {args.directory} --stages {cuts} --microbatches {args.micro_batches} "
+              f"--batch {args.micro_batches * args.micro_batch} --seq-len {args.sequence} (ranks: "
+              f"{', '.join(f'{rank} {stage.node}' for rank, stage in enumerate(used))})")
     for label, other in (("an even split", even(nodes, facts, workload, args.min_ue_layers)),
                          ("the single fastest node", single_node(nodes, facts, workload, args.min_ue_layers))):
         if other is None:

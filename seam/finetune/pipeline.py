@@ -1,0 +1,244 @@
+"""Pipeline-parallel split fine-tuning over several nodes, on ``torch.distributed.pipelining``: the UE (rank 0)
+holds the embedding and the first span of layers, each edge node the next span, the last node the head and the
+loss; micro-batches flow through a GPipe or 1F1B schedule, and every stage trains the LoRA adapters of its own
+layers and no others. No process keeps a layer outside its span. Raw text stays on the UE: the edges see hidden
+states, and the last node the labels it scores.
+
+Every node runs the same command with its own ``--rank``; rank 0 hosts the rendezvous. Stages talk over gloo, each
+collective bounded by ``--timeout``. The adapters are seeded by name (``parts.seed_lora``), so that a pipeline and
+one process training the whole model start alike, and with the same micro-batching they take the same steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+from torch import nn
+
+from seam.finetune.adapters import trained_weights
+from seam.finetune.data import Batch
+from seam.finetune.parts import IGNORE_INDEX, Part, attach_lora, causal_lm_loss, keep_only, load_base, trainable
+from seam.runtime.errors import SeamError
+from seam.runtime.spans import Span
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+@dataclass(frozen=True)
+class PipelineJob:
+    """What every node of a run must agree on."""
+
+    cuts: tuple[int, ...]  # the layers where one stage ends and the next begins
+    num_layers: int
+    schedule: str = "1f1b"
+    microbatches: int = 4
+    batch: int = 8
+    seq_len: int = 64
+    steps: int = 10
+    rank: int = 8
+    alpha: float = 16.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        bounds = (0, *self.cuts, self.num_layers)
+        if any(a >= b for a, b in zip(bounds, bounds[1:])):
+            raise SeamError(f"--stages {','.join(map(str, self.cuts))}: the cuts must rise strictly between 0 and "
+                            f"{self.num_layers}, so that every stage holds a layer")
+        if self.schedule not in SCHEDULES:
+            raise SeamError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.microbatches < 1 or self.batch % self.microbatches:
+            raise SeamError(f"--batch {self.batch} must split into --microbatches {self.microbatches} equal parts")
+        if self.schedule == "1f1b" and self.microbatches < self.stages:
+            raise SeamError(f"--schedule 1f1b keeps every stage busy with one micro-batch each: give --microbatches "
+                            f"{self.stages} or more (or --schedule gpipe)")
+
+    @property
+    def spans(self) -> list[Span]:
+        bounds = (0, *self.cuts, self.num_layers)
+        return [Span(a, b) for a, b in zip(bounds, bounds[1:])]
+
+    @property
+    def stages(self) -> int:
+        return len(self.cuts) + 1
+
+    def fingerprint(self) -> int:
+        """A number every node computes alike from the settings, compared at the start."""
+        return zlib.crc32(repr(sorted(asdict(self).items())).encode())
+
+
+class StageModule(nn.Module):
+    """One stage of the pipeline: its layers of the model (with the embedding on the first, the head on the
+    last), passing the attention mask on beside the hidden states so that every stage masks alike. Counts the
+    seconds it computes, forward and backward, apart from those it waits for its neighbours."""
+
+    def __init__(self, peft_model: nn.Module, part: Part, last: bool):
+        super().__init__()
+        self.model, self.part, self.last = peft_model, part, last
+        self.busy_s = 0.0
+        self.backward_began = self.last_gradient_at = None
+        for parameter in trainable(peft_model):
+            parameter.register_post_accumulate_grad_hook(self._gradient_done)
+
+    def forward(self, first: torch.Tensor, attention_mask: torch.Tensor):
+        started = time.perf_counter()
+        out = self.part(first, attention_mask)
+        self.busy_s += time.perf_counter() - started
+        if out.requires_grad:
+            out.register_hook(self._backward_starts)
+        return out if self.last else (out, attention_mask)
+
+    def _backward_starts(self, grad: torch.Tensor) -> None:
+        self.settle()
+        self.backward_began = time.perf_counter()
+
+    def _gradient_done(self, parameter: torch.Tensor) -> None:
+        self.last_gradient_at = time.perf_counter()
+
+    def settle(self) -> None:
+        """Counts the last backward pass as busy: it ran from its output's gradient to its last adapter's."""
+        if self.backward_began is not None and self.last_gradient_at is not None:
+            self.busy_s += max(self.last_gradient_at - self.backward_began, 0.0)
+        self.backward_began = self.last_gradient_at = None
+
+
+def build_stage(artifact, job: PipelineJob, index: int) -> tuple[StageModule, nn.Module]:
+    """Stage ``index``'s module and its peft model: the base loaded, every layer outside its span dropped, LoRA on
+    its span."""
+    base = load_base(artifact)
+    span, first, last = job.spans[index], index == 0, index == job.stages - 1
+    keep_only(base.family, span, embed=first, head=last)
+    peft_model = attach_lora(base.model, base.family, span, job.rank, job.alpha, job.seed)
+    return StageModule(peft_model, Part(base.family, span, embed=first, head=last), last), peft_model
+
+
+def fixed_batches(batches: Iterator[Batch], seq_len: int, pad_id: int) -> Iterator[Batch]:
+    """``batches`` padded (or cut) to ``seq_len`` positions: a pipeline's stages agree on the shapes they pass once,
+    at the first step, so every step has the same."""
+    for batch in batches:
+        rows, length = batch.input_ids.shape
+        ids = np.full((rows, seq_len), pad_id, np.int64)
+        mask = np.zeros((rows, seq_len), np.int64)
+        keep = min(length, seq_len)
+        ids[:, :keep], mask[:, :keep] = batch.input_ids[:, :keep], batch.attention_mask[:, :keep]
+        yield Batch(ids, mask, np.where(mask == 1, ids, IGNORE_INDEX))
+
+
+def reference_run(artifact, job: PipelineJob, data: list[Batch]) -> tuple[list[float], dict[str, np.ndarray]]:
+    """One process training the whole model's adapters on ``data`` with the pipeline's micro-batching (each
+    micro-batch's mean loss over their number, summed into one optimizer step): the losses and the adapters a
+    pipeline run must reproduce."""
+    base = load_base(artifact)
+    model = attach_lora(base.model, base.family, Span(0, job.num_layers), job.rank, job.alpha, job.seed)
+    whole = Part(base.family, Span(0, job.num_layers), embed=True, head=True)
+    optimizer = torch.optim.AdamW(trainable(model), job.lr, weight_decay=job.weight_decay)
+    losses = []
+    for batch in data:
+        parts = [torch.from_numpy(array).tensor_split(job.microbatches)
+                 for array in (batch.input_ids, batch.attention_mask, batch.labels)]
+        step_losses = []
+        for ids, mask, labels in zip(*parts):
+            loss = causal_lm_loss(whole(ids, mask), labels)
+            (loss / job.microbatches).backward()
+            step_losses.append(float(loss))
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(sum(step_losses) / len(step_losses))
+    return losses, trained_weights(model)
+
+
+@contextmanager
+def node_errors(what: str, timeout_s: float):
+    """What a lost or silent node raises in torch.distributed, as one line naming ``what`` was under way."""
+    try:
+        yield
+    except RuntimeError as error:  # torch.distributed's errors (DistError and gloo's) are RuntimeErrors
+        line = next((text.strip() for text in reversed(str(error).splitlines()) if text.strip()), type(error).__name__)
+        raise SeamError(f"{what} failed: {line[:300]}; every node must be up, with the same --rendezvous and "
+                        f"settings, and answer within --timeout {timeout_s:g} s") from None
+
+
+class PipelineRank:
+    """This node's part of a run: its stage, its schedule and its optimizer, over a gloo process group."""
+
+    def __init__(self, artifact, job: PipelineJob, rank: int, init_method: str, timeout_s: float):
+        import torch.distributed as dist
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        if not 0 <= rank < job.stages:
+            raise SeamError(f"--rank {rank}: this pipeline has ranks 0 to {job.stages - 1}, one per stage")
+        self.dist, self.job, self.rank, self.timeout_s = dist, job, rank, timeout_s
+        self.module, self.peft_model = build_stage(artifact, job, rank)
+        with node_errors(f"joining the {job.stages} nodes at {init_method}", timeout_s):
+            dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=job.stages,
+                                    timeout=timedelta(seconds=timeout_s))
+            self.check_agreement()
+        stage = PipelineStage(self.module, rank, job.stages, torch.device("cpu"))
+        kind = ScheduleGPipe if job.schedule == "gpipe" else Schedule1F1B
+        self.schedule = kind(stage, job.microbatches, loss_fn=causal_lm_loss)
+        self.optimizer = torch.optim.AdamW(trainable(self.peft_model), job.lr, weight_decay=job.weight_decay)
+        self.is_first, self.is_last = rank == 0, rank == job.stages - 1
+        self.compute_s = 0.0
+
+    def check_agreement(self) -> None:
+        """Every node must run the same job: rank 0's settings go to all, and a node that differs stops."""
+        mine = torch.tensor([self.job.fingerprint()], dtype=torch.int64)
+        theirs = mine.clone()
+        self.dist.broadcast(theirs, src=0)
+        if int(theirs) != int(mine):
+            raise SeamError("this node's settings differ from rank 0's (--stages, --schedule, --microbatches, --batch, "
+                            "--seq-len, --steps, LoRA and optimizer flags); give every node the same")
+
+    def step(self, batch: Batch | None) -> float:
+        """One optimizer step over a batch (rank 0 gives it; the others pass None). Returns the step's mean loss
+        on every rank (the last node scores it and tells the others)."""
+        with node_errors("a training step", self.timeout_s):
+            return self._step(batch)
+
+    def _step(self, batch: Batch | None) -> float:
+        dist, last = self.dist, self.job.stages - 1
+        labels = torch.empty((self.job.batch, self.job.seq_len), dtype=torch.int64)
+        if self.is_first and self.is_last:
+            raise SeamError("a pipeline needs two stages or more; give --stages")
+        if self.is_first:
+            dist.send(torch.from_numpy(batch.labels), dst=last)
+            self.schedule.step(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
+        elif self.is_last:
+            dist.recv(labels, src=0)
+            losses: list[torch.Tensor] = []
+            self.schedule.step(target=labels, losses=losses)
+        else:
+            self.schedule.step()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        mean = torch.tensor([sum(float(l) for l in losses) / len(losses)] if self.is_last else [math.nan])
+        dist.broadcast(mean, src=last)
+        return float(mean)
+
+    def busy_shares(self, wall_s: float) -> list[float] | None:
+        """Each stage's seconds of compute over ``wall_s``, gathered on rank 0 (None on the others)."""
+        self.module.settle()
+        gathered = [None] * self.job.stages if self.is_first else None
+        with node_errors("gathering the busy shares", self.timeout_s):
+            self.dist.gather_object(self.module.busy_s / wall_s, gathered, dst=0)
+        return gathered
+
+    def adapters(self) -> list[dict[str, np.ndarray]] | None:
+        """Every stage's trained adapters, gathered on rank 0 (None on the others)."""
+        gathered = [None] * self.job.stages if self.is_first else None
+        with node_errors("gathering the adapters", self.timeout_s):
+            self.dist.gather_object(trained_weights(self.peft_model), gathered, dst=0)
+        return gathered
+
+    def close(self) -> None:
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()

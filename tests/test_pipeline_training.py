@@ -1,0 +1,110 @@
+"""Pipeline-parallel split fine-tuning: three real processes (the UE and two edge nodes) over gloo on loopback,
+each holding its own span of layers, against one process training the whole model the same way."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from seam.finetune.data import batches, read_samples, tokenize
+from seam.finetune.pipeline import PipelineJob, fixed_batches, reference_run
+from seam.runtime.artifact import Artifact
+from seam.runtime.text import load_tokenizer
+
+SAMPLES = [f"sample {i}: the quick brown fox number {i} jumps over {i % 3} lazy dogs" for i in range(24)]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(artifact, ranks, flags, data, out) -> list[subprocess.Popen]:
+    port = free_port()
+    return [subprocess.Popen(
+        [sys.executable, "-m", "seam.cli", "train-pipeline", str(artifact.root), "--rank", str(rank),
+         "--rendezvous", f"tcp://127.0.0.1:{port}", *flags, *(("--data", str(data), "--out", str(out)) if rank == 0
+                                                                 else ())],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        for rank in ranks]
+
+
+def finish(processes, timeout: float = 240) -> list[tuple[int, str, str]]:
+    results = []
+    for process in processes:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            raise
+        results.append((process.returncode, out, err))
+    return results
+
+
+@pytest.mark.parametrize("schedule, batch, microbatches", [("gpipe", 4, 2), ("1f1b", 6, 3)])
+def test_three_stages_train_as_one_process_does(exported, tmp_path, schedule, batch, microbatches):
+    artifact = Artifact.open(exported("tiny-llama"))
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(SAMPLES) + "\n")
+    job = PipelineJob((1, 3), artifact.num_layers, schedule, microbatches, batch, seq_len=16, steps=3, rank=4, seed=7)
+    flags = ["--stages", "1,3", "--schedule", schedule, "--microbatches", str(microbatches), "--batch", str(batch),
+             "--seq-len", "16",
+             "--steps", "3", "--lora-rank", "4", "--seed", "7", "--timeout", "60"]
+    results = finish(launch(artifact, range(3), flags, data, tmp_path / "adapter"))
+    assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
+    losses = [float(x) for x in re.findall(r"loss ([\d.]+)", results[0][1])]
+    shares = [float(x) for x in re.findall(r"^\s*\d+\s+\d+-\d+\s+([\d.]+)$", results[0][1], re.M)]
+    assert len(shares) == 3 and all(0 < share < 1 for share in shares), results[0][1]
+
+    pad_id = artifact.manifest.tokenizer["pad_token_id"]
+    sequences = tokenize(read_samples(data), load_tokenizer(artifact), 16)
+    stream = fixed_batches(batches(sequences, batch, pad_id, 7), 16, pad_id)
+    expected, weights = reference_run(artifact, job, [next(stream) for _ in range(3)])
+    assert len(losses) == 3 and losses == pytest.approx(expected, abs=1e-5), (losses, expected)
+
+    from safetensors.numpy import load_file
+
+    written = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert len(written) == len(weights) > 0
+    for name, value in weights.items():
+        stored = next(array for key, array in written.items() if name.removesuffix(".default.weight") in key)
+        # Adam divides by the root of tiny second moments: sums taken in another order move a weight by ~1e-5.
+        assert np.abs(stored - value).max() < 1e-4, (name, float(np.abs(stored - value).max()))
+
+
+def test_a_missing_stage_is_one_line_within_the_timeout(exported, tmp_path):
+    artifact = Artifact.open(exported("tiny-llama"))
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(SAMPLES) + "\n")
+    started = time.monotonic()
+    results = finish(launch(artifact, [0, 1], ["--stages", "1,3", "--timeout", "5", "--batch", "4"], data,
+                            tmp_path / "adapter"), timeout=120)
+    assert all(code != 0 for code, _, _ in results)
+    assert time.monotonic() - started < 90
+    assert all(err.strip().splitlines()[-1].startswith("seam train-pipeline: error:") for _, _, err in results), \
+        [err[-1000:] for _, _, err in results]
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_bad_stages_and_a_remote_rendezvous_are_refused(exported, tmp_path):
+    from conftest import run_seam
+
+    artifact = exported("tiny-llama")
+    uneven = run_seam("train-pipeline", str(artifact), "--stages", "3,2", "--rank", "1", "--rendezvous",
+                      "tcp://127.0.0.1:1")
+    starved = run_seam("train-pipeline", str(artifact), "--stages", "1,3", "--rank", "1", "--rendezvous",
+                       "tcp://127.0.0.1:1", "--microbatches", "2", "--batch", "4")
+    remote = run_seam("train-pipeline", str(artifact), "--stages", "2", "--rank", "1", "--rendezvous",
+                      "tcp://10.1.2.3:29500")
+    assert uneven.returncode != 0 and "must rise strictly" in uneven.stderr
+    assert starved.returncode != 0 and "--microbatches 3 or more" in starved.stderr
+    assert remote.returncode != 0 and "--allow-network" in remote.stderr
