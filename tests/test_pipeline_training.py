@@ -108,3 +108,27 @@ def test_bad_stages_and_a_remote_rendezvous_are_refused(exported, tmp_path):
     assert uneven.returncode != 0 and "must rise strictly" in uneven.stderr
     assert starved.returncode != 0 and "--microbatches 3 or more" in starved.stderr
     assert remote.returncode != 0 and "--allow-network" in remote.stderr
+
+
+def test_a_run_resumed_from_its_checkpoints_goes_on_as_one_uninterrupted(exported, tmp_path):
+    artifact = Artifact.open(exported("tiny-llama"))
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(SAMPLES) + "\n")
+
+    def run(name: str, steps: int, *extra: str) -> list[float]:
+        checkpoints = [("--checkpoint", str(tmp_path / f"{name}-{rank}")) for rank in range(2)]
+        port = free_port()
+        processes = [subprocess.Popen(
+            [sys.executable, "-m", "seam.cli", "train-pipeline", str(artifact.root), "--rank", str(rank),
+             "--rendezvous", f"tcp://127.0.0.1:{port}", "--stages", "2", "--schedule", "gpipe", "--batch", "4",
+             "--microbatches", "2", "--seq-len", "16", "--steps", str(steps), *checkpoints[rank], *extra,
+             *(("--data", str(data), "--out", str(tmp_path / name)) if rank == 0 else ())],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+        results = finish(processes)
+        assert all(code == 0 for code, _, _ in results), [err[-1500:] for _, _, err in results]
+        return [float(x) for x in re.findall(r"loss ([\d.]+)", results[0][1])]
+
+    whole = run("whole", 4)
+    first = run("cut", 2, "--checkpoint-every", "2")
+    rest = run("cut", 4, "--resume")
+    assert first + rest == pytest.approx(whole, abs=1e-6) and len(rest) == 2

@@ -1,5 +1,6 @@
-"""Checkpoints of a split training run: both sides' adapters and optimizer states (safetensors), the losses so far
-and the settings that must not change (JSON), written whole or not at all; ``--resume`` carries on from one.
+"""Checkpoints of a training run: each part's adapters and optimizer state (safetensors: both sides of a split run,
+or one node's stage of a pipeline), the losses so far and the settings that must not change (JSON), written whole
+or not at all; ``--resume`` carries on from one.
 The data order is seeded, so a resumed run skips the batches already trained on and continues exactly as an
 uninterrupted run would."""
 
@@ -19,18 +20,18 @@ from seam.runtime.files import write_directory_atomically
 class Checkpoint:
     step: int
     losses: list[float]
-    ue: dict[str, np.ndarray]
-    edge: dict[str, np.ndarray]
+    parts: dict[str, dict[str, np.ndarray]]  # each part's training state by its name: "ue" and "edge", or a stage's
 
 
 def save_checkpoint(directory: Path, settings: dict, checkpoint: Checkpoint) -> Path:
     from safetensors.numpy import save_file
 
     def write(staging: Path) -> None:
-        save_file(checkpoint.ue, str(staging / "ue.safetensors"))
-        save_file(checkpoint.edge, str(staging / "edge.safetensors"))
+        for name, state in checkpoint.parts.items():
+            save_file(state, str(staging / f"{name}.safetensors"))
         (staging / "run.json").write_text(json.dumps(
-            {"settings": settings, "step": checkpoint.step, "losses": checkpoint.losses}, indent=1) + "\n")
+            {"settings": settings, "step": checkpoint.step, "losses": checkpoint.losses, "parts": list(checkpoint.parts)},
+            indent=1) + "\n")
 
     return write_directory_atomically(directory, write)
 
@@ -40,7 +41,8 @@ def load_checkpoint(directory: Path, settings: dict) -> Checkpoint:
 
     try:
         run = json.loads((directory / "run.json").read_text())
-        ue, edge = (load_file(str(directory / f"{side}.safetensors")) for side in ("ue", "edge"))
+        # Before pipelines, a checkpoint held the two sides of a split run and did not list its parts.
+        parts = {str(name): load_file(str(directory / f"{name}.safetensors")) for name in run.get("parts", ["ue", "edge"])}
         saved, step, losses = run["settings"], int(run["step"]), [float(loss) for loss in run["losses"]]
     except FileNotFoundError:
         raise SeamError(f"no checkpoint at {directory}; run without --resume, with --checkpoint-every") from None
@@ -51,4 +53,4 @@ def load_checkpoint(directory: Path, settings: dict) -> Checkpoint:
         if saved.get(name) != value:
             raise SeamError(f"the checkpoint was written with {name} {saved.get(name)!r}, this run has {value!r}; "
                             "resume with the settings it was written with")
-    return Checkpoint(step, losses, ue, edge)
+    return Checkpoint(step, losses, parts)

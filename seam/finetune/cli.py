@@ -102,9 +102,9 @@ def train_round(args: argparse.Namespace, trainer, data, losses: list[float], nu
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             bar.update()
             if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
-                save_checkpoint(checkpoints, settings, Checkpoint(
-                    step + 1, losses, training_state(trainer.model, trainer.optimizer),
-                    split_weights(trainer.edge.adapter(optimizer=True))))
+                save_checkpoint(checkpoints, settings, Checkpoint(step + 1, losses, {
+                    "ue": training_state(trainer.model, trainer.optimizer),
+                    "edge": split_weights(trainer.edge.adapter(optimizer=True))}))
     if args.job:
         average = trainer.edge.federate(number, args.steps * args.batch, trained_weights(trainer.model),
                                         args.round_wait)
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     with EdgeClient(artifact, args.server, TransportConfig(timeout_s=args.timeout), emulated=limited) as client:
         trainer = SplitTrainer(artifact, client, cut, args.mode, args.rank, args.alpha, args.lr, args.weight_decay,
                                args.seed, args.job, args.name or f"{socket.gethostname()}-{os.getpid()}",
-                               (resumed.ue, resumed.edge) if resumed else None, args.job_size)
+                               (resumed.parts["ue"], resumed.parts["edge"]) if resumed else None, args.job_size)
         for number in range(args.rounds):
             train_round(args, trainer, data, losses, number, checkpoints, settings)
         edge_weights = split_weights(trainer.edge.adapter())

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from seam.finetune.adapters import trained_weights
+from seam.finetune.adapters import restore_training_state, trained_weights, training_state
 from seam.finetune.data import Batch
 from seam.finetune.parts import IGNORE_INDEX, Part, attach_lora, causal_lm_loss, keep_only, load_base, trainable
 from seam.runtime.errors import SeamError
@@ -223,6 +223,22 @@ class PipelineRank:
         mean = torch.tensor([sum(float(l) for l in losses) / len(losses)] if self.is_last else [math.nan])
         dist.broadcast(mean, src=last)
         return float(mean)
+
+    def agree_on_start(self, step: int) -> None:
+        """Every node must carry on from the same step: a node resuming from another checkpoint stops."""
+        mine = torch.tensor([step], dtype=torch.int64)
+        theirs = mine.clone()
+        with node_errors("agreeing on the step to resume from", self.timeout_s):
+            self.dist.broadcast(theirs, src=0)
+        if int(theirs) != step:
+            raise SeamError(f"this node would carry on from step {step}, rank 0 from step {int(theirs)}; resume every "
+                            "node from checkpoints written together (or none)")
+
+    def training_state(self) -> dict[str, np.ndarray]:
+        return training_state(self.peft_model, self.optimizer)
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        restore_training_state(self.peft_model, self.optimizer, state)
 
     def busy_shares(self, wall_s: float) -> list[float] | None:
         """Each stage's seconds of compute over ``wall_s``, gathered on rank 0 (None on the others)."""

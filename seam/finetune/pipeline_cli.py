@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -48,6 +49,13 @@ def add_train_pipeline_parser(commands) -> None:
     parser.add_argument("--lr", type=number(float, 0, above=True), default=1e-3)
     parser.add_argument("--weight-decay", type=number(float, 0), default=0.0)
     parser.add_argument("--seed", type=number(int, 0), default=0)
+    parser.add_argument("--checkpoint-every", type=number(int, 0), default=0, metavar="STEPS",
+                        help="every node writes its stage's adapters and optimizer state every STEPS steps")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="this node's checkpoint directory (default: OUT.checkpoint on rank 0, "
+                             "pipeline-stage-RANK.checkpoint here on the others)")
+    parser.add_argument("--resume", action="store_true",
+                        help="carry on from the checkpoints (every node, with the settings they were written with)")
     parser.add_argument("--timeout", type=number(float, 1), default=120.0,
                         help="seconds any node waits for another, at the start and at every exchange")
     parser.set_defaults(handler=run_train_pipeline, extra="finetune")
@@ -74,42 +82,69 @@ def rendezvous(args: argparse.Namespace) -> tuple[int, str]:
 
 
 def run_train_pipeline(args: argparse.Namespace) -> int:
-    from seam.finetune.data import batches, read_samples, tokenize
-    from seam.finetune.pipeline import PipelineJob, PipelineRank, fixed_batches
+    from seam.finetune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from seam.finetune.pipeline import PipelineJob, PipelineRank
     from seam.runtime.artifact import Artifact
-    from seam.runtime.text import load_tokenizer
 
     artifact = Artifact.open(args.artifact)
     rank, address = rendezvous(args)
     job = PipelineJob(tuple(args.stages), artifact.num_layers, args.schedule, args.microbatches, args.batch,
                       args.seq_len, args.steps, args.lora_rank, args.alpha, args.lr, args.weight_decay, args.seed)
-    data = None
-    if rank == 0:
-        if args.data is None or args.out is None:
-            raise SeamError("rank 0 (the UE) needs --data and --out")
-        sequences = tokenize(read_samples(args.data), load_tokenizer(artifact), args.seq_len)
-        pad_id = artifact.manifest.tokenizer["pad_token_id"]
-        data = fixed_batches(batches(sequences, args.batch, pad_id, args.seed), args.seq_len, pad_id)
+    if rank == 0 and (args.data is None or args.out is None):
+        raise SeamError("rank 0 (the UE) needs --data and --out")
+    checkpoints = args.checkpoint or (args.out.with_name(f"{args.out.name}.checkpoint") if rank == 0
+                                      else Path(f"pipeline-stage-{rank}.checkpoint"))
+    settings = {**asdict(job), "cuts": list(job.cuts), "stage": rank}
+    settings.pop("steps")  # a resumed run may go on for longer
+    resumed = load_checkpoint(checkpoints, settings) if args.resume else None
+    if resumed and resumed.step >= job.steps:
+        raise SeamError(f"the checkpoint is at step {resumed.step} already; give more --steps to carry on")
+    data = training_data(artifact, args, resumed.step if resumed else 0) if rank == 0 else None
+    losses = resumed.losses if resumed else []
     node = PipelineRank(artifact, job, rank, address, args.timeout)
     try:
-        started = time.perf_counter()
-        for step in range(1, job.steps + 1):
-            loss = node.step(next(data) if data is not None else None)
+        node.agree_on_start(len(losses))
+        if resumed:
+            node.restore(resumed.parts["stage"])
+        started, first = time.perf_counter(), len(losses) + 1
+        for step in range(first, job.steps + 1):
+            losses.append(node.step(next(data) if data is not None else None))
             if rank == 0:
-                print(f"step {step} loss {loss:.6f} ({time.perf_counter() - started:.1f} s)", flush=True)
+                print(f"step {step} loss {losses[-1]:.6f} ({time.perf_counter() - started:.1f} s)", flush=True)
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save_checkpoint(checkpoints, settings, Checkpoint(step, losses, {"stage": node.training_state()}))
         wall_s = time.perf_counter() - started
         shares, parts = node.busy_shares(wall_s), node.adapters()
     finally:
         node.close()
     if rank == 0:
-        from seam.finetune.adapters import save_adapter
-        from seam.runtime.shell import table
-
-        tokens = job.steps * job.batch * job.seq_len
-        print(table(["stage", "layers", "busy share"], [
-            [str(index), f"{span.start}-{span.end - 1}", f"{share:.2f}"]
-            for index, (span, share) in enumerate(zip(job.spans, shares))]))
-        print(f"{job.steps} steps in {wall_s:.1f} s, {tokens / wall_s:.0f} tokens/s")
-        written = save_adapter(artifact, args.out, parts, job.rank, job.alpha, job.seed)
-        print(f"adapter of every layer: {written}; merge it with seam export --adapter", file=sys.stderr)
+        report(artifact, args, job, shares, parts, (job.steps + 1 - first) / wall_s)
     return 0
+
+
+def training_data(artifact, args: argparse.Namespace, done: int):
+    """Rank 0's batches, each padded to ``--seq-len``, past the ``done`` a checkpoint trained on (the order is
+    seeded, so a resumed run sees what an uninterrupted one would)."""
+    from seam.finetune.data import batches, read_samples, tokenize
+    from seam.finetune.pipeline import fixed_batches
+    from seam.runtime.text import load_tokenizer
+
+    sequences = tokenize(read_samples(args.data), load_tokenizer(artifact), args.seq_len)
+    pad_id = artifact.manifest.tokenizer["pad_token_id"]
+    data = fixed_batches(batches(sequences, args.batch, pad_id, args.seed), args.seq_len, pad_id)
+    for _ in range(done):
+        next(data)
+    return data
+
+
+def report(artifact, args: argparse.Namespace, job, shares: list[float], parts: list, steps_per_s: float) -> None:
+    """Each stage's busy share, the throughput, and the adapter of the whole model written to ``--out``."""
+    from seam.finetune.adapters import save_adapter
+    from seam.runtime.shell import table
+
+    print(table(["stage", "layers", "busy share"], [
+        [str(index), f"{span.start}-{span.end - 1}", f"{share:.2f}"]
+        for index, (span, share) in enumerate(zip(job.spans, shares))]))
+    print(f"{job.steps} steps; {steps_per_s * job.batch * job.seq_len:.0f} tokens/s")
+    written = save_adapter(artifact, args.out, parts, job.rank, job.alpha, job.seed)
+    print(f"adapter of every layer: {written}; merge it with seam export --adapter", file=sys.stderr)
