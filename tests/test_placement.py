@@ -93,3 +93,16 @@ def test_plan_pipeline_prints_the_placement_against_even_and_single(exported, tm
     wrong = run_seam("plan-pipeline", str(artifact.root), "--ue-profile", str(paths["ue"]), "--node",
                      f"gpu={paths['gpu']}", "--memory", "nope=10")
     assert wrong.returncode != 0 and "--memory names nope" in wrong.stderr
+
+
+def test_the_last_stage_of_training_pays_for_the_head():
+    """The head scores every position in training: a vocabulary-sized matrix that outweighs several layers."""
+    from dataclasses import replace
+
+    workload = Workload("train", micro_batches=8, sequence=64)
+    equal = nodes(1.0, 1.0, 1.0)
+    plain = place(equal, FACTS, workload)
+    headed = place(equal, replace(FACTS, head_layers=3.0), workload)
+    layers = lambda placement: [end - start for start, end in placement.spans()]
+    assert layers(headed)[-1] < layers(plain)[-1]
+    assert headed.step_s > plain.step_s

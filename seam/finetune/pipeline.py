@@ -81,9 +81,12 @@ class StageModule(nn.Module):
     last), passing the attention mask on beside the hidden states so that every stage masks alike. Counts the
     seconds it computes, forward and backward, apart from those it waits for its neighbours."""
 
-    def __init__(self, peft_model: nn.Module, part: Part, last: bool):
+    def __init__(self, peft_model: nn.Module, part: Part, last: bool, slowdown: float = 1.0):
         super().__init__()
         self.model, self.part, self.last = peft_model, part, last
+        # Benchmarks emulate a slower node on one machine: it waits out what a node this much slower would
+        # still be computing, a backward taken as twice its forward.
+        self.slowdown, self.forward_s = slowdown, 0.0
         self.busy_s = 0.0
         self.backward_began = self.last_gradient_at = None
         for parameter in trainable(peft_model):
@@ -92,6 +95,8 @@ class StageModule(nn.Module):
     def forward(self, first: torch.Tensor, attention_mask: torch.Tensor):
         started = time.perf_counter()
         out = self.part(first, attention_mask)
+        self.forward_s = time.perf_counter() - started
+        self._emulate(self.forward_s)
         self.busy_s += time.perf_counter() - started
         if out.requires_grad:
             out.register_hook(self._backward_starts)
@@ -100,6 +105,11 @@ class StageModule(nn.Module):
     def _backward_starts(self, grad: torch.Tensor) -> None:
         self.settle()
         self.backward_began = time.perf_counter()
+        self._emulate(2 * self.forward_s)
+
+    def _emulate(self, computed_s: float) -> None:
+        if self.slowdown > 1:
+            time.sleep((self.slowdown - 1) * computed_s)
 
     def _gradient_done(self, parameter: torch.Tensor) -> None:
         self.last_gradient_at = time.perf_counter()
@@ -111,14 +121,14 @@ class StageModule(nn.Module):
         self.backward_began = self.last_gradient_at = None
 
 
-def build_stage(artifact, job: PipelineJob, index: int) -> tuple[StageModule, nn.Module]:
+def build_stage(artifact, job: PipelineJob, index: int, slowdown: float = 1.0) -> tuple[StageModule, nn.Module]:
     """Stage ``index``'s module and its peft model: the base loaded, every layer outside its span dropped, LoRA on
-    its span."""
+    its span; ``slowdown``: see ``StageModule``."""
     base = load_base(artifact)
     span, first, last = job.spans[index], index == 0, index == job.stages - 1
     keep_only(base.family, span, embed=first, head=last)
     peft_model = attach_lora(base.model, base.family, span, job.rank, job.alpha, job.seed)
-    return StageModule(peft_model, Part(base.family, span, embed=first, head=last), last), peft_model
+    return StageModule(peft_model, Part(base.family, span, embed=first, head=last), last, slowdown), peft_model
 
 
 def fixed_batches(batches: Iterator[Batch], seq_len: int, pad_id: int) -> Iterator[Batch]:
@@ -149,7 +159,7 @@ def reference_run(artifact, job: PipelineJob, data: list[Batch]) -> tuple[list[f
         for ids, mask, labels in zip(*parts):
             loss = causal_lm_loss(whole(ids, mask), labels)
             (loss / job.microbatches).backward()
-            step_losses.append(float(loss))
+            step_losses.append(float(loss.detach()))
         optimizer.step()
         optimizer.zero_grad()
         losses.append(sum(step_losses) / len(step_losses))
@@ -170,14 +180,15 @@ def node_errors(what: str, timeout_s: float):
 class PipelineRank:
     """This node's part of a run: its stage, its schedule and its optimizer, over a gloo process group."""
 
-    def __init__(self, artifact, job: PipelineJob, rank: int, init_method: str, timeout_s: float):
+    def __init__(self, artifact, job: PipelineJob, rank: int, init_method: str, timeout_s: float,
+                 slowdown: float = 1.0):
         import torch.distributed as dist
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         if not 0 <= rank < job.stages:
             raise SeamError(f"--rank {rank}: this pipeline has ranks 0 to {job.stages - 1}, one per stage")
         self.dist, self.job, self.rank, self.timeout_s = dist, job, rank, timeout_s
-        self.module, self.peft_model = build_stage(artifact, job, rank)
+        self.module, self.peft_model = build_stage(artifact, job, rank, slowdown)
         with node_errors(f"joining the {job.stages} nodes at {init_method}", timeout_s):
             dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=job.stages,
                                     timeout=timedelta(seconds=timeout_s))

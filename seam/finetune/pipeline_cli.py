@@ -56,6 +56,8 @@ def add_train_pipeline_parser(commands) -> None:
                              "pipeline-stage-RANK.checkpoint here on the others)")
     parser.add_argument("--resume", action="store_true",
                         help="carry on from the checkpoints (every node, with the settings they were written with)")
+    parser.add_argument("--emulate-slowdown", type=number(float, 1), default=1.0, metavar="FACTOR",
+                        help="benchmarks: this node waits as a node FACTOR times slower would still compute")
     parser.add_argument("--timeout", type=number(float, 1), default=120.0,
                         help="seconds any node waits for another, at the start and at every exchange")
     parser.set_defaults(handler=run_train_pipeline, extra="finetune")
@@ -101,7 +103,7 @@ def run_train_pipeline(args: argparse.Namespace) -> int:
         raise SeamError(f"the checkpoint is at step {resumed.step} already; give more --steps to carry on")
     data = training_data(artifact, args, resumed.step if resumed else 0) if rank == 0 else None
     losses = resumed.losses if resumed else []
-    node = PipelineRank(artifact, job, rank, address, args.timeout)
+    node = PipelineRank(artifact, job, rank, address, args.timeout, args.emulate_slowdown)
     try:
         node.agree_on_start(len(losses))
         if resumed:

@@ -6,7 +6,8 @@ not pay.
 
 How a placement is scored (``evaluate``):
 - **Training**, ``micro_batches`` micro-batches per step: a stage's busy time per micro-batch is its forward and
-  backward (``TRAIN_FACTOR`` times the profiled prefill), and each link between two stages is a resource of its
+  backward (``TRAIN_FACTOR`` times the profiled prefill; the last stage's with the head scoring every position,
+  ``Facts.head_layers`` layers' worth), and each link between two stages is a resource of its
   own that carries the activations forward and their gradients back. The pipeline advances at its slowest
   resource, and a step of GPipe or 1F1B takes ``(micro_batches + stages - 1)`` such periods (the fill and drain
   bubble); a node's busy share is its compute over the step.
@@ -19,6 +20,7 @@ Pure functions of the profiles' fits, the artifact's facts and the links: no I/O
 from __future__ import annotations
 
 import itertools
+import statistics
 from dataclasses import dataclass
 
 from seam.planning.cost_model import DeviceModel, Link
@@ -57,13 +59,20 @@ class Facts:
     cuts: tuple[int, ...]  # every point a stage may start or end at, 0 and the last layer included
     block_spans: tuple[tuple[int, int], ...]
     block_weight_bytes: tuple[int, ...]
+    # What the head costs in training, in layers: it scores every position (a profiled prefill scores only the
+    # last), a matrix of hidden x vocabulary against a layer's weights; in a small model, several layers' worth.
+    head_layers: float = 0.0
 
     @classmethod
     def of(cls, manifest: Manifest) -> Facts:
         spans = tuple((block.layers.start, block.layers.end) for block in manifest.blocks)
-        return cls(manifest.dims, DTYPE_BYTES[manifest.dtype], manifest.kv_bytes_per_token_per_layer,
-                   (0, *manifest.cuts, manifest.dims.num_layers), spans,
-                   tuple(block.variants[manifest.dtype].weight_bytes for block in manifest.blocks))
+        weights = tuple(block.variants[manifest.dtype].weight_bytes for block in manifest.blocks)
+        dtype_bytes = DTYPE_BYTES[manifest.dtype]
+        # The median block holds no embedding or head: its weights per layer are a layer's.
+        layer_params = statistics.median(size / (end - start) for (start, end), size in zip(spans, weights)) / dtype_bytes
+        head_layers = manifest.dims.hidden_size * manifest.dims.vocab_size / layer_params
+        return cls(manifest.dims, dtype_bytes, manifest.kv_bytes_per_token_per_layer,
+                   (0, *manifest.cuts, manifest.dims.num_layers), spans, weights, head_layers)
 
 
 @dataclass(frozen=True)
@@ -85,11 +94,13 @@ class Placement:
         return tuple(stage.span for stage in self.stages)
 
 
-def _compute_s(node: Node, span: tuple[int, int], workload: Workload) -> float:
+def _compute_s(node: Node, span: tuple[int, int], facts: Facts, workload: Workload) -> float:
     if span[0] == span[1]:
         return 0.0
     if workload.mode == "train":
         forward = node.model.compute_s(*span, "prefill", workload.sequence, workload.micro_batch)
+        if span[1] == facts.dims.num_layers:  # the last stage also scores every position
+            forward *= 1 + facts.head_layers / (span[1] - span[0])
         return TRAIN_FACTOR * forward
     return node.model.compute_s(*span, "decode", workload.context, workload.micro_batch)
 
@@ -130,7 +141,7 @@ def evaluate(nodes: list[Node], boundaries: tuple[int, ...], facts: Facts, workl
             return None
         crossing = 0.0 if first or start == end else _link_s(node.link_in, facts, workload)
         first = first and start == end
-        stages.append(Stage(node.name, (start, end), _compute_s(node, (start, end), workload), crossing, memory))
+        stages.append(Stage(node.name, (start, end), _compute_s(node, (start, end), facts, workload), crossing, memory))
     active = [stage for stage in stages if stage.span[0] < stage.span[1]]
     if workload.mode == "train":
         period = max(max(stage.compute_s, stage.link_s) for stage in active)
@@ -208,7 +219,7 @@ def _stage_term(node: Node, span: tuple[int, int], facts: Facts, workload: Workl
         return None
     if span[0] == span[1]:
         return 0.0
-    return _term(Stage(node.name, span, _compute_s(node, span, workload), _link_s(node.link_in, facts, workload),
+    return _term(Stage(node.name, span, _compute_s(node, span, facts, workload), _link_s(node.link_in, facts, workload),
                        memory), workload)
 
 
