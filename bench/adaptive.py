@@ -272,7 +272,8 @@ def families(bench: Bench, args, suffix: str) -> None:
                                "vs_best_static": round(adaptive.mean_ms / round_.best_static.mean_ms, 3),
                                "fixed_horizon_vs_oracle": round(blind.mean_ms / round_.oracle_ms, 3),
                                "fixed_horizon_vs_best_static": round(blind.mean_ms / round_.best_static.mean_ms, 3),
-                               "best_static": round_.best_static.name, "moves": adaptive.moves,
+                               "best_static": round_.best_static.name, "first_split": adaptive.splits[0],
+                               "moves": adaptive.moves,
                                "fixed_horizon_moves": len(blind.moves)}
             for at, old, new, seconds, reason in adaptive.moves:
                 print(f"{family}-{seed} at {at:.2f} s: split {old} -> {new} in {1e3 * seconds:.0f} ms ({reason})")

@@ -76,7 +76,7 @@ class RemoteSession:
         self.sequence = self.mask = None  # the tokens so far and their mask, from which moved layers are rebuilt
         self.reused = 0  # positions the last chat turn found held from earlier turns
         self.link = LinkEstimator(client.link)
-        self.link_history: deque[tuple[float, float]] = deque(maxlen=LINK_HISTORY)  # (at, uplink bytes/s)
+        self.link_history: deque[tuple[float, float]] = deque(maxlen=LINK_HISTORY)  # (at, uplink as seen)
         self.prober = LinkProber(self.link, client.artifact.manifest.dims.hidden_size, self.head.kv_dtype.itemsize)
 
     @property
@@ -138,13 +138,14 @@ class RemoteSession:
 
     def _start(self, batch: int, max_length: int, policy: SplitPolicy | None = None, prompt_length: int = 1) -> None:
         """New sequences: an empty cache here, and the session opened on the edge when it has layers. With a
-        ``policy``, they start at the split it chooses over the link as a probe finds it, for steps at the
-        context of a ``prompt_length`` prompt: nothing is held yet, so starting elsewhere costs nothing, where a
-        move after the prefill would carry or recompute a cache."""
+        ``policy``, they start at the split it chooses for steps at the context of a ``prompt_length`` prompt:
+        nothing is held yet, so starting elsewhere costs nothing, where a move after the prefill would carry or
+        recompute a cache. It decides on the link as the session knows it so far (the connection's round trip
+        and the prior rates, or what earlier generations measured): a probe sized to measure a fast link would
+        send hundreds of KB before every prompt, and the prefill measures the uplink anyway."""
         self.batch, self.past, self.max_length = batch, 0, max_length
         if policy is not None:
             self.preload(policy, self.snapshot(0))
-            self.probe_link()
             decision = policy(replace(self.snapshot(0), past=prompt_length))
             if decision is not None and decision.split != self.split:
                 self.head = self.client.pool.runner(Span(0, decision.split), self.head.variant, keep_boundaries=True)
@@ -171,7 +172,7 @@ class RemoteSession:
             for step in range(max_new_tokens):
                 if step and policy is not None:
                     if self.link.measured("up"):  # the prior giving way to a measurement is no change of the link
-                        self.link_history.append((time.perf_counter(), self.link.link().up_bytes_per_s))
+                        self.link_history.append((time.perf_counter(), self.link.seen_up_bytes_per_s()))
                     self.apply(policy(self.snapshot(step)))
                 try:
                     tokens = self._step(first, mask, positions)
