@@ -140,17 +140,3 @@ def test_a_downlink_measured_before_a_fade_is_taken_to_fade_with_the_uplink():
     recovered = history((3, BAD), (2, GOOD))
     assert downlink_following(slow_down, states(recovered, 5.0), 1.0) == slow_down
 
-
-def test_the_uplink_as_messages_see_it_collapses_with_their_times():
-    """Small messages over a fast link measure no rate, so in an outage the estimate may still be its prior;
-    the history the states are read from follows what the messages took instead."""
-    from seam.planning.link_estimate import LinkEstimator, Sample
-
-    estimator = LinkEstimator(Link.from_mbit(10, 20))
-    for index in range(5):
-        estimator.observe(Sample(0.1 * index, 3000, 8, 0.0224))
-    steady = estimator.seen_up_bytes_per_s()
-    for index in range(2):
-        estimator.observe(Sample(1 + 0.5 * index, 3000, 8, 0.5))
-    assert 10e6 / 8 / 2 < steady < 10e6 / 8 * 2
-    assert estimator.seen_up_bytes_per_s() < steady / 8  # a new state at once, whatever the estimate rests on

@@ -130,19 +130,6 @@ class LinkEstimator:
         return Link(rtt, up, down), {"up": up_rates[-1][0] if up_rates else None,
                                      "down": down_rates[-1][0] if down_rates else None}
 
-    def seen_up_bytes_per_s(self, recent: int = 2) -> float:
-        """The uplink rate as the latest ``recent`` messages saw it: the estimate scaled by how much longer (or
-        shorter) they took than it predicts. Small messages do not measure a fast link's rate, and in an outage the
-        estimate may rest on its prior; their times still show the link collapse at once."""
-        link = self.link()
-        with self.lock:
-            latest = list(self.samples)[-recent:]
-        if not latest:
-            return link.up_bytes_per_s
-        ratios = [sample.seconds / (link.rtt_s + sample.up_bytes / link.up_bytes_per_s
-                                    + sample.down_bytes / link.down_bytes_per_s) for sample in latest]
-        return link.up_bytes_per_s / max(statistics.median(ratios), 1e-6)
-
     @property
     def rtt_s(self) -> float:
         return self.link().rtt_s

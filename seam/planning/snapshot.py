@@ -62,7 +62,7 @@ class SessionSnapshot:
     step_probes: tuple[tuple[float, float], ...] = ()  # (sent at, network seconds) of step-sized pings
     move_steps: tuple[int, ...] = ()  # the step before which each move so far happened
     kept: frozenset[int] = field(default_factory=frozenset)  # cuts where the UE holds every position's hidden states
-    link_history: tuple[tuple[float, float], ...] = ()  # (at, the uplink's bytes/s as the latest messages saw it) before each step, once measured
+    link_history: tuple[tuple[float, float], ...] = ()  # (at, uplink bytes/s) before each step once measured
     move_costs: tuple[tuple[bool, float, float], ...] = ()  # (towards the UE, predicted s, measured s) per move
     down_measured_at: float | None = None  # when the downlink estimate was last measured (None: the prior)
 

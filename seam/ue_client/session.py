@@ -76,7 +76,7 @@ class RemoteSession:
         self.sequence = self.mask = None  # the tokens so far and their mask, from which moved layers are rebuilt
         self.reused = 0  # positions the last chat turn found held from earlier turns
         self.link = LinkEstimator(client.link)
-        self.link_history: deque[tuple[float, float]] = deque(maxlen=LINK_HISTORY)  # (at, uplink as seen)
+        self.link_history: deque[tuple[float, float]] = deque(maxlen=LINK_HISTORY)  # (at, uplink bytes/s)
         self.prober = LinkProber(self.link, client.artifact.manifest.dims.hidden_size, self.head.kv_dtype.itemsize)
 
     @property
@@ -172,7 +172,7 @@ class RemoteSession:
             for step in range(max_new_tokens):
                 if step and policy is not None:
                     if self.link.measured("up"):  # the prior giving way to a measurement is no change of the link
-                        self.link_history.append((time.perf_counter(), self.link.seen_up_bytes_per_s()))
+                        self.link_history.append((time.perf_counter(), self.link.link().up_bytes_per_s))
                     self.apply(policy(self.snapshot(step)))
                 try:
                     tokens = self._step(first, mask, positions)
