@@ -51,7 +51,7 @@ class PipelineJob:
 
     def __post_init__(self):
         bounds = (0, *self.cuts, self.num_layers)
-        if any(a >= b for a, b in zip(bounds, bounds[1:])):
+        if not self.cuts or any(a >= b for a, b in zip(bounds, bounds[1:])):
             raise SeamError(f"--stages {','.join(map(str, self.cuts))}: the cuts must rise strictly between 0 and "
                             f"{self.num_layers}, so that every stage holds a layer")
         if self.schedule not in SCHEDULES:
@@ -198,7 +198,6 @@ class PipelineRank:
         self.schedule = kind(stage, job.microbatches, loss_fn=causal_lm_loss)
         self.optimizer = torch.optim.AdamW(trainable(self.peft_model), job.lr, weight_decay=job.weight_decay)
         self.is_first, self.is_last = rank == 0, rank == job.stages - 1
-        self.compute_s = 0.0
 
     def check_agreement(self) -> None:
         """Every node must run the same job: rank 0's settings go to all, and a node that differs stops."""
@@ -218,8 +217,6 @@ class PipelineRank:
     def _step(self, batch: Batch | None) -> float:
         dist, last = self.dist, self.job.stages - 1
         labels = torch.empty((self.job.batch, self.job.seq_len), dtype=torch.int64)
-        if self.is_first and self.is_last:
-            raise SeamError("a pipeline needs two stages or more; give --stages")
         if self.is_first:
             dist.send(torch.from_numpy(batch.labels), dst=last)
             self.schedule.step(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
