@@ -199,12 +199,15 @@ class PipelineRank:
         self.optimizer = torch.optim.AdamW(trainable(self.peft_model), job.lr, weight_decay=job.weight_decay)
         self.is_first, self.is_last = rank == 0, rank == job.stages - 1
 
+    def rank0_value(self, value: int) -> int:
+        """Rank 0's ``value``, on every node (each node gives its own; rank 0's goes to all)."""
+        shared = torch.tensor([value], dtype=torch.int64)
+        self.dist.broadcast(shared, src=0)
+        return int(shared)
+
     def check_agreement(self) -> None:
         """Every node must run the same job: rank 0's settings go to all, and a node that differs stops."""
-        mine = torch.tensor([self.job.fingerprint()], dtype=torch.int64)
-        theirs = mine.clone()
-        self.dist.broadcast(theirs, src=0)
-        if int(theirs) != int(mine):
+        if self.rank0_value(self.job.fingerprint()) != self.job.fingerprint():
             raise SeamError("this node's settings differ from rank 0's (--stages, --schedule, --microbatches, --batch, "
                             "--seq-len, --steps, LoRA and optimizer flags); give every node the same")
 
@@ -216,11 +219,11 @@ class PipelineRank:
 
     def _step(self, batch: Batch | None) -> float:
         dist, last = self.dist, self.job.stages - 1
-        labels = torch.empty((self.job.batch, self.job.seq_len), dtype=torch.int64)
         if self.is_first:
             dist.send(torch.from_numpy(batch.labels), dst=last)
             self.schedule.step(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
         elif self.is_last:
+            labels = torch.empty((self.job.batch, self.job.seq_len), dtype=torch.int64)
             dist.recv(labels, src=0)
             losses: list[torch.Tensor] = []
             self.schedule.step(target=labels, losses=losses)
@@ -234,12 +237,10 @@ class PipelineRank:
 
     def agree_on_start(self, step: int) -> None:
         """Every node must carry on from the same step: a node resuming from another checkpoint stops."""
-        mine = torch.tensor([step], dtype=torch.int64)
-        theirs = mine.clone()
         with node_errors("agreeing on the step to resume from", self.timeout_s):
-            self.dist.broadcast(theirs, src=0)
-        if int(theirs) != step:
-            raise SeamError(f"this node would carry on from step {step}, rank 0 from step {int(theirs)}; resume every "
+            theirs = self.rank0_value(step)
+        if theirs != step:
+            raise SeamError(f"this node would carry on from step {step}, rank 0 from step {theirs}; resume every "
                             "node from checkpoints written together (or none)")
 
     def training_state(self) -> dict[str, np.ndarray]:
@@ -248,20 +249,21 @@ class PipelineRank:
     def restore(self, state: dict[str, np.ndarray]) -> None:
         restore_training_state(self.peft_model, self.optimizer, state)
 
+    def gathered(self, value, what: str) -> list | None:
+        """Every stage's ``value``, in stage order on rank 0 (None on the others)."""
+        found = [None] * self.job.stages if self.is_first else None
+        with node_errors(f"gathering the {what}", self.timeout_s):
+            self.dist.gather_object(value, found, dst=0)
+        return found
+
     def busy_shares(self, wall_s: float) -> list[float] | None:
         """Each stage's seconds of compute over ``wall_s``, gathered on rank 0 (None on the others)."""
         self.module.settle()
-        gathered = [None] * self.job.stages if self.is_first else None
-        with node_errors("gathering the busy shares", self.timeout_s):
-            self.dist.gather_object(self.module.busy_s / wall_s, gathered, dst=0)
-        return gathered
+        return self.gathered(self.module.busy_s / wall_s, "busy shares")
 
     def adapters(self) -> list[dict[str, np.ndarray]] | None:
         """Every stage's trained adapters, gathered on rank 0 (None on the others)."""
-        gathered = [None] * self.job.stages if self.is_first else None
-        with node_errors("gathering the adapters", self.timeout_s):
-            self.dist.gather_object(trained_weights(self.peft_model), gathered, dst=0)
-        return gathered
+        return self.gathered(trained_weights(self.peft_model), "adapters")
 
     def close(self) -> None:
         if self.dist.is_initialized():

@@ -144,8 +144,7 @@ class RemoteSession:
         and the prior rates, or what earlier generations measured): a probe sized to measure a fast link would
         send hundreds of KB before every prompt, and the prefill measures the uplink anyway."""
         self.batch, self.past, self.max_length = batch, 0, max_length
-        if policy is not None:
-            self.preload(policy, self.snapshot(0))
+        if policy is not None:  # the blocks it may move to are preloaded by _run, before the prompt runs
             decision = policy(replace(self.snapshot(0), past=prompt_length))
             if decision is not None and decision.split != self.split:
                 self.head = self.client.pool.runner(Span(0, decision.split), self.head.variant, keep_boundaries=True)
