@@ -22,7 +22,7 @@ from seam.runtime.shell import table
 from seam.runtime.artifact import Artifact
 from seam.runtime.protocol import PROTOCOL_VERSION, Close, Hello, OpenSession, SessionOpened, Step, StepResult, Welcome
 from seam.runtime.transport import TransportConfig, UeSocket
-from seam.ue_client.connection import expect
+from seam.runtime.replies import expect
 
 
 def one_ue(index: int, address: str, artifact: Artifact, split: int, prompt_length: int, steps: int,

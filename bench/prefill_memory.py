@@ -18,7 +18,7 @@ from seam.runtime.artifact import DTYPE_BYTES, Artifact
 from seam.runtime.protocol import PROTOCOL_VERSION, Hello, OpenSession, SessionOpened, Step, StepResult, Welcome
 from seam.runtime.shell import table
 from seam.runtime.transport import TransportConfig, UeSocket
-from seam.ue_client.connection import expect
+from seam.runtime.replies import expect
 
 LENGTHS = (512, 1024, 2048)
 SPLIT = 6

@@ -90,6 +90,12 @@ def test_plan_pipeline_prints_the_placement_against_even_and_single(exported, tm
     assert result.returncode == 0, result.stderr
     assert "placed:" in result.stdout and "an even split" in result.stdout and "single fastest node" in result.stdout
     assert "run it: seam train-pipeline" in result.stdout and "--microbatches 8" in result.stdout
+    inference = run_seam("plan-pipeline", str(artifact.root), "--ue-profile", str(paths["ue"]), "--mode", "infer", "--context", "128",
+                         "--node", f"gpu={paths['gpu']}", "--node", f"old={paths['old']}", "--link", "old=100:5")
+    assert inference.returncode == 0, inference.stderr
+    commands = [line for line in inference.stdout.splitlines() if line.startswith("  on ")]
+    assert commands[-1].startswith("  on ue: ue_client") and "--split" in commands[-1]
+    assert all(" --until " in line and " --next tcp://" in line for line in commands[1:-1])
     wrong = run_seam("plan-pipeline", str(artifact.root), "--ue-profile", str(paths["ue"]), "--node",
                      f"gpu={paths['gpu']}", "--memory", "nope=10")
     assert wrong.returncode != 0 and "--memory names nope" in wrong.stderr

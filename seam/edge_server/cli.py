@@ -50,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a federated round waits for its UEs' adapters after the first arrives")
     parser.add_argument("--codecs", type=comma_list(choices=list(CODECS)), default=tuple(CODECS),
                         help=f"activation codecs to offer UEs, comma-separated (default all: {','.join(CODECS)})")
+    stage = parser.add_argument_group("a stage of an inference pipeline over several edge nodes")
+    stage.add_argument("--until", type=number(int, 1), default=None, metavar="LAYER",
+                       help="run layers up to this cut and hand the hidden states on to --next")
+    stage.add_argument("--next", dest="next_stage", default=None, metavar="tcp://HOST:PORT",
+                       type=checked(check_address), help="the next stage: an edge_server on the same artifact")
+    stage.add_argument("--next-timeout", type=number(float, 0, above=True), default=10.0,
+                       help="seconds to wait for the next stage (default 10, below the UE's 30)")
+    stage.add_argument("--next-server-key", type=Path, default=None,
+                       help="the next stage's public NAME.key, when it uses CURVE (this server's --curve-secret is "
+                            "its key there)")
     add_log_level(parser, "info")
     return parser
 
@@ -76,6 +86,10 @@ def parse(argv: list[str] | None) -> tuple[EdgeConfig, bool]:
         round_timeout_s=args.round_timeout,
         max_training_sessions=args.max_training_sessions,
         training_memory_mb=args.training_memory_mb,
+        until=args.until,
+        next_stage=args.next_stage,
+        next_timeout_s=args.next_timeout,
+        next_server_key=args.next_server_key,
         log_level=args.log_level,
         transport=TransportConfig(),
     ), args.train
@@ -89,13 +103,19 @@ def serve(config: EdgeConfig, train: bool) -> int:
     signal.signal(signal.SIGTERM, server.stop)
     manifest = server.manifest
     print(f"edge_server: listening on {server.address} ({manifest.source}, {manifest.family}, "
-          f"{manifest.dims.num_layers} layers, {config.device})", file=sys.stderr, flush=True)
+          f"{manifest.dims.num_layers} layers, {config.device}{_stage(server)})", file=sys.stderr, flush=True)
     if config.curve_secret is None and reachable_beyond_loopback(server.address):
         print(f"edge_server: warning: {server.address} is reachable beyond this machine without keys, unencrypted "
               "and open to any UE; give --curve-secret and --allow to admit only known devices", file=sys.stderr,
               flush=True)
     server.serve()
     return 0
+
+
+def _stage(server: EdgeServer) -> str:
+    if server.next_stage is None:
+        return ""
+    return f"; a pipeline stage: layers up to {server.end}, then {server.next_stage.address}"
 
 
 def register_training(server: EdgeServer) -> None:

@@ -1,11 +1,13 @@
 """The edge's compute: opens sessions (with a cache carried over or recomputed), runs checked steps alone or as
-one batch, and moves a session's split. No socket and no dispatch: the server (``seam.edge_server.server``)
+one batch, samples their tokens, and moves a session's split. Its spans end at the last layer, or, on a stage of
+a pipeline, at the layer where the next stage begins. No socket and no dispatch: the server (``seam.edge_server.server``)
 checks each request first (``seam.edge_server.validation``) and hands this the checked value.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,24 +22,34 @@ from seam.runtime.sampling import Sampler, SamplingParams
 from seam.runtime.spans import Span
 
 
+@dataclass(frozen=True)
+class Onward:
+    """What a session opened with a past hands the next stage of a pipeline: the packed cache of the layers
+    beyond this stage, or the hidden states at its end to recompute theirs from."""
+
+    kv: np.ndarray | None = None
+    hidden_states: np.ndarray | None = None
+
+
 class EdgeCompute:
     def __init__(self, artifact: Artifact, pool: SessionPool, table: SessionTable, limits: Limits,
-                 prefill_chunk: int):
+                 prefill_chunk: int, end: int):
         self.artifact, self.pool, self.table, self.limits = artifact, pool, table, limits
+        self.end = end  # the layer this edge's spans end at: the last, or where the next stage begins
         self.prefill_chunk = prefill_chunk  # positions a prefill runs at a time, bounding its activations
         self.reshaped = False  # a batched step or a move since the last settle: caches may view larger arrays
         self.settled_sessions: frozenset[SessionKey] = frozenset()
 
     def kv_bytes(self, batch: int, max_length: int, split: int) -> int:
         """KV reserved for a session: its full length on every edge layer, so admission never over-commits."""
-        layers = self.artifact.num_layers - split
+        layers = self.end - split
         return batch * max_length * layers * self.artifact.manifest.kv_bytes_per_token_per_layer
 
     def working_bytes(self, rows: int, new: int, past: int, split: int, stacked: bool = False) -> int:
         """What a step of ``rows`` sequences at ``split`` holds while it runs, beyond their caches."""
         manifest = self.artifact.manifest
         return step_working_bytes(manifest.dims, manifest.kv_bytes_per_token_per_layer, DTYPE_BYTES[manifest.dtype],
-                                  self.artifact.num_layers - split, rows, new, past, stacked)
+                                  self.end - split, rows, new, past, stacked)
 
     def largest_step_bytes(self, batch: int, max_length: int, split: int) -> int:
         """The working memory of a session's largest step: its last prefill chunk, ending at ``max_length``."""
@@ -55,19 +67,24 @@ class EdgeCompute:
         self.table.pinned_bytes = held - live
         self.reshaped, self.settled_sessions = False, sessions
 
-    def open(self, key: SessionKey, request: OpenSession, past: int) -> tuple[EdgeSession, list[EdgeSession]]:
-        """A session for a checked ``request`` arriving with ``past`` positions, and the sessions evicted to
-        make room for it."""
+    def open(self, key: SessionKey, request: OpenSession, past: int) -> tuple[EdgeSession, list[EdgeSession], Onward]:
+        """A session for a checked ``request`` arriving with ``past`` positions, the sessions evicted to make room
+        for it, and what a next stage needs of the sequences' past (nothing when it arrives without one)."""
         sampler = Sampler(SamplingParams.from_dict(request.sampling))
         if request.sampler_state:
             sampler.state = request.sampler_state
-        span = Span(request.split, self.artifact.num_layers)
+        span = Span(request.split, self.end)
         runner = self.pool.runner(span)
         runner.reset(request.batch)
+        onward = Onward()
         if request.kv is not None:  # sequences the UE has been running alone until now
-            runner.cache = unpack_kv(request.kv, span, runner, request.batch, past)
+            ours, theirs = np.split(request.kv, [2 * len(span) * request.batch]) if request.kv.ndim == 4 else (
+                request.kv, None)
+            runner.cache = unpack_kv(ours, span, runner, request.batch, past)
+            onward = Onward(kv=theirs if self.end < self.artifact.num_layers else None)
         elif request.hidden_states is not None:  # the same, with the cache to recompute here
-            runner = recompute(self.pool, span, request.hidden_states, request.attention_mask)
+            runner, output = recompute(self.pool, span, request.hidden_states, request.attention_mask)
+            onward = Onward(hidden_states=output if self.end < self.artifact.num_layers else None)
         kv_bytes = self.kv_bytes(request.batch, request.max_length, request.split)
         working_bytes = self.largest_step_bytes(request.batch, request.max_length, request.split)
         victims = self.table.admit(key, kv_bytes, working_bytes)
@@ -75,13 +92,13 @@ class EdgeCompute:
         session = EdgeSession(key, runner, sampler, request.split, request.batch, request.max_length, kv_bytes,
                               working_bytes, now, now, request.allow_token_upload, mask=request.attention_mask)
         self.table.add(session)
-        return session, victims
+        return session, victims, onward
 
-    def run_steps(self, group: list[tuple[EdgeSession, CheckedStep]]) -> list[np.ndarray | Exception]:
-        """Runs checked steps of sessions at one split and samples each; one step runs on its own, several as
-        one batch (their caches left-padded to a common length). Returns each session's tokens [B], or what
-        sampling them raised, so that one session's fault stays its own; a failed run raises before any cache
-        has changed."""
+    def run_steps(self, group: list[tuple[EdgeSession, CheckedStep]]) -> list[np.ndarray]:
+        """Runs checked steps of sessions at one split; one step runs on its own, several as one batch (their
+        caches left-padded to a common length). Returns each session's output: the last position's logits, or
+        on a pipeline stage the hidden states of every new position; a failed run raises before any cache has
+        changed."""
         if len(group) == 1:
             session, checked = group[0]
             outputs = [session.runner.run_in_chunks(checked.first, checked.attention_mask, checked.position_ids,
@@ -96,6 +113,12 @@ class EdgeCompute:
             for session, _ in group:
                 session.batched_steps += 1
             self.reshaped = True
+        return outputs
+
+    @staticmethod
+    def sample(group: list[tuple[EdgeSession, CheckedStep]], outputs: list[np.ndarray]) -> list[np.ndarray | Exception]:
+        """Each session's tokens [B] from its step's logits, or what sampling them raised, so that one session's
+        fault stays its own."""
         results: list[np.ndarray | Exception] = []
         for (session, _), output in zip(group, outputs):
             try:
@@ -118,6 +141,7 @@ class EdgeCompute:
         """Moves a checked ``request``'s session to its split; at split L the session is handed over whole and
         the caller removes it."""
         old, new, last = session.split, request.split, self.artifact.num_layers
+        end = min(new, self.end)  # a stage hands over its own layers; the next stage hands over the rest
         runner, past = session.runner, session.runner.past_length
         if new < old:  # the edge takes layers [new, old) over, with their cache or what to recompute it from
             recomputing = request.hidden_states is not None
@@ -126,17 +150,17 @@ class EdgeCompute:
             self.table.reserve(session, self.kv_bytes(session.batch, session.max_length, new),
                                self.largest_step_bytes(session.batch, session.max_length, new))
             if recomputing:  # only once the move is known to fit
-                incoming = recompute(self.pool, Span(new, old), request.hidden_states, request.attention_mask).cache
+                incoming = recompute(self.pool, Span(new, old), request.hidden_states, request.attention_mask)[0].cache
             outgoing, sampler_state = None, {}
         else:  # the UE takes layers [old, new) over
             incoming = {}
-            outgoing = pack_kv(runner.cache, Span(old, new)) if request.send_kv else None
+            outgoing = pack_kv(runner.cache, Span(old, end)) if request.send_kv else None
             sampler_state = session.sampler.state if new == last else {}
             session.kv_bytes = self.kv_bytes(session.batch, session.max_length, new)
             session.working_bytes = self.largest_step_bytes(session.batch, session.max_length, new)
         session.moves += 1
         self.reshaped = True
         if new < last:
-            session.runner = resplit(self.pool, runner, Span(new, last), incoming)
+            session.runner = resplit(self.pool, runner, Span(new, self.end), incoming)
             session.split = new
         return Resplitted(request.session_id, new, sampler_state, outgoing)

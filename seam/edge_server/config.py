@@ -30,6 +30,10 @@ class EdgeConfig:
     max_training_sessions: int = 16  # split fine-tuning sessions open at once (with --train)
     training_memory_mb: float = 2048.0  # training jobs' adapters and optimizer state plus the graphs steps keep, MiB
     round_timeout_s: float = 60.0  # a federated round closes without the UEs that have not uploaded by then
+    until: int | None = None  # a pipeline stage: the layer its spans end at, where the next stage begins
+    next_stage: str | None = None  # the next stage's address, with ``until``
+    next_timeout_s: float = 10.0  # longest wait for the next stage; under the UE's own, so its error arrives first
+    next_server_key: Path | None = None  # the next stage's public key (CURVE, with this server's own secret)
     log_level: str = "info"  # debug, info (a line per session open, move and close), warning or error
     transport: TransportConfig = None
 

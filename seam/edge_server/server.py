@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from seam.edge_server.audit import MessageLog
 from seam.edge_server.compute import EdgeCompute
 from seam.edge_server.config import EdgeConfig
 from seam.edge_server.sessions import EdgeSession, SessionTable, UnknownSession
+from seam.edge_server.stage import NextStage, StageLost, stage_end
 from seam.edge_server.validation import CheckedStep, Limits, check_open, check_ping, check_resplit, check_step
 from seam.runtime.artifact import NUMPY_DTYPES, Artifact
 from seam.runtime.codecs import CODECS, CODECS_CAPABILITY
@@ -41,19 +43,28 @@ class EdgeServer:
         self.artifact = Artifact.open(config.artifact)
         self.manifest = self.artifact.manifest
         self.pool = SessionPool(self.artifact, config.threads, config.device)
-        self.pool.preload(Span(0, self.artifact.num_layers))
+        self.end = stage_end(self.artifact, config.until, config.next_stage)
+        self.pool.preload(Span(0, self.end))
         self.offered_codecs = [name for name in CODECS if name == "fp32" or name in config.codecs]
         self.table = SessionTable(config.max_sessions, int(config.memory_budget_mb * 2**20), config.idle_timeout_s)
         self.limits = Limits(self.artifact.num_layers, self.manifest.dims.hidden_size, self.manifest.dims.vocab_size,
                              np.dtype(NUMPY_DTYPES[self.manifest.dtype]), config.max_batch, config.max_length,
-                             tuple(self.offered_codecs), self.artifact.check_split)
-        self.compute = EdgeCompute(self.artifact, self.pool, self.table, self.limits, config.prefill_chunk)
+                             tuple(self.offered_codecs), self._check_split)
+        self.compute = EdgeCompute(self.artifact, self.pool, self.table, self.limits, config.prefill_chunk, self.end)
         self.welcomed: set[bytes] = set()  # peers holding this artifact: they may open sessions
         self.greeted: set[bytes] = set()  # peers that said hello, with or without an artifact: they may probe
         # Steps are not here: ``handle_burst`` checks and runs them itself, so that ready ones run as one batch.
         self.handlers: dict[type, Handler] = {OpenSession: self._open, Resplit: self._resplit, Close: self._close}
         self.owners: list[tuple[Callable[[bytes, str], bool], Handler]] = []  # services' own sessions
-        self.socket = EdgeSocket(config.bind, config.transport, config.curve_secret, config.allowed_keys)
+        self.next_stage = None if self.end == self.artifact.num_layers else NextStage(
+            config.next_stage, self.manifest.artifact_fingerprint, self.end,
+            replace(config.transport, timeout_s=config.next_timeout_s), config.curve_secret, config.next_server_key)
+        try:
+            self.socket = EdgeSocket(config.bind, config.transport, config.curve_secret, config.allowed_keys)
+        except BaseException:
+            if self.next_stage is not None:
+                self.next_stage.close_link()
+            raise
         self.running = True
         self.message_log = MessageLog(config.log_messages)
 
@@ -92,6 +103,8 @@ class EdgeServer:
             for session in list(self.table.sessions.values()):
                 self._log_close(self.table.remove(session.key), "server shutdown")
             self.socket.close()
+            if self.next_stage is not None:
+                self.next_stage.close_link()
             self.message_log.close()
 
     def stop(self, *_) -> None:
@@ -163,6 +176,11 @@ class EdgeServer:
             return work()
         except UnknownSession as error:  # its own code: the UE treats the session as lost, as after a timeout
             return Error("unknown_session", str(error), session_id)
+        except StageLost as error:  # the same: the session's layers beyond this stage are gone
+            if (peer, session_id) in self.table.sessions:
+                self.next_stage.forget((peer, session_id))
+                self._log_close(self.table.remove((peer, session_id), str(error)), "the next stage was lost")
+            return Error("stage_lost", str(error), session_id)
         except SeamError as error:
             return Error("rejected", str(error), session_id)
         except Exception as error:  # a fault in one session must not take the others down
@@ -209,17 +227,24 @@ class EdgeServer:
 
     def _run_group(self, group: list[Ready]) -> list[tuple[bytes, Message]]:
         started = time.perf_counter()
+        pairs = [(session, checked) for session, checked, _ in group]
         try:
-            results = self.compute.run_steps([(session, checked) for session, checked, _ in group])
+            outputs = self.compute.run_steps(pairs)
         except Exception as error:
             if len(group) > 1:  # no cache changed: alone, each step fails or succeeds on its own account
                 log.warning("a run of %d sessions failed (%s); running them one by one", len(group), error)
                 return [reply for prepared in group for reply in self._run_group([prepared])]
-            results = [error]
+            outputs, results = [], [error]
+        if outputs:
+            results = self._tokens(pairs, outputs)
         compute_s = time.perf_counter() - started  # every session in the run waited this long
         replies = []
         for (session, checked, step), result in zip(group, results):
-            if isinstance(result, Exception):  # a fault in one session closes it, never the server
+            if isinstance(result, StageLost):
+                self.next_stage.forget(session.key)
+                self._log_close(self.table.remove(session.key, str(result)), "the next stage was lost")
+                reply = Error("stage_lost", str(result), step.session_id)
+            elif isinstance(result, Exception):  # a fault in one session closes it, never the server
                 log.error("internal error in session %r: %s: %s", step.session_id, type(result).__name__, result)
                 self.table.remove(session.key, "closed after an internal error")
                 reply = Error("internal", f"{type(result).__name__}: {result}; the session was closed", step.session_id)
@@ -227,6 +252,22 @@ class EdgeServer:
                 reply = self.compute.advance(session, checked, step.step, compute_s, result)
             replies.append((session.key[0], reply))
         return replies
+
+    def _tokens(self, pairs: list[tuple[EdgeSession, CheckedStep]], outputs: list[np.ndarray]) -> list:
+        """Each session's tokens from its step's outputs: sampled here, or by the pipeline's later stages."""
+        if self.next_stage is None:
+            return self.compute.sample(pairs, outputs)
+        try:
+            return self.next_stage.forward([(session.key, checked) for session, checked in pairs], outputs)
+        except StageLost as lost:
+            return [lost] * len(pairs)
+
+    def _check_split(self, split: int, allow_token_upload: bool) -> None:
+        self.artifact.check_split(split, allow_token_upload)
+        if self.end <= split < self.artifact.num_layers:
+            raise SeamError(f"this edge_server is a pipeline stage running layers up to {self.end}; split {split} "
+                            f"is not served here: choose one below {self.end}, or {self.artifact.num_layers} to run "
+                            "every layer on the UE")
 
     def _hello(self, peer: bytes, hello: Hello) -> Message:
         if hello.protocol_version != PROTOCOL_VERSION:
@@ -243,15 +284,23 @@ class EdgeServer:
         return self._welcome()
 
     def _welcome(self) -> Welcome:
-        return Welcome(PROTOCOL_VERSION, self.manifest.artifact_fingerprint, self.artifact.split_points,
+        served = [split for split in self.artifact.split_points
+                  if split < self.end or split == self.artifact.num_layers]
+        return Welcome(PROTOCOL_VERSION, self.manifest.artifact_fingerprint, served,
                        self.config.transport.max_message_bytes,
                        ["sampling", CODECS_CAPABILITY + ",".join(self.offered_codecs)])
 
     def _open(self, peer: bytes, request: OpenSession) -> Message:
         past = check_open(request, self.limits)
-        session, victims = self.compute.open((peer, request.session_id), request, past)
+        session, victims, onward = self.compute.open((peer, request.session_id), request, past)
         for victim in victims:
             self._log_close(victim, "evicted for room")
+        if self.next_stage is not None:
+            try:
+                self.next_stage.open(session.key, request, onward)
+            except BaseException:
+                self.table.remove(session.key)
+                raise
         log.info("open  %s peer=%s split=%d batch=%d max_length=%d sessions=%d", request.session_id, peer.hex()[:8],
                  request.split, request.batch, request.max_length, len(self.table.sessions))
         return SessionOpened(request.session_id)
@@ -262,6 +311,10 @@ class EdgeServer:
         check_resplit(session, request, self.limits)
         old, past = session.split, session.runner.past_length
         reply = self.compute.resplit(session, request)
+        if self.next_stage is not None and request.split == self.artifact.num_layers:
+            onward = self.next_stage.hand_over(session.key, request)
+            kv = None if reply.kv is None else np.concatenate([reply.kv, onward.kv])
+            reply = replace(reply, sampler_state=onward.sampler_state, kv=kv)
         log.info("move  %s peer=%s split %d -> %d at past %d", request.session_id, peer.hex()[:8], old,
                  request.split, past)
         if request.split == self.artifact.num_layers:  # nothing left to run here: the UE generates alone
@@ -282,6 +335,8 @@ class EdgeServer:
             "edge_compute_s": round(session.compute_s, 4),
             "open_s": round(time.monotonic() - session.opened_at, 3),
         }
+        if self.next_stage is not None:
+            stats["next_stage"] = self.next_stage.close(session.key)
         log.info("close %s peer=%s (%s) %s", session.key[1], session.key[0].hex()[:8], reason,
                  " ".join(f"{k}={v}" for k, v in stats.items()))
         return stats

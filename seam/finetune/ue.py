@@ -21,7 +21,7 @@ from seam.runtime.errors import SeamError
 from seam.runtime.protocol import (AdapterWeights, Close, Closed, CutGradient, Error, FetchAdapter, FetchRound, OpenTraining,
                               RoundAverage, TrainBackward, TrainForward, TrainForwarded, TrainingOpened, UploadAdapter)
 from seam.runtime.spans import Span
-from seam.ue_client.connection import expect
+from seam.runtime.replies import expect
 
 BUSY_RETRY_S = 0.005
 

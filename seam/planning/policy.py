@@ -218,6 +218,9 @@ class CostModelPolicy:
         facts, constraints = snapshot.artifact, self.constraints
         if not snapshot.allow_token_upload:  # split 0 would send token ids
             constraints = replace(constraints, min_ue_layers=max(constraints.min_ue_layers, 1))
+        if snapshot.served:  # a stage of a pipeline ends where the next begins: the split stays before that
+            allowed = constraints.allowed if constraints.allowed is not None else snapshot.served
+            constraints = replace(constraints, allowed=tuple(split for split in allowed if split in snapshot.served))
         per_layer = facts.kv_bytes_per_token_per_layer
         return candidate_splits(self.ue, constraints, [layers * per_layer for layers in facts.block_layers],
                                 max(snapshot.batch, 1), snapshot.max_length, facts.block_weight_bytes)

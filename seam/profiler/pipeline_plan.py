@@ -101,6 +101,23 @@ def placement_table(placed: Placement) -> str:
     return table(["node", "layers", "compute ms", "link in ms", "busy", "memory MB"], rows)
 
 
+def inference_commands(directory: Path, used: list) -> list[str]:
+    """One command per node of an inference pipeline, each edge stage naming the next (its host by the node's
+    name), the UE's last."""
+    commands, following = [], None
+    for stage in used[:0:-1]:
+        handing_on = f" --until {stage.span[1]} --next {following}" if following else ""
+        commands.append(f"  on {stage.node}: edge_server {directory} --bind tcp://0.0.0.0:5555{handing_on}")
+        following = f"tcp://{stage.node}:5555"
+    ue = used[0]
+    target = f"--server {following}" if following else "(alone: no edge stage pays for its hop)"
+    commands.append(f"  on {ue.node}: ue_client {directory} {target} --split {ue.span[1]}")
+    if following:
+        commands.append("  (beyond one machine, give every stage --curve-secret and --allow, and every stage that "
+                        "hands on --next-server-key)")
+    return commands
+
+
 def run_plan_pipeline(args: argparse.Namespace) -> int:
     artifact = Artifact.open(args.directory, verify=False)  # the manifest is all placement reads
     if args.mode == "infer":
@@ -114,12 +131,15 @@ def run_plan_pipeline(args: argparse.Namespace) -> int:
     print(f"{artifact.num_layers} layers over {len(nodes)} stages; times per micro-batch or token, the step is {unit}")
     print(placement_table(placed))
     print(f"placed: {1e3 * placed.step_s:.1f} ms")
+    used = [stage for stage in placed.stages if stage.span[0] < stage.span[1]]
     if args.mode == "train":
-        used = [stage for stage in placed.stages if stage.span[0] < stage.span[1]]
         cuts = ",".join(str(stage.span[0]) for stage in used[1:])
         print(f"run it: seam train-pipeline {args.directory} --stages {cuts} --microbatches {args.micro_batches} "
               f"--batch {args.micro_batches * args.micro_batch} --seq-len {args.sequence} (ranks: "
               f"{', '.join(f'{rank} {stage.node}' for rank, stage in enumerate(used))})")
+    else:
+        print("run it, the last stage first:")
+        print("\n".join(inference_commands(args.directory, used)))
     for label, other in (("an even split", even(nodes, facts, workload, args.min_ue_layers)),
                          ("the single fastest node", single_node(nodes, facts, workload, args.min_ue_layers))):
         if other is None:

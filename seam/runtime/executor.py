@@ -78,6 +78,7 @@ class SpanRunner:
     def __init__(self, pool: SessionPool, span: Span, variant: str | None = None, keep_boundaries: bool = False):
         manifest = pool.artifact.manifest
         self.span = span
+        self.num_layers = manifest.dims.num_layers
         self.variant = variant or manifest.dtype
         self.kv_dtype = np.dtype(NUMPY_DTYPES[manifest.dtype])
         self.kv_shape = (manifest.dims.num_kv_heads, manifest.dims.head_dim)
@@ -91,7 +92,7 @@ class SpanRunner:
         self.keep_boundaries = keep_boundaries
         # cut -> hidden states there, in chunks along positions; only cuts seen from the first position on
         self.boundaries: dict[int, list[np.ndarray]] = {}
-        self.boundary_cuts = [b.block.layers.end for b in self.blocks if b.block.layers.end < manifest.dims.num_layers]
+        self.boundary_cuts = [b.block.layers.end for b in self.blocks if b.block.layers.end < self.num_layers]
 
     def reset(self, batch: int) -> None:
         """Start new sequences: an empty cache (past length 0) for every layer of the span."""
@@ -107,6 +108,10 @@ class SpanRunner:
         if len(chunks) > 1:  # joined once when asked for, not at every step
             chunks[:] = [np.concatenate(chunks, axis=1)]
         return chunks[0]
+
+    @property
+    def ends_in_logits(self) -> bool:
+        return self.span.end == self.num_layers
 
     @property
     def past_length(self) -> int:
@@ -131,13 +136,15 @@ class SpanRunner:
     def run_in_chunks(self, first_input: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                       chunk: int) -> np.ndarray:
         """The step ``run`` takes, ``chunk`` positions at a time: a long prefill's attention scores grow with the
-        square of its length, a chunk's only with its own. Returns the last chunk's output, which is all a span
-        ending in logits gives anyway."""
+        square of its length, a chunk's only with its own. Returns what ``run`` would: the last position's
+        logits (the last chunk's), or the hidden states of every position (each chunk's, joined)."""
         past, new = self.past_length, first_input.shape[1]
+        outputs = []
         for start in range(0, new, chunk):
             end = min(start + chunk, new)
-            output = self.run(first_input[:, start:end], attention_mask[:, : past + end], position_ids[:, start:end])
-        return output
+            outputs.append(self.run(first_input[:, start:end], attention_mask[:, : past + end],
+                                    position_ids[:, start:end]))
+        return outputs[-1] if self.ends_in_logits or len(outputs) == 1 else np.concatenate(outputs, axis=1)
 
     def shared_inputs(self, attention_mask, position_ids, logits_to_keep: int = 1) -> dict[str, np.ndarray]:
         """The inputs every block of one step shares: the prelude's bias and position features, and the mask."""

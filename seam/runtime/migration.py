@@ -41,13 +41,13 @@ def unpack_kv(packed: np.ndarray | None, layers: Span, like: SpanRunner, batch: 
 
 
 def recompute(pool: SessionPool, layers: Span, hidden: np.ndarray, mask: np.ndarray, variant: str | None = None,
-              keep_boundaries: bool = False) -> SpanRunner:
+              keep_boundaries: bool = False) -> tuple[SpanRunner, np.ndarray]:
     """A runner for ``layers`` whose cache covers every position so far, computed in one pass from ``hidden``,
-    the hidden states at ``layers.start`` (or the token ids when it is 0), under ``mask`` [B, past]."""
+    the hidden states at ``layers.start`` (or the token ids when it is 0), under ``mask`` [B, past]; and the
+    pass's output (the hidden states at ``layers.end`` when it is not the last layer)."""
     runner = pool.runner(layers, variant, keep_boundaries)
     runner.reset(mask.shape[0])
-    runner.run(hidden, mask, positions_from_mask(mask))
-    return runner
+    return runner, runner.run(hidden, mask, positions_from_mask(mask))
 
 
 def check_boundary(hidden: np.ndarray | None, mask: np.ndarray | None, batch: int, past: int | None, hidden_size: int,

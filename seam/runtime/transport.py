@@ -212,11 +212,25 @@ class UeSocket:
         reply = self.exchange(encode(message), self.config.timeout_s if timeout_s is None else timeout_s)
         return decode(reply, self.config.max_message_bytes)
 
+    def request_all(self, messages: list[Message], timeout_s: float | None = None) -> list[Message]:
+        """Sends every message before waiting for any reply, so that the peer may take them as one burst, and
+        returns the decoded replies in the order they came, all within one timeout."""
+        deadline = time.monotonic() + (self.config.timeout_s if timeout_s is None else timeout_s)
+        for message in messages:
+            self._send(encode(message))
+        return [decode(self._receive(deadline - time.monotonic()), self.config.max_message_bytes) for _ in messages]
+
     def exchange(self, frames: list, timeout: float) -> list:
         """Sends encoded frames and returns the reply's raw frames, waiting at most ``timeout`` seconds."""
+        self._send(frames)
+        return self._receive(timeout)
+
+    def _send(self, frames: list) -> None:
         self.socket.send_multipart(frames, copy=False)
         self.bytes_sent += sum(len(frame) for frame in frames)
-        if not self.socket.poll(int(timeout * 1000)):
+
+    def _receive(self, timeout: float) -> list:
+        if timeout <= 0 or not self.socket.poll(int(timeout * 1000)):
             refused = self._handshake_failure()
             self._open()  # drop whatever the late reply would bring
             if refused:

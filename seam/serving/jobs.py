@@ -14,11 +14,11 @@ from contextlib import closing
 from dataclasses import dataclass
 
 from seam.runtime.errors import SeamError
+from seam.runtime.replies import EdgeLost
 from seam.runtime.transport import TransportTimeout
 from seam.serving.lanes import Cancelled
 from seam.serving.replies import Answer
 from seam.serving.requests import ApiError, Completion
-from seam.ue_client.connection import EdgeLost
 from seam.ue_client.display import TextStream
 from seam.ue_client.local import local_tokens
 

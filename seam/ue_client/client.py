@@ -29,7 +29,7 @@ from seam.runtime.protocol import PROTOCOL_VERSION, Hello, Welcome
 from seam.runtime.sampling import SamplingParams
 from seam.runtime.text import load_tokenizer
 from seam.runtime.transport import TransportConfig, UeSocket
-from seam.ue_client.connection import expect
+from seam.runtime.replies import expect
 from seam.ue_client.session import RemoteSession
 
 PRIOR_BYTES_PER_S = 10e6 / 8  # 10 Mbit/s
@@ -78,6 +78,14 @@ class EdgeClient:
         self.codecs = [name for name in CODECS if name in offered(self.welcome.capabilities)] or ["fp32"]
         self.codec, warning = negotiate(list(CODECS), self.codecs, codec)
         self.warnings = [warning] if warning else []  # for the caller to show
+
+    def check_split(self, split: int, allow_token_upload: bool) -> None:
+        """Refuses a split the artifact does not have, or the edge does not serve (a stage of a pipeline serves
+        splits only before the layer where the next stage begins)."""
+        self.artifact.check_split(split, allow_token_upload)
+        if split not in self.welcome.split_points:
+            raise SeamError(f"the edge serves splits {self.welcome.split_points}, not {split} (it is a stage of a "
+                            "pipeline whose later stages run the layers beyond); choose one of those")
 
     @functools.cached_property
     def tokenizer(self):

@@ -33,7 +33,7 @@ def move_split(session: RemoteSession, split: int, reason: str = "", rebuild: bo
     old = session.split
     if split == old:
         return
-    session.client.artifact.check_split(split, session.allow_token_upload)
+    session.client.check_split(split, session.allow_token_upload)
     if rebuild and split < old and not session.kept_boundary(split):
         raise SeamError(f"this device kept no hidden states at layer {split} to rebuild from; move the cache")
     started = time.perf_counter()
@@ -92,7 +92,7 @@ def rebuild_layers(session: RemoteSession, layers: Span) -> SpanRunner:
         start, first = 0, session.sequence[:, : session.past]
     pool = session.client.pool
     return session.compute(lambda: recompute(pool, Span(start, layers.end), first, mask, session.head.variant,
-                                             keep_boundaries=True))
+                                             keep_boundaries=True)[0])
 
 
 def finish_locally(session: RemoteSession, sequence: np.ndarray, mask: np.ndarray, lost: SeamError) -> np.ndarray:

@@ -15,7 +15,8 @@ from seam.planning.wire_sizes import downlink_bytes, uplink_bytes
 from seam.runtime.errors import SeamError
 from seam.runtime.protocol import PROBE_FINGERPRINT, PROTOCOL_VERSION, Hello, Ping, Pong, Welcome
 from seam.runtime.transport import UeSocket
-from seam.ue_client.connection import exchange, expect
+from seam.runtime.replies import expect
+from seam.ue_client.connection import exchange
 
 PROBE_TRIES = 3  # sizes grow 8x a try: from 8 KiB to 512 KiB, enough for hundreds of Mbit/s
 

@@ -25,11 +25,12 @@ from seam.runtime.errors import SeamError
 from seam.runtime.generation import left_pad, positions_from_mask
 from seam.runtime.impairments import Impairment
 from seam.runtime.protocol import Close, Closed, Message, OpenSession, SessionOpened, Step, StepResult
+from seam.runtime.replies import EdgeLost
 from seam.runtime.sampling import Sampler, SamplingParams
 from seam.runtime.spans import Span
 from seam.runtime.transport import TransportTimeout
 from seam.ue_client import moving
-from seam.ue_client.connection import EdgeLost, exchange
+from seam.ue_client.connection import exchange
 from seam.ue_client.probing import BackgroundProber, LinkProber
 from seam.ue_client.stats import GenerationStats, Move
 
@@ -55,7 +56,7 @@ class RemoteSession:
         self.fallback_local = fallback_local  # if the edge stops answering, finish on this device
         self.num_layers = client.artifact.num_layers
         self.allow_token_upload = allow_token_upload
-        client.artifact.check_split(split, allow_token_upload)
+        client.check_split(split, allow_token_upload)
         self.split = split
         self.sampling = sampling
         self.sampler = Sampler(sampling)  # samples while this device holds every layer; travels with the split
@@ -209,6 +210,7 @@ class RemoteSession:
             step_probes=tuple(self.prober.step_probes), move_steps=tuple(move.before_step for move in self.moves),
             kept=frozenset(cut for cut in range(self.num_layers + 1) if self.kept_boundary(cut)),
             link_history=tuple(self.link_history), down_measured_at=self.link.measured_at("down"),
+            served=tuple(self.client.welcome.split_points),
             move_costs=tuple((move.to_split > move.from_split, move.predicted_s, move.seconds)
                              for move in self.moves if move.predicted_s is not None),
         )
