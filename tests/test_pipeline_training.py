@@ -50,14 +50,16 @@ def finish(processes, timeout: float = 240) -> list[tuple[int, str, str]]:
     return results
 
 
-@pytest.mark.parametrize("schedule, batch, microbatches", [("gpipe", 4, 2), ("1f1b", 6, 3)])
-def test_three_stages_train_as_one_process_does(exported, tmp_path, schedule, batch, microbatches):
+@pytest.mark.parametrize("schedule, batch, microbatches, mode", [("gpipe", 4, 2, "edge-loss"),
+                                                                  ("1f1b", 6, 3, "edge-loss"),
+                                                                  ("1f1b", 6, 3, "u-shaped")])
+def test_three_stages_train_as_one_process_does(exported, tmp_path, schedule, batch, microbatches, mode):
     artifact = Artifact.open(exported("tiny-llama"))
     data = tmp_path / "data.txt"
     data.write_text("\n".join(SAMPLES) + "\n")
     job = PipelineJob((1, 3), artifact.num_layers, schedule, microbatches, batch, seq_len=16, steps=3, rank=4, seed=7)
     flags = ["--stages", "1,3", "--schedule", schedule, "--microbatches", str(microbatches), "--batch", str(batch),
-             "--seq-len", "16",
+             "--seq-len", "16", "--mode", mode,
              "--steps", "3", "--lora-rank", "4", "--seed", "7", "--timeout", "60"]
     results = finish(launch(artifact, range(3), flags, data, tmp_path / "adapter"))
     assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
@@ -132,3 +134,40 @@ def test_a_run_resumed_from_its_checkpoints_goes_on_as_one_uninterrupted(exporte
     first = run("cut", 2, "--checkpoint-every", "2")
     rest = run("cut", 4, "--resume")
     assert first + rest == pytest.approx(whole, abs=1e-6) and len(rest) == 2
+
+
+@pytest.mark.parametrize("ranks, microbatches", [(2, 1), (2, 4), (3, 3), (4, 6)])
+def test_the_u_shaped_order_runs_every_action_once_after_what_it_needs(ranks, microbatches):
+    from seam.finetune.pipeline import u_shaped_order
+
+    for backward_first in (True, False):
+        order = u_shaped_order(ranks, microbatches, backward_first)
+        assert len({len(actions) for actions in order}) == 1  # a rank posts its receives at every step
+        at = {action: step for actions in order for step, action in enumerate(actions) if action is not None}
+        stages = ranks + 1
+        assert sorted(at) == sorted((s, k, m) for s in range(stages) for k in "FB" for m in range(microbatches))
+        assert all(action[0] % ranks == rank for rank, actions in enumerate(order) for action in actions if action)
+        for (stage, kind, micro), step in at.items():
+            before = ((stage - 1, "F", micro) if stage else None) if kind == "F" else \
+                (stage + 1, "B", micro) if stage < stages - 1 else (stage, "F", micro)
+            assert before is None or at[before] < step
+    # 1F1B starts a micro-batch's backward before the last forward when there is room: GPipe never does.
+    gpipe, one_f_one_b = (u_shaped_order(3, 6, first) for first in (False, True))
+    last_forward = lambda order: max(s for a in order for s, x in enumerate(a) if x and x[1] == "F")
+    first_backward = lambda order: min(s for a in order for s, x in enumerate(a) if x and x[1] == "B")
+    assert first_backward(one_f_one_b) < last_forward(one_f_one_b)
+    assert first_backward(gpipe) > last_forward(gpipe)
+
+
+def test_in_u_shaped_mode_the_head_stays_on_the_ue(exported):
+    from torch import nn
+
+    from seam.finetune.pipeline import build_stages
+
+    artifact = Artifact.open(exported("tiny-llama"))
+    job = PipelineJob((1, 3), artifact.num_layers, "1f1b", 3, 6, mode="u-shaped")
+    ue, _ = build_stages(artifact, job, 0)
+    edge, peft_model = build_stages(artifact, job, 2)
+    assert [index for index, _ in ue] == [0, 3] and ue[1][1].part.head and ue[1][1].last
+    assert [index for index, _ in edge] == [2] and not edge[0][1].part.head and not edge[0][1].last
+    assert isinstance(peft_model.get_output_embeddings(), nn.Identity)  # the last node holds no head at all

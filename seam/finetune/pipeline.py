@@ -1,8 +1,9 @@
 """Pipeline-parallel split fine-tuning over several nodes, on ``torch.distributed.pipelining``: the UE (rank 0)
-holds the embedding and the first span of layers, each edge node the next span, the last node the head and the
-loss; micro-batches flow through a GPipe or 1F1B schedule, and every stage trains the LoRA adapters of its own
-layers and no others. No process keeps a layer outside its span. Raw text stays on the UE: the edges see hidden
-states, and the last node the labels it scores.
+holds the embedding and the first span of layers, each edge node the next span, and the last node the head and
+the loss (edge-loss), or the UE holds the head and the loss too (u-shaped: the last node's hidden states come
+back to it); micro-batches flow through a GPipe or 1F1B schedule, and every stage trains the LoRA adapters of its
+own layers and no others. No process keeps a layer outside its span. Raw text stays on the UE: the edges see
+hidden states, and in edge-loss mode the last node the labels it scores.
 
 Every node runs the same command with its own ``--rank``; rank 0 hosts the rendezvous. Stages talk over gloo, each
 collective bounded by ``--timeout``. The adapters are seeded by name (``parts.seed_lora``), so that a pipeline and
@@ -30,6 +31,7 @@ from seam.runtime.errors import SeamError
 from seam.runtime.spans import Span
 
 SCHEDULES = ("gpipe", "1f1b")
+MODES = ("edge-loss", "u-shaped")
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,15 @@ class PipelineJob:
     lr: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
+    mode: str = "edge-loss"
 
     def __post_init__(self):
         bounds = (0, *self.cuts, self.num_layers)
         if not self.cuts or any(a >= b for a, b in zip(bounds, bounds[1:])):
             raise SeamError(f"--stages {','.join(map(str, self.cuts))}: the cuts must rise strictly between 0 and "
                             f"{self.num_layers}, so that every stage holds a layer")
+        if self.mode not in MODES:
+            raise SeamError(f"--mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if self.schedule not in SCHEDULES:
             raise SeamError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.microbatches < 1 or self.batch % self.microbatches:
@@ -69,7 +74,18 @@ class PipelineJob:
 
     @property
     def stages(self) -> int:
+        """The nodes, one rank each."""
         return len(self.cuts) + 1
+
+    @property
+    def pipeline_stages(self) -> int:
+        """The stages a micro-batch passes: one per node, and in u-shaped mode the head, back on the UE."""
+        return self.stages + (self.mode == "u-shaped")
+
+    @property
+    def scorer(self) -> int:
+        """The rank that holds the labels and computes the loss."""
+        return 0 if self.mode == "u-shaped" else self.stages - 1
 
     def fingerprint(self) -> int:
         """A number every node computes alike from the settings, compared at the start."""
@@ -94,6 +110,8 @@ class StageModule(nn.Module):
 
     def forward(self, first: torch.Tensor, attention_mask: torch.Tensor):
         started = time.perf_counter()
+        if first.requires_grad:  # a stage's backward ends with its input's gradient, or its first adapter's
+            first.register_hook(self._gradient_done)
         out = self.part(first, attention_mask)
         self.forward_s = time.perf_counter() - started
         self._emulate(self.forward_s)
@@ -121,14 +139,54 @@ class StageModule(nn.Module):
         self.backward_began = self.last_gradient_at = None
 
 
-def build_stage(artifact, job: PipelineJob, index: int, slowdown: float = 1.0) -> tuple[StageModule, nn.Module]:
-    """Stage ``index``'s module and its peft model: the base loaded, every layer outside its span dropped, LoRA on
-    its span; ``slowdown``: see ``StageModule``."""
+def build_stages(artifact, job: PipelineJob, rank: int,
+                 slowdown: float = 1.0) -> tuple[list[tuple[int, StageModule]], nn.Module]:
+    """Node ``rank``'s stages, each with its index in the pipeline, and its peft model: the base loaded, every layer
+    outside its span dropped, LoRA on its span; in u-shaped mode the UE also runs the head, as the last stage.
+    ``slowdown``: see ``StageModule``."""
     base = load_base(artifact)
-    span, first, last = job.spans[index], index == 0, index == job.stages - 1
-    keep_only(base.family, span, embed=first, head=last)
+    span, first, scores = job.spans[rank], rank == 0, rank == job.scorer
+    last = scores and job.mode == "edge-loss"
+    keep_only(base.family, span, embed=first, head=scores)
     peft_model = attach_lora(base.model, base.family, span, job.rank, job.alpha, job.seed)
-    return StageModule(peft_model, Part(base.family, span, embed=first, head=last), last, slowdown), peft_model
+    stages = [(rank, StageModule(peft_model, Part(base.family, span, embed=first, head=last), last, slowdown))]
+    if scores and not last:
+        head = Part(base.family, Span(job.num_layers, job.num_layers), embed=False, head=True)
+        stages.append((job.stages, StageModule(head, head, True, slowdown)))
+    return stages, peft_model
+
+
+def u_shaped_order(ranks: int, microbatches: int, backward_first: bool) -> list[list[tuple[int, str, int] | None]]:
+    """Each rank's action at each time step of a u-shaped pipeline, as (stage, "F" or "B", micro-batch) or None
+    for idle: stage ``s`` runs on rank ``s % ranks``, so the head (stage ``ranks``) is back on rank 0. An action
+    runs once what it needs ran at an earlier step (a forward its previous stage's forward, a backward its next
+    stage's backward, or its own forward on the last stage); among ready actions each rank takes backwards first
+    (1F1B, ``backward_first``) or forwards first (GPipe), the oldest micro-batch first. Every rank's list is as
+    long as the longest, since a rank posts its receives at the step its neighbour sends."""
+    stages = ranks + 1
+    pending = {(stage, kind, micro) for stage in range(stages) for kind in "FB" for micro in range(microbatches)}
+    ran_at: dict[tuple[int, str, int], int] = {}
+    order: list[list[tuple[int, str, int] | None]] = [[] for _ in range(ranks)]
+
+    def needs(stage: int, kind: str, micro: int) -> tuple[int, str, int] | None:
+        if kind == "F":
+            return (stage - 1, "F", micro) if stage else None
+        return (stage + 1, "B", micro) if stage < stages - 1 else (stage, "F", micro)
+
+    step = 0
+    while pending:
+        chosen = []
+        for rank in range(ranks):
+            ready = [action for action in pending if action[0] % ranks == rank
+                     and (needs(*action) is None or ran_at.get(needs(*action), step) < step)]
+            ready.sort(key=lambda action: ((action[1] == "F") == backward_first, action[2], action[0]))
+            order[rank].append(ready[0] if ready else None)
+            chosen += ready[:1]
+        for action in chosen:
+            ran_at[action] = step
+            pending.discard(action)
+        step += 1
+    return order
 
 
 def fixed_batches(batches: Iterator[Batch], seq_len: int, pad_id: int) -> Iterator[Batch]:
@@ -166,6 +224,19 @@ def reference_run(artifact, job: PipelineJob, data: list[Batch]) -> tuple[list[f
     return losses, trained_weights(model)
 
 
+def u_shaped_schedule(stages: list, job: PipelineJob):
+    """A schedule over this rank's ``stages`` of a u-shaped pipeline, in ``u_shaped_order``'s steps: torch's
+    multi-stage runtime places stage ``s`` on rank ``s % ranks`` and runs any order of adjacent stages' actions."""
+    from torch.distributed.pipelining.schedules import FORWARD, FULL_BACKWARD, PipelineScheduleMulti, _Action
+
+    schedule = PipelineScheduleMulti(stages, job.microbatches, loss_fn=causal_lm_loss)
+    kinds = {"F": FORWARD, "B": FULL_BACKWARD}
+    order = u_shaped_order(job.stages, job.microbatches, backward_first=job.schedule == "1f1b")
+    schedule.pipeline_order = {rank: [None if action is None else _Action(action[0], kinds[action[1]], action[2])
+                                      for action in actions] for rank, actions in enumerate(order)}
+    return schedule
+
+
 @contextmanager
 def node_errors(what: str, timeout_s: float):
     """What a lost or silent node raises in torch.distributed, as one line naming ``what`` was under way."""
@@ -188,16 +259,20 @@ class PipelineRank:
         if not 0 <= rank < job.stages:
             raise SeamError(f"--rank {rank}: this pipeline has ranks 0 to {job.stages - 1}, one per stage")
         self.dist, self.job, self.rank, self.timeout_s = dist, job, rank, timeout_s
-        self.module, self.peft_model = build_stage(artifact, job, rank, slowdown)
+        built, self.peft_model = build_stages(artifact, job, rank, slowdown)
+        self.modules = [module for _, module in built]
         with node_errors(f"joining the {job.stages} nodes at {init_method}", timeout_s):
             dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=job.stages,
                                     timeout=timedelta(seconds=timeout_s))
             self.check_agreement()
-        stage = PipelineStage(self.module, rank, job.stages, torch.device("cpu"))
-        kind = ScheduleGPipe if job.schedule == "gpipe" else Schedule1F1B
-        self.schedule = kind(stage, job.microbatches, loss_fn=causal_lm_loss)
+        stages = [PipelineStage(module, index, job.pipeline_stages, torch.device("cpu")) for index, module in built]
+        if job.mode == "u-shaped":
+            self.schedule = u_shaped_schedule(stages, job)
+        else:
+            kind = ScheduleGPipe if job.schedule == "gpipe" else Schedule1F1B
+            self.schedule = kind(stages[0], job.microbatches, loss_fn=causal_lm_loss)
         self.optimizer = torch.optim.AdamW(trainable(self.peft_model), job.lr, weight_decay=job.weight_decay)
-        self.is_first, self.is_last = rank == 0, rank == job.stages - 1
+        self.is_first = rank == 0
 
     def rank0_value(self, value: int) -> int:
         """Rank 0's ``value``, on every node (each node gives its own; rank 0's goes to all)."""
@@ -218,21 +293,25 @@ class PipelineRank:
             return self._step(batch)
 
     def _step(self, batch: Batch | None) -> float:
-        dist, last = self.dist, self.job.stages - 1
+        dist, scorer = self.dist, self.job.scorer
+        losses: list[torch.Tensor] = []
         if self.is_first:
-            dist.send(torch.from_numpy(batch.labels), dst=last)
-            self.schedule.step(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
-        elif self.is_last:
+            inputs = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
+            if scorer == 0:
+                self.schedule.step(*inputs, target=torch.from_numpy(batch.labels), losses=losses)
+            else:
+                dist.send(torch.from_numpy(batch.labels), dst=scorer)
+                self.schedule.step(*inputs)
+        elif self.rank == scorer:
             labels = torch.empty((self.job.batch, self.job.seq_len), dtype=torch.int64)
             dist.recv(labels, src=0)
-            losses: list[torch.Tensor] = []
             self.schedule.step(target=labels, losses=losses)
         else:
             self.schedule.step()
         self.optimizer.step()
         self.optimizer.zero_grad()
-        mean = torch.tensor([sum(float(l) for l in losses) / len(losses)] if self.is_last else [math.nan])
-        dist.broadcast(mean, src=last)
+        mean = torch.tensor([sum(float(l) for l in losses) / len(losses)] if self.rank == scorer else [math.nan])
+        dist.broadcast(mean, src=scorer)
         return float(mean)
 
     def agree_on_start(self, step: int) -> None:
@@ -258,8 +337,9 @@ class PipelineRank:
 
     def busy_shares(self, wall_s: float) -> list[float] | None:
         """Each stage's seconds of compute over ``wall_s``, gathered on rank 0 (None on the others)."""
-        self.module.settle()
-        return self.gathered(self.module.busy_s / wall_s, "busy shares")
+        for module in self.modules:
+            module.settle()
+        return self.gathered(sum(module.busy_s for module in self.modules) / wall_s, "busy shares")
 
     def adapters(self) -> list[dict[str, np.ndarray]] | None:
         """Every stage's trained adapters, gathered on rank 0 (None on the others)."""

@@ -40,6 +40,9 @@ def add_train_pipeline_parser(commands) -> None:
     parser.add_argument("--data", type=Path, help="rank 0: the training text, one sample per line (or .jsonl)")
     parser.add_argument("--out", type=Path, help="rank 0: where the adapter of the whole model is written")
     parser.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b"))
+    parser.add_argument("--mode", default="edge-loss", choices=("edge-loss", "u-shaped"),
+                        help="edge-loss: the last node runs the head and scores the labels rank 0 sends it; "
+                             "u-shaped: the head and the labels stay on rank 0 (default edge-loss)")
     parser.add_argument("--microbatches", type=number(int, 1), default=4)
     parser.add_argument("--batch", type=number(int, 1), default=8, help="sequences per step")
     parser.add_argument("--seq-len", type=number(int, 2), default=64, help="positions of every sequence (padded)")
@@ -91,7 +94,8 @@ def run_train_pipeline(args: argparse.Namespace) -> int:
     artifact = Artifact.open(args.artifact)
     rank, address = rendezvous(args)
     job = PipelineJob(tuple(args.stages), artifact.num_layers, args.schedule, args.microbatches, args.batch,
-                      args.seq_len, args.steps, args.lora_rank, args.alpha, args.lr, args.weight_decay, args.seed)
+                      args.seq_len, args.steps, args.lora_rank, args.alpha, args.lr, args.weight_decay, args.seed,
+                      args.mode)
     if rank == 0 and (args.data is None or args.out is None):
         raise SeamError("rank 0 (the UE) needs --data and --out")
     checkpoints = args.checkpoint or (args.out.with_name(f"{args.out.name}.checkpoint") if rank == 0
