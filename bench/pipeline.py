@@ -34,15 +34,14 @@ NAMES = ("ue", "edge-a", "edge-b", "edge-c")
 LOOPBACK = Link.from_mbit(10_000, 0.05)  # between processes on one machine
 
 
-def profile(out: Path) -> DeviceProfile:
-    """This machine's profile of the artifact on one thread (measured once, cached with the artifact)."""
+def profile(out: Path, shape: str) -> DeviceProfile:
+    """This machine's profile of the artifact on one thread, fine-tuning at the micro-batch ``shape`` timed too
+    (measured once, cached with the artifact)."""
     artifact = Artifact.open(out)
     key = profile_key(artifact, "cpu", 1, artifact.manifest.dtype)
-    path = out / "profiles" / key.file_name()
-    if not path.exists():
-        subprocess.run([sys.executable, "-m", "seam.cli", "profile", str(out), "--quiet", "--threads", "1"],
-                       check=True, capture_output=True)
-    return load(path, DeviceProfile)
+    subprocess.run([sys.executable, "-m", "seam.cli", "profile", str(out), "--quiet", "--threads", "1", "--training",
+                    "--train-shapes", shape], check=True, capture_output=True)
+    return load(out / "profiles" / key.file_name(), DeviceProfile)
 
 
 def free_port() -> int:
@@ -95,14 +94,17 @@ def one_process(out: Path, args, data: Path, slowdown: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--speeds", default="4,1,2,3", help="each node's slowdown: the UE's, then each edge node's")
+    parser.add_argument("--dilate", type=float, default=3.0,
+                        help="every node this much slower again, so that the nodes computing at once fit this "
+                             "machine's cores: each node's own compute is at most 1/dilate of its time")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
-    slowdowns = [float(x) for x in args.speeds.split(",")]
+    slowdowns = [args.dilate * float(x) for x in args.speeds.split(",")]
     out = small_llama_every_layer()
-    base = profile(out)
+    base = profile(out, f"{args.batch // args.microbatches}x{args.seq_len}")
     artifact = Artifact.open(out)
     nodes = [Node(name, DeviceModel.from_profile(base.slowed(slowdown)), None, None if index == 0 else LOOPBACK)
              for index, (name, slowdown) in enumerate(zip(NAMES, slowdowns))]
@@ -130,7 +132,7 @@ def main() -> None:
         results[label]["placed_vs_this"] = round(placed / results[label]["tokens_per_s"], 3)
     print(table(["run", "stages", "tokens/s", "busy share per node"], rows))
     print("placed pipeline / each: " + ", ".join(f"{label} {r['placed_vs_this']:.2f}x" for label, r in results.items()))
-    report("pipeline", {"speeds": slowdowns, "batch": args.batch, "microbatches": args.microbatches,
+    report("pipeline", {"speeds": slowdowns, "dilate": args.dilate, "batch": args.batch, "microbatches": args.microbatches,
                         "seq_len": args.seq_len, "steps": args.steps, "runs": results})
 
 

@@ -130,3 +130,33 @@ def test_probe_without_server_fails_within_its_timeout(tmp_path):
     assert result.returncode == 2
     assert "no reply from the edge server" in result.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_profile_times_fine_tuning_and_the_training_placement_reads_it(exported, tmp_path):
+    from seam.planning.cost_model import DeviceModel
+    from seam.planning.placement import Facts, Node, Workload, evaluate
+
+    artifact = Artifact.open(exported("tiny-llama"))
+    out = tmp_path / "trained.json"
+    shapes = ("--training", "--train-shapes", "1x8,2x8")
+    first = run_seam("profile", str(artifact.root), *FAST, *shapes, "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    assert "fine-tune ms @ batch x len" in first.stdout and "head" in first.stdout
+    profile = load(out, DeviceProfile)
+    assert profile.trained and [(t.batch, t.length) for t in profile.head_train] == [(1, 8), (2, 8)]
+    assert all([(t.batch, t.length) for t in block.train] == [(1, 8), (2, 8)] and
+               all(0 < t.median_s <= t.p90_s for t in block.train) for block in profile.blocks)
+    again = run_seam("profile", str(artifact.root), *FAST, *shapes)
+    assert again.returncode == 0 and "cached" in again.stdout
+
+    model = DeviceModel.from_profile(profile)
+    last = artifact.num_layers
+    assert model.train_s(0, last, 8, 2, head=True) > model.train_s(0, last, 8, 2, head=False) > 0
+    assert DeviceModel.from_profile(profile.slowed(3.0)).train_s(0, last, 8, 2, True) == \
+        pytest.approx(3 * model.train_s(0, last, 8, 2, True))
+    placed = evaluate([Node("ue", model, None, None)], (0, last), Facts.of(artifact.manifest),
+                      Workload("train", micro_batch=2, micro_batches=4, sequence=8))
+    assert placed.stages[0].compute_s == pytest.approx(model.train_s(0, last, 8, 2, head=True))
+
+    bad = run_seam("profile", str(artifact.root), "--training", "--train-shapes", "0x8")
+    assert bad.returncode == 2 and "micro-batch x sequence" in bad.stderr.strip().splitlines()[-1]

@@ -101,8 +101,8 @@ class StageModule(nn.Module):
         super().__init__()
         self.model, self.part, self.last = peft_model, part, last
         # Benchmarks emulate a slower node on one machine: it waits out what a node this much slower would
-        # still be computing, a backward taken as twice its forward.
-        self.slowdown, self.forward_s = slowdown, 0.0
+        # still be computing, for a backward what the last one computed (the first taken as twice its forward).
+        self.slowdown, self.forward_s, self.backward_s = slowdown, 0.0, 0.0
         self.busy_s = 0.0
         self.backward_began = self.last_gradient_at = None
         for parameter in trainable(peft_model):
@@ -122,8 +122,10 @@ class StageModule(nn.Module):
 
     def _backward_starts(self, grad: torch.Tensor) -> None:
         self.settle()
+        started = time.perf_counter()
+        self._emulate(self.backward_s or 2 * self.forward_s)
         self.backward_began = time.perf_counter()
-        self._emulate(2 * self.forward_s)
+        self.busy_s += self.backward_began - started
 
     def _emulate(self, computed_s: float) -> None:
         if self.slowdown > 1:
@@ -135,7 +137,8 @@ class StageModule(nn.Module):
     def settle(self) -> None:
         """Counts the last backward pass as busy: it ran from its output's gradient to its last adapter's."""
         if self.backward_began is not None and self.last_gradient_at is not None:
-            self.busy_s += max(self.last_gradient_at - self.backward_began, 0.0)
+            self.backward_s = max(self.last_gradient_at - self.backward_began, 0.0)
+            self.busy_s += self.backward_s
         self.backward_began = self.last_gradient_at = None
 
 

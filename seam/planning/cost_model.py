@@ -109,10 +109,12 @@ class BlockFit:
     layers: tuple[int, int]
     decode: DecodeFit
     prefill: PrefillFit
+    train: PrefillFit | None = None  # a fine-tuning forward and backward, when measured
 
     @classmethod
     def from_profile(cls, block: BlockProfile) -> BlockFit:
-        return cls(tuple(block.layers), DecodeFit.from_timings(block.decode), PrefillFit.from_timings(block.prefill))
+        return cls(tuple(block.layers), DecodeFit.from_timings(block.decode), PrefillFit.from_timings(block.prefill),
+                   PrefillFit.from_timings(block.train) if block.train else None)
 
     def latency(self, phase: str, length: int, batch: int) -> float:
         return (self.decode if phase == "decode" else self.prefill)(length, batch)
@@ -129,6 +131,7 @@ class DeviceModel:
     prelude: BlockFit
     blocks: tuple[BlockFit, ...]  # by first layer, tiling [0, num_layers)
     measured: tuple[int, int, int] = (0, 0, 0)  # longest prompt, longest past, largest batch every graph measured
+    head_train: PrefillFit | None = None  # the head's fine-tuning forward and backward, when measured
 
     @classmethod
     def from_profile(cls, profile: DeviceProfile) -> DeviceModel:
@@ -158,7 +161,9 @@ class DeviceModel:
             min(max(t.length for t in graph.decode) for graph in graphs),
             min(max(t.batch for t in graph.prefill + graph.decode) for graph in graphs),
         )
-        return cls(profile.key, profile.num_layers, profile.hidden_size, wire_dtype, prelude, blocks, measured)
+        head_train = PrefillFit.from_timings(profile.head_train) if profile.trained else None
+        return cls(profile.key, profile.num_layers, profile.hidden_size, wire_dtype, prelude, blocks, measured,
+                   head_train)
 
     def beyond_measured(self, context: int, batch: int) -> list[str]:
         """What a prediction at ``context`` and ``batch`` extrapolates past this profile's grid, one line each."""
@@ -175,6 +180,15 @@ class DeviceModel:
     @property
     def split_points(self) -> list[int]:
         return [0] + [fit.layers[1] for fit in self.blocks]
+
+    def train_s(self, start: int, end: int, sequence: int, micro_batch: int, head: bool) -> float | None:
+        """A fine-tuning forward and backward of layers [start, end) (and the head scoring every position), as
+        measured; None when this profile measured no fine-tuning."""
+        if self.head_train is None:
+            return None
+        inside = [fit.train for fit in self.blocks if start <= fit.layers[0] and fit.layers[1] <= end]
+        return sum(fit(sequence, micro_batch) for fit in inside) + (self.head_train(sequence, micro_batch) if head
+                                                                      else 0.0)
 
     def compute_s(self, start: int, end: int, phase: str, length: int, batch: int) -> float:
         """Latency of layers [start, end) for one step: the prelude once, then each block inside."""

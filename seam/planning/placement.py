@@ -6,8 +6,9 @@ not pay.
 
 How a placement is scored (``evaluate``):
 - **Training**, ``micro_batches`` micro-batches per step: a stage's busy time per micro-batch is its forward and
-  backward (``TRAIN_FACTOR`` times the profiled prefill; the last stage's with the head scoring every position,
-  ``Facts.head_layers`` layers' worth), and each link between two stages is a resource of its
+  backward, as ``seam profile --training`` measured it in PyTorch, the last stage's with the head scoring every
+  position (without that measurement, ``TRAIN_FACTOR`` times the profiled prefill, the head ``Facts.head_layers``
+  layers' worth), and each link between two stages is a resource of its
   own that carries the activations forward and their gradients back. The pipeline advances at its slowest
   resource, and a step of GPipe or 1F1B takes ``(micro_batches + stages - 1)`` such periods (the fill and drain
   bubble); a node's busy share is its compute over the step.
@@ -98,6 +99,10 @@ def _compute_s(node: Node, span: tuple[int, int], facts: Facts, workload: Worklo
     if span[0] == span[1]:
         return 0.0
     if workload.mode == "train":
+        measured = node.model.train_s(*span, workload.sequence, workload.micro_batch,
+                                      head=span[1] == facts.dims.num_layers)
+        if measured is not None:
+            return measured
         forward = node.model.compute_s(*span, "prefill", workload.sequence, workload.micro_batch)
         if span[1] == facts.dims.num_layers:  # the last stage also scores every position
             forward *= 1 + facts.head_layers / (span[1] - span[0])

@@ -42,6 +42,9 @@ class BlockProfile:
     activation_bytes_per_token: int  # of the block's output hidden state, batch 1
     prefill: list[Timing] = field(default_factory=list)
     decode: list[Timing] = field(default_factory=list)
+    # Fine-tuning (``seam profile --training``): a forward and backward of the block's layers with LoRA in
+    # PyTorch; ``batch`` is the micro-batch and ``length`` the sequence.
+    train: list[Timing] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -69,17 +72,24 @@ class DeviceProfile:
     peak_cuda_bytes: int | None = None
     created: str = ""
     kind: str = "device"
+    head_train: list[Timing] = field(default_factory=list)  # the final norm and LM head scoring every position
+
+    @property
+    def trained(self) -> bool:
+        """Whether fine-tuning was measured for every block and the head (``seam profile --training``)."""
+        return bool(self.head_train) and all(block.train for block in self.blocks)
 
     def slowed(self, factor: float) -> DeviceProfile:
         """The profile a device ``factor`` times slower would have measured (a UE emulated on a faster machine)."""
 
-        def block(graph: BlockProfile) -> BlockProfile:
-            return replace(graph, **{
-                phase: [replace(t, median_s=t.median_s * factor, p90_s=t.p90_s * factor) for t in getattr(graph, phase)]
-                for phase in ("prefill", "decode")
-            })
+        def timings(measured: list[Timing]) -> list[Timing]:
+            return [replace(t, median_s=t.median_s * factor, p90_s=t.p90_s * factor) for t in measured]
 
-        return replace(self, prelude=block(self.prelude), blocks=[block(b) for b in self.blocks])
+        def block(graph: BlockProfile) -> BlockProfile:
+            return replace(graph, **{phase: timings(getattr(graph, phase)) for phase in ("prefill", "decode", "train")})
+
+        return replace(self, prelude=block(self.prelude), blocks=[block(b) for b in self.blocks],
+                       head_train=timings(self.head_train))
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,7 @@ def _block(raw: dict) -> BlockProfile:
     raw["layers"] = tuple(raw["layers"])
     raw["prefill"] = [Timing(**timing) for timing in raw["prefill"]]
     raw["decode"] = [Timing(**timing) for timing in raw["decode"]]
+    raw["train"] = [Timing(**timing) for timing in raw.get("train", [])]
     return BlockProfile(**raw)
 
 
@@ -129,6 +140,7 @@ def from_dict(raw: dict) -> DeviceProfile | LinkProfile:
         body["key"] = ProfileKey(**body["key"])
         body["prelude"] = _block(body["prelude"])
         body["blocks"] = [_block(block) for block in body["blocks"]]
+        body["head_train"] = [Timing(**timing) for timing in body.get("head_train", [])]
         return DeviceProfile(**body)
     if body.get("kind") == "link":
         body["samples"] = [LinkSample(**sample) for sample in body["samples"]]

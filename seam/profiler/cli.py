@@ -8,7 +8,7 @@ from pathlib import Path
 
 from seam.runtime.errors import SeamError
 from seam.runtime.addresses import check_address
-from seam.runtime.shell import checked, comma_list, number
+from seam.runtime.shell import checked, comma_list, number, require_extra
 
 
 _numbers = comma_list(int)
@@ -42,10 +42,25 @@ def add_profile_parser(commands) -> None:
     parser.add_argument("--repeats", type=number(int, 1), default=10)
     parser.add_argument("--warmup", type=number(int, 0), default=2)
     _add_gap_option(parser)
+    parser.add_argument("--training", action="store_true",
+                        help="also time fine-tuning (a forward and backward with LoRA in PyTorch) of every block and "
+                             "the head, which placing a training pipeline reads (needs the finetune extra)")
+    parser.add_argument("--train-shapes", type=_shapes, default=((1, 64), (1, 256), (4, 64)),
+                        help="with --training: micro-batch x sequence shapes to time (default 1x64,1x256,4x64)")
     parser.add_argument("--out", type=Path, default=None, help="also write the profile here")
     parser.add_argument("--force", action="store_true", help="measure again even when a cached profile exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_profile)
+
+
+def _shapes(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        shapes = tuple(tuple(int(part) for part in item.lower().split("x")) for item in text.split(","))
+    except ValueError:
+        shapes = ()
+    if not shapes or any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
+        raise argparse.ArgumentTypeError(f"{text!r}: give micro-batch x sequence shapes such as 1x64,4x256")
+    return shapes
 
 
 def _pin(cpus: tuple[int, ...]) -> None:
@@ -87,17 +102,36 @@ def run_profile(args: argparse.Namespace) -> int:
     )
     cached = artifact.root / "profiles" / profile_key(artifact, args.device, threads, variant).file_name()
     profile = load(cached, DeviceProfile) if cached.is_file() and not args.force else None
-    if profile is not None and profile.settings == grid.settings():
-        print(f"profile: {cached} (cached; --force measures again)")
-    else:
+    inference = {name: value for name, value in (profile.settings if profile else {}).items() if name != "training"}
+    fresh = profile is None or inference != grid.settings()
+    if fresh:
         profile = profile_device(artifact, args.device, threads, variant, grid, progress=not args.quiet)
+    training = {"shapes": [list(shape) for shape in args.train_shapes], "repeats": min(args.repeats, 5)}
+    if args.training and profile.settings.get("training") != training:
+        profile, fresh = with_training(profile, artifact, threads, training, args.warmup), True
+    if fresh:
         save(profile, cached)
         print(f"profile: {cached}")
+    else:
+        print(f"profile: {cached} (cached; --force measures again)")
     if args.out:
         save(profile, args.out)
         print(f"copied to {args.out}")
     print(summary(profile))
     return 0
+
+
+def with_training(profile, artifact, threads: int, training: dict, warmup: int):
+    """``profile`` with each block's and the head's fine-tuning timings measured on this device."""
+    from dataclasses import replace
+
+    require_extra("finetune")
+    from seam.finetune.training_profile import measure_training
+
+    blocks, head = measure_training(artifact, threads, [tuple(shape) for shape in training["shapes"]],
+                                    training["repeats"], warmup)
+    return replace(profile, blocks=[replace(block, train=blocks.get(tuple(block.layers), [])) for block in profile.blocks],
+                   head_train=head, settings={**profile.settings, "training": training})
 
 
 def summary(profile) -> str:
@@ -116,9 +150,20 @@ def summary(profile) -> str:
             f"{1e3 * longest.median_s:.2f} @ {longest.length}",
             f"{1e3 * shortest.median_s:.2f} @ {shortest.length}",
             f"{1e3 * farthest.median_s:.2f} @ {farthest.length}",
+            *([_train_cell(block.train)] if profile.trained else []),
         ])
     headers = ["block", "layers", "weights MiB", "load s", "prefill ms @ len", "decode ms @ past", "decode ms @ past"]
+    if profile.trained:
+        headers.append("fine-tune ms @ batch x len")
+        rows.append(["head", "-", "-", "-", "-", "-", "-", _train_cell(profile.head_train)])
     return table(headers, rows)
+
+
+def _train_cell(timings) -> str:
+    if not timings:
+        return "-"
+    largest = max(timings, key=lambda timing: timing.batch * timing.length)
+    return f"{1e3 * largest.median_s:.2f} @ {largest.batch}x{largest.length}"
 
 
 def add_probe_parser(commands) -> None:
