@@ -105,6 +105,22 @@ def test_a_message_that_outruns_the_estimate_makes_its_direction_stale():
     assert estimator.up_bytes_per_s == estimator.prior.up_bytes_per_s
 
 
+def test_an_outage_shows_as_a_collapsed_uplink_not_as_a_long_round_trip_at_the_prior():
+    good = Link(0.005, 20 * MBIT, 20 * MBIT)
+    estimator = LinkEstimator(prior=Link(0.02, 10 * MBIT, 10 * MBIT))
+    for sample in traffic(good, [(3000, 200)] * 10 + [(64_000, 100), (100, 64_000)] * 2):
+        estimator.observe(sample)
+    assert estimator.up_bytes_per_s == pytest.approx(good.up_bytes_per_s, rel=0.1)
+    for index in range(40):  # more steps than the window holds, each held up for 0.2 s
+        estimator.observe(Sample(2.0 + 0.2 * index, 3000, 200, 0.2))
+    assert estimator.rtt_s < 0.01  # the round trip cannot be longer than the quickest message of late
+    assert estimator.up_bytes_per_s < 0.2 * MBIT  # 3 kB in about 0.2 s
+
+    for sample in traffic(good, [(3000, 200)] * 3 + [(64_000, 100)] * 3, start_s=11.0):  # the link is back
+        estimator.observe(sample)
+    assert estimator.up_bytes_per_s == pytest.approx(good.up_bytes_per_s, rel=0.1)
+
+
 def test_harmonic_mean_weighs_the_slow_samples():
     assert harmonic_mean([1.0, 1.0]) == 1.0
     assert harmonic_mean([1.0, 100.0]) < 2.0

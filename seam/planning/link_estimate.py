@@ -34,8 +34,14 @@ def harmonic_mean(values) -> float:
 
 class LinkEstimator:
     def __init__(self, prior: Link, window: int = 32, rates: int = 5, stale_s: float = 2.0, dominance: float = 0.8,
-                 transfer_share: float = 0.3, min_rate_bytes: int = 1024, rate_window_s: float = 1.0):
+                 transfer_share: float = 0.3, min_rate_bytes: int = 1024, rate_window_s: float = 1.0,
+                 rtt_memory_s: float = 10.0):
         self.samples: deque[Sample] = deque(maxlen=window)
+        # The quickest messages of the last ``rtt_memory_s`` seconds, quickest first: the round trip is no longer
+        # than theirs. Without it, an outage whose slow messages fill the window would pass for a long round trip
+        # at the old rate, where each message's time says the link carries next to nothing.
+        self.quickest: deque[Sample] = deque()
+        self.rtt_memory_s = rtt_memory_s
         # The last samples that moved enough bytes one way to measure it, kept apart: dozens of decode steps
         # would otherwise push a probe's measurement out of the window long before it goes stale.
         self.measuring: dict[str, deque[Sample]] = {"up": deque(maxlen=rates), "down": deque(maxlen=rates)}
@@ -55,6 +61,11 @@ class LinkEstimator:
         if sample.seconds > 0:
             with self.lock:
                 self.samples.append(sample)
+                while self.quickest and self.quickest[-1].seconds >= sample.seconds:
+                    self.quickest.pop()
+                self.quickest.append(sample)
+                while self.quickest[0].at_s < sample.at_s - self.rtt_memory_s:
+                    self.quickest.popleft()
                 self.observed += 1
                 for direction, kept in self.measuring.items():
                     if self._measures(sample, direction):
@@ -69,6 +80,11 @@ class LinkEstimator:
         with self.lock:
             kept = {*self.samples, *self.measuring["up"], *self.measuring["down"]}
         return sorted(kept, key=lambda sample: sample.at_s)
+
+    def _ceiling(self) -> float:
+        """The longest the round trip can be: the quickest recent message's whole time."""
+        with self.lock:
+            return self.quickest[0].seconds if self.quickest else float("inf")
 
     def _measures(self, sample: Sample, direction: str) -> int:
         """The bytes ``sample`` moved in ``direction`` if they dominate it, else 0."""
@@ -120,13 +136,15 @@ class LinkEstimator:
             return self.prior, {"up": None, "down": None}
         # Messages too small to measure a rate (pings, most requests) measure the round trip nearly directly.
         small = [s for s in samples if s.up_bytes + s.down_bytes < self.min_rate_bytes] or samples
-        rtt = min(sample.seconds for sample in samples)
+        ceiling = self._ceiling()
+        rtt = min(min(sample.seconds for sample in samples), ceiling)
         up, down = self.prior.up_bytes_per_s, self.prior.down_bytes_per_s
         for _ in range(4):
             up_rates, down_rates = self._rate_samples(samples, "up", rtt), self._rate_samples(samples, "down", rtt)
             up = harmonic_mean(rate for _, rate in up_rates) if up_rates else self.prior.up_bytes_per_s
             down = harmonic_mean(rate for _, rate in down_rates) if down_rates else self.prior.down_bytes_per_s
-            rtt = max(statistics.median(s.seconds - s.up_bytes / up - s.down_bytes / down for s in small), 0.0)
+            rtt = min(max(statistics.median(s.seconds - s.up_bytes / up - s.down_bytes / down for s in small), 0.0),
+                      ceiling)
         return Link(rtt, up, down), {"up": up_rates[-1][0] if up_rates else None,
                                      "down": down_rates[-1][0] if down_rates else None}
 
