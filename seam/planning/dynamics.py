@@ -53,13 +53,14 @@ def states(history: Sequence[tuple[float, float]], now_s: float) -> list[State]:
     found: list[State] = []
     if not history:
         return found
-    began, log_sum, count = history[0][0], 0.0, 0
+    # In logarithms, as ``same_level`` compares: it runs before every step over up to a thousand estimates.
+    began, log_sum, count, apart = history[0][0], 0.0, 0, math.log(STATE_RATIO)
     for at, rate in history:
-        rate = max(rate, 1.0)
-        if count and not same_level(rate, math.exp(log_sum / count)):
+        level = math.log(max(rate, 1.0))
+        if count and abs(level - log_sum / count) >= apart:
             found.append(State(math.exp(log_sum / count), began, at - began, count))
             began, log_sum, count = at, 0.0, 0
-        log_sum, count = log_sum + math.log(rate), count + 1
+        log_sum, count = log_sum + level, count + 1
     found.append(State(math.exp(log_sum / count), began, max(now_s - began, 0.0), count))
     return found
 

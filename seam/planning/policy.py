@@ -248,7 +248,9 @@ class CostModelPolicy:
         # Steps, or alone on the UE step-sized probes, measure the network exactly where the link estimate is
         # weakest: small messages on a link whose rate has not been sampled lately.
         if not snapshot.alone:
-            network, offloaded = [t.network_s for t in recent], predicted
+            # The quicker of the last steps: leaving the edge takes two slow steps in a row, so that the step
+            # that crosses quickly as an outage ends stops the move its slow steps would otherwise bring about.
+            network, offloaded = [min(t.network_s for t in recent)] if recent else [], predicted
         else:
             network = probed
             offloaded = predict(self.ue, self.edge, link, min(candidates), snapshot.past, snapshot.batch).decode
