@@ -152,6 +152,7 @@ def test_stage_flags_are_refused_in_one_line(exported):
         (["--next", "tcp://127.0.0.1:9"], "--next needs --until"),
         (["--until", "7", "--next", "tcp://127.0.0.1:9"], "--until 7 is not a cut of this artifact"),
         (["--until", "2", "--next", "tcp://127.0.0.1:9", "--next-timeout", "1"], "within 1 s"),
+        (["--until", "2", "--next", "tcp://127.0.0.1:9", "--next-server-key", "edge.key"], "own --curve-secret"),
     ]
     for flags, expected in cases:
         result = run_seam_edge(root, *flags)
@@ -162,3 +163,25 @@ def test_stage_flags_are_refused_in_one_line(exported):
 def run_seam_edge(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "seam.edge_server.cli", *args, "--bind", "tcp://127.0.0.1:0"],
                           capture_output=True, text=True, timeout=60)
+
+
+def test_stages_secured_with_curve_keys(exported, tmp_path):
+    import shutil
+
+    from seam.runtime.transport import generate_keypair
+
+    artifact = Artifact.open(exported("tiny-llama"))
+    keys = {name: generate_keypair(tmp_path / "keys", name) for name in ("ue", "first", "last")}
+    allowed = {}
+    for server, client in (("first", "ue"), ("last", "first")):  # each admits only the one before it
+        allowed[server] = tmp_path / f"{server}-allows"
+        allowed[server].mkdir()
+        shutil.copy(keys[client][0], allowed[server])
+    with edge_server(artifact.root, "--curve-secret", str(keys["last"][1]), "--allow", str(allowed["last"])) as (
+            _, last), edge_server(artifact.root, "--curve-secret", str(keys["first"][1]), "--allow",
+                                  str(allowed["first"]), "--until", "2", "--next", last, "--next-server-key",
+                                  str(keys["last"][0])) as (_, first):
+        with EdgeClient(artifact, first, curve_secret=keys["ue"][1], server_key=keys["first"][0]) as client:
+            with client.session(1) as session:
+                tokens = np.stack(list(session.generate(PROMPTS, NEW_TOKENS)), axis=1)
+    assert (tokens == local_tokens(artifact, PROMPTS, GREEDY)).all()

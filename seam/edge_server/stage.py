@@ -52,7 +52,10 @@ class NextStage:
     def __init__(self, address: str, fingerprint: str, end: int, transport: TransportConfig,
                  curve_secret: Path | None = None, server_key: Path | None = None):
         self.address, self.end, self.timeout_s = address, end, transport.timeout_s
-        self.socket = UeSocket(address, transport, curve_secret, server_key)
+        if server_key is not None and curve_secret is None:
+            raise SeamError("--next-server-key needs this server's own --curve-secret, its key at the next stage")
+        # This server's key secures its own UEs too; the link on is secured only when the next stage's key is given.
+        self.socket = UeSocket(address, transport, curve_secret if server_key else None, server_key)
         try:
             try:
                 welcome = expect(self.socket.request_with_retries(Hello(PROTOCOL_VERSION, fingerprint)), Welcome)
