@@ -78,10 +78,11 @@ class EdgeCompute:
         runner.reset(request.batch)
         onward = Onward()
         if request.kv is not None:  # sequences the UE has been running alone until now
-            ours, theirs = np.split(request.kv, [2 * len(span) * request.batch]) if request.kv.ndim == 4 else (
-                request.kv, None)
+            ours, theirs = request.kv, None
+            if self.end < self.artifact.num_layers and request.kv.ndim == 4:  # the rest is the next stage's to check
+                ours, theirs = np.split(request.kv, [2 * len(span) * request.batch])
             runner.cache = unpack_kv(ours, span, runner, request.batch, past)
-            onward = Onward(kv=theirs if self.end < self.artifact.num_layers else None)
+            onward = Onward(kv=theirs)
         elif request.hidden_states is not None:  # the same, with the cache to recompute here
             runner, output = recompute(self.pool, span, request.hidden_states, request.attention_mask)
             onward = Onward(hidden_states=output if self.end < self.artifact.num_layers else None)
