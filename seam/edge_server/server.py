@@ -258,7 +258,8 @@ class EdgeServer:
         if self.next_stage is None:
             return self.compute.sample(pairs, outputs)
         try:
-            return self.next_stage.forward([(session.key, checked) for session, checked in pairs], outputs)
+            return self.next_stage.forward([(session.key, session.next_step, checked) for session, checked in pairs],
+                                           outputs)
         except StageLost as lost:
             return [lost] * len(pairs)
 

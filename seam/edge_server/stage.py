@@ -70,9 +70,10 @@ class NextStage:
         except BaseException:
             self.socket.close()
             raise
-        self.ids: dict[SessionKey, str] = {}  # this edge's session -> its name on the next stage
+        # This edge's session -> its twin's name on the next stage. The twin opens with the session and steps
+        # with it, so it expects the session's own step numbers.
+        self.ids: dict[SessionKey, str] = {}
         self.numbers = itertools.count()
-        self.steps: dict[SessionKey, int] = {}  # the next step each session's twin there expects
 
     def _expect(self, send, kind: type):
         try:
@@ -91,27 +92,26 @@ class NextStage:
         twin = OpenSession(name, self.end, request.batch, request.sampling, request.max_length, False,
                            request.sampler_state, onward.kv, onward.hidden_states, mask)
         self._expect(lambda: self.socket.request(twin), SessionOpened)
-        self.ids[key], self.steps[key] = name, 0
+        self.ids[key] = name
 
-    def forward(self, group: list[tuple[SessionKey, CheckedStep]],
+    def forward(self, group: list[tuple[SessionKey, int, CheckedStep]],
                 outputs: list[np.ndarray]) -> list[np.ndarray | Exception]:
-        """Sends each session's hidden states on, all before waiting for any, and returns each one's tokens [B],
-        or the error its twin answered with."""
-        steps = [Step(self.ids[key], self.steps[key], checked.attention_mask[:, -checked.new:], checked.position_ids,
-                      hidden_states=output) for (key, checked), output in zip(group, outputs)]
+        """Sends each session's hidden states of its step (key, step number, checked step) on, all before waiting
+        for any, and returns each one's tokens [B], or the error its twin answered with."""
+        steps = [Step(self.ids[key], number, checked.attention_mask[:, -checked.new:], checked.position_ids,
+                      hidden_states=output) for (key, number, checked), output in zip(group, outputs)]
         try:
             replies = self.socket.request_all(steps, self.timeout_s)
         except TransportTimeout:
             raise self.lost() from None
         by_name = {getattr(reply, "session_id", ""): reply for reply in replies}
         results: list[np.ndarray | Exception] = []
-        for (key, _), step in zip(group, steps):
+        for step in steps:
             try:
                 reply = by_name.get(step.session_id)
                 if reply is None:
                     raise SeamError(f"the next pipeline stage at {self.address} answered without this session")
                 results.append(expect(reply, StepResult).tokens)
-                self.steps[key] += 1
             except SeamError as error:
                 results.append(error)
         return results
@@ -119,7 +119,7 @@ class NextStage:
     def hand_over(self, key: SessionKey, request: Resplit) -> Resplitted:
         """Moves ``key``'s twin to the last layer: the next stage hands its layers' cache (when asked for) and its
         sampler over and closes its twin."""
-        reply = self._expect(lambda: self.socket.request(Resplit(self.ids[key], self.steps[key], request.split,
+        reply = self._expect(lambda: self.socket.request(Resplit(self.ids[key], request.step, request.split,
                                                                  request.send_kv)), Resplitted)
         self.forget(key)
         return reply
@@ -138,7 +138,6 @@ class NextStage:
 
     def forget(self, key: SessionKey) -> None:
         self.ids.pop(key, None)
-        self.steps.pop(key, None)
 
     def close_link(self) -> None:
         self.socket.close()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from seam.finetune.parts import IGNORE_INDEX, Part, attach_lora, causal_lm_loss, load_base
-from seam.planning.schema import Timing
+from seam.planning.schema import Timing, p90
 from seam.runtime.spans import Span
 
 LORA_RANK, LORA_ALPHA = 8, 16.0  # the pipeline's defaults: the adapters' cost barely depends on them
@@ -27,8 +27,7 @@ def _timed(run: Callable[[], None], repeats: int, warmup: int) -> tuple[float, f
         started = time.perf_counter()
         run()
         samples.append(time.perf_counter() - started)
-    ordered = sorted(samples)
-    return statistics.median(samples), ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+    return statistics.median(samples), p90(samples)
 
 
 def measure_training(artifact, threads: int, shapes: list[tuple[int, int]], repeats: int,

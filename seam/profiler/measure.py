@@ -28,7 +28,7 @@ import psutil
 
 from seam.profiler.host import describe
 from seam.planning.loading import profile_key
-from seam.planning.schema import BlockProfile, DeviceProfile, Timing
+from seam.planning.schema import BlockProfile, DeviceProfile, Timing, p90
 from seam.runtime.artifact import DTYPE_BYTES, NUMPY_DTYPES, Artifact
 from seam.runtime.executor import SessionPool, SpanRunner, past_names
 from seam.runtime.ort_options import PROVIDERS, default_threads, providers_for
@@ -57,11 +57,6 @@ class Grid:
             "batches": list(self.batches), "repeats": self.repeats, "warmup": self.warmup, "gap_s": self.gap_s,
             "io_binding": self.io_binding,
         }
-
-
-def _p90(samples: list[float]) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
 
 
 class _Inputs:
@@ -107,7 +102,7 @@ def _time_in_chain(runs: list[Callable[[], object]], grid: Grid) -> list[tuple[f
             run()
             if attempt >= grid.warmup:
                 times.append(time.perf_counter() - started)
-    return [(statistics.median(times), _p90(times)) for times in samples]
+    return [(statistics.median(times), p90(times)) for times in samples]
 
 
 def _call(session, feed: dict[str, np.ndarray], device: str, bind: bool) -> Callable[[], object]:
