@@ -4,8 +4,8 @@ A model (small-llama by default, or ``--model smollm2-135m-instruct``, the real 
 with one thread and slowed down ``--slowdown`` times (a phone next to an edge box; on one machine the two would
 otherwise be equally fast and offloading could never pay), and the link follows
 each trace through the transport's emulator, the trace's time compressed so that each run takes ``--seconds``.
-Every run generates as fast as it can until the trace ends: the adaptive policy (cost model, starting from the
-UE's default split) and each static split, all in one process, one after another, and all of them again
+Every run generates as fast as it can until the trace ends: the adaptive policy (``--policy``: the cost model's,
+the planner's or a learned one, starting from the UE's default split) and each static split, all in one process, one after another, and all of them again
 ``--repeats`` times; ratios are taken within a repeat and the median reported, since this shared machine drifts
 by ten percent between runs.
 
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -38,6 +40,8 @@ from seam.runtime.traces import Trace, load_trace
 from seam.runtime.emulation import EmulatedLink
 from seam.runtime.transport import TransportConfig
 from seam.ue_client.client import EdgeClient
+from seam.planning.learned import LearnedPolicy, PolicyFile
+from seam.planning.planner import LOSSLESS, actions
 from seam.planning.policy import Constraints, CostModelPolicy, Scales, move_s, rebuild_s
 
 TRACES = RESULTS.parent.parent / "traces"
@@ -166,13 +170,21 @@ def main() -> None:
                         help="runs of every policy per trace; ratios are taken within a repeat, then the median")
     parser.add_argument("--slowdown", type=float, default=4.0,
                         help="the UE runs this many times slower than this machine (a phone next to an edge box)")
+    parser.add_argument("--policy", choices=("cost-model", "planner", "learned"), default="cost-model",
+                        help="the adaptive policy: the cost model's, the planner's or a PPO-trained one (trained "
+                             "here over the lossless actions unless --policy-file names a 'seam train-policy' result)")
+    parser.add_argument("--policy-file", type=Path, default=None)
     args = parser.parse_args()
 
     suffix = "" if args.model == "small-llama" else f"-{args.model}"  # the small model's results keep their names
+    suffix += "" if args.policy == "cost-model" else f"-{args.policy}"
     args.cuts = args.cuts or ("1,4,8" if args.model == "small-llama" else "5,15,25")
     out = WORK / f"{args.model}-cuts-{args.cuts.replace(',', '_')}"
     export(ExportRequest(model=args.model, out=out, cuts=args.cuts, validate=False, quiet=True))
-    bench = Bench(Artifact.open(out), *profiled_pair(out, args.slowdown), args.seconds, args.slowdown)
+    artifact = Artifact.open(out)
+    ue, edge = profiled_pair(out, args.slowdown)
+    bench = Bench(artifact, ue, edge, args.seconds, args.slowdown,
+                  policies(artifact, ue, edge, args.policy, args.policy_file))
     with open("/dev/null", "w") as quiet, edge_server(out, "--threads", "2", log=quiet) as (_, bench.address):
         psutil.Process().cpu_affinity([0])  # after the server started: it keeps both CPUs
         if args.families:
@@ -191,6 +203,7 @@ class Bench:
     edge: DeviceModel
     seconds: float
     slowdown: float
+    new_policy: Callable[[], CostModelPolicy]  # a fresh adaptive policy for each run
     address: str = ""
 
     def play(self, trace: Trace, repeats: int, fixed_horizon: bool = False) -> list[Round]:
@@ -201,14 +214,12 @@ class Bench:
         statics = [split for split in artifact.split_points if split > 0]
         rounds = []
         for _ in range(repeats):
-            policy = CostModelPolicy(self.ue, self.edge, Constraints(min_ue_layers=1))
             blind = None
             if fixed_horizon:
                 blind = run_once("fixed horizon", artifact, self.address, trace, self.seconds,
-                                 artifact.default_split, self.slowdown,
-                                 Blind(CostModelPolicy(self.ue, self.edge, Constraints(min_ue_layers=1))))
+                                 artifact.default_split, self.slowdown, Blind(self.new_policy()))
             runs = [run_once("adaptive", artifact, self.address, trace, self.seconds, artifact.default_split,
-                             self.slowdown, policy)]
+                             self.slowdown, self.new_policy())]
             runs += [run_once(f"static {s}", artifact, self.address, trace, self.seconds, s, self.slowdown)
                      for s in statics]
             oracle_ms, oracle_path = oracle(dict(zip(statics, runs[1:])), trace, self.seconds, self.ue, self.edge,
@@ -216,6 +227,31 @@ class Bench:
                                             manifest.dims.hidden_size * 4 + ID_BYTES)
             rounds.append(Round(runs, oracle_ms, oracle_path, min(runs[1:], key=lambda run: run.mean_ms), blind))
         return rounds
+
+
+def policies(artifact: Artifact, ue: DeviceModel, edge: DeviceModel, kind: str,
+             policy_file: Path | None) -> Callable[[], CostModelPolicy]:
+    """What makes each run's adaptive policy. The planner and the learned policy name the split to go to, and
+    the cost-model policy's test (the link's dynamics, what moves cost) decides whether and when to move, so
+    all three are scored on the same runs the same way. Without a policy file the actions are every split from
+    the privacy floor on with the hidden states as they are (no quality table is needed), and the learned
+    policy trains here, a minute of PPO."""
+    constraints = Constraints(min_ue_layers=1)
+    if kind == "cost-model":
+        return lambda: CostModelPolicy(ue, edge, constraints)
+    if policy_file is not None:
+        loaded = PolicyFile.load(policy_file)
+    else:
+        choices = actions([split for split in artifact.split_points if split >= 1], [LOSSLESS], artifact.num_layers)
+        weights = {}
+        if kind == "learned":
+            from seam.profiler.rl import train
+
+            weights, training = train(ue, edge, choices, lambda cut, codec: 0.0, 10.0, 1.0, 20000)
+            print(f"trained the learned policy in {training.seconds:.0f} s")
+        loaded = PolicyFile(RESULTS, artifact.manifest.artifact_fingerprint, artifact.num_layers, choices, {},
+                            10.0, 1.0, weights)
+    return lambda: LearnedPolicy(ue, edge, loaded, planner=kind == "planner", constraints=constraints)
 
 
 class Blind:
@@ -253,8 +289,8 @@ def shipped(bench: Bench, args, suffix: str) -> None:
               f"adaptive / best static ({result['best_static']}) {result['adaptive_vs_best_static']:.3f} "
               f"(medians of {args.repeats} repeats: {result['adaptive_vs_oracle_each']}, "
               f"{result['adaptive_vs_best_static_each']})")
-    report(f"adaptive{suffix}", {"model": args.model, "cuts": args.cuts, "seconds": args.seconds,
-                                 "repeats": args.repeats, "traces": results})
+    report(f"adaptive{suffix}", {"model": args.model, "policy": args.policy, "cuts": args.cuts,
+                                 "seconds": args.seconds, "repeats": args.repeats, "traces": results})
 
 
 def families(bench: Bench, args, suffix: str) -> None:
@@ -290,8 +326,8 @@ def families(bench: Bench, args, suffix: str) -> None:
                 groups=[("", 2), ("adaptive / oracle", 2), ("adaptive / best static", 2),
                         ("fixed horizon / oracle", 2), ("fixed horizon / best static", 2), ("", 2)]))
     report(f"adaptive-families{suffix}-seed{args.seed}", {
-        "model": args.model, "cuts": args.cuts, "seconds": args.seconds, "seed": args.seed, "count": args.count,
-        "families": results})
+        "model": args.model, "policy": args.policy, "cuts": args.cuts, "seconds": args.seconds, "seed": args.seed,
+        "count": args.count, "families": results})
 
 
 @dataclass

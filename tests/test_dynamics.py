@@ -3,13 +3,16 @@ learned from the session's own history, and how a decision weighs a move by it."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from seam.planning.cost_model import Link
 from seam.planning.dynamics import INITIAL_STATE_S, downlink_following, move_scale, rate_before, states
 from seam.planning.dynamics import expected_remaining_s as remaining_of
+from seam.planning.snapshot import ArtifactFacts, SessionSnapshot
 from seam.runtime.trace_families import FAMILIES, family_trace
-from test_policy import decide
+from test_policy import KV_PER_LAYER, decide, models
 
 GOOD, BAD = 40e6 / 8, 0.2e6 / 8  # bytes/s
 
@@ -49,11 +52,11 @@ def test_a_state_is_expected_to_last_as_long_again_as_it_has_held():
 def test_a_drop_is_left_once_staying_has_cost_what_the_move_costs():
     """Ski rental: with nothing like the present state seen before, the policy waits out a drop until staying
     has cost about what the move and the way back cost, so a short outage is ridden out and a long one is not."""
-    slow = Link.from_mbit(0.05, 200)
+    slow, recovered = Link.from_mbit(0.05, 200), Link.from_mbit(GOOD * 8e-6, 5)  # the way back: once it is over
     found = states(history((5, GOOD), (0.1, BAD)), 5.1)
-    assert decide(slow, current=1, state_s=remaining_of(found)).split == 1
+    assert decide(slow, current=1, state_s=remaining_of(found), back_link=recovered).split == 1
     held = states(history((5, GOOD), (20, BAD)), 25.0)
-    assert decide(slow, current=1, state_s=remaining_of(held)).split == 4
+    assert decide(slow, current=1, state_s=remaining_of(held), back_link=recovered).split == 4
 
 
 def test_short_outages_seen_before_make_the_next_one_short():
@@ -127,6 +130,28 @@ def test_the_way_back_is_priced_on_the_link_before_the_fade():
     assert stuck.split == 1  # priced over the fade, the way back (an upload of every position) never pays
 
 
+def test_the_way_back_carries_the_tokens_produced_while_the_state_lasts():
+    """The way back comes when the link's present state ends, with every token produced meanwhile in its
+    cache: a congestion ramp's way back took twice what it was priced at the context of the way there."""
+    import re
+
+    from seam.planning.policy import Scales, move_s, rebuild_s
+
+    ue, edge = models()
+    slow, recovered = Link.from_mbit(0.3, 50), Link.from_mbit(1.0, 50)
+    decision = decide(slow, current=1, state_s=10.0, back_link=recovered, remaining=2000)
+    tokens = int(re.search(r"over the next (\d+) tokens", decision.reason).group(1))
+
+    def way_s(link: Link, start: int, end: int, context: int) -> float:
+        return min(move_s(link, start, end, KV_PER_LAYER, 1, context),
+                   rebuild_s(ue, edge, link, start, end, 1, context, Scales(), 0, ()))
+
+    gain = (decision.per_token_s[1] - decision.per_token_s[4]) * tokens - way_s(slow, 1, 4, 64)
+    saved = float(re.search(r"saves ([\d.]+) s", decision.reason).group(1))
+    assert saved == pytest.approx(gain - way_s(recovered, 4, 1, 64 + tokens), abs=0.01)
+    assert way_s(recovered, 4, 1, 64 + tokens) > 1.5 * way_s(recovered, 4, 1, 64)
+
+
 def test_a_downlink_measured_before_a_fade_is_taken_to_fade_with_the_uplink():
     link = Link(0.02, BAD, GOOD)  # the uplink's estimate fell; the downlink's is from before
     faded = history((3, GOOD), (2, BAD))
@@ -140,3 +165,41 @@ def test_a_downlink_measured_before_a_fade_is_taken_to_fade_with_the_uplink():
     recovered = history((3, BAD), (2, GOOD))
     assert downlink_following(slow_down, states(recovered, 5.0), 1.0) == slow_down
 
+
+
+def every_policy() -> dict[str, object]:
+    """The cost-model policy, the planner and a learned policy whose actor always wants the UE alone, on the same
+    synthetic profiles: the planner and the learned policy only name the split to go to."""
+    import numpy as np
+
+    from seam.planning.learned import LearnedPolicy, PolicyFile
+    from seam.planning.planner import LOSSLESS, actions
+    from seam.planning.policy import CostModelPolicy
+
+    ue, edge = models()
+    choices = actions(ue.split_points[1:], [LOSSLESS], ue.split_points[-1])
+    alone = np.array([10.0 if split == ue.split_points[-1] else 0.0 for split, _ in choices], dtype=np.float32)
+    actor = {"w0": np.zeros((len(choices), 7), dtype=np.float32), "b0": alone}
+    policy_file = PolicyFile(Path("."), "synthetic", ue.split_points[-1], choices, {}, 10.0, 1.0, actor)
+    return {"cost-model": CostModelPolicy(ue, edge), "planner": LearnedPolicy(ue, edge, policy_file, planner=True),
+            "learned": LearnedPolicy(ue, edge, policy_file)}
+
+
+def outage_snapshot(link_history, now_s: float, move_costs=()) -> SessionSnapshot:
+    facts = ArtifactFacts(4, KV_PER_LAYER, (1, 1, 1, 1), (1000,) * 4, 4 * 64 + 4)
+    return SessionSnapshot(facts, step=80, now_s=now_s, split=1, past=96, batch=1, max_length=2048, codec="fp32",
+                           allow_token_upload=False, offered_codecs=("fp32",), link=Link.from_mbit(BAD * 8e-6, 200),
+                           link_history=tuple(link_history), move_costs=tuple(move_costs), down_measured_at=now_s)
+
+
+@pytest.mark.parametrize("name", ["cost-model", "planner", "learned"])
+def test_every_policy_weighs_its_move_by_the_link_dynamics_and_what_moves_cost(name):
+    """The planner and the learned policy choose where to go; whether a move pays, over how long the link's
+    state is expected to last and at what moves have cost, is the same test for all three."""
+    policy = every_policy()[name]
+    just_fell = outage_snapshot(history((5, GOOD), (0.1, BAD)), 5.1)
+    assert policy(just_fell).split == 1  # expected over in a moment: ridden out
+    held = outage_snapshot(history((5, GOOD), (8, BAD)), 13.0)
+    assert policy(held).split == 4 and "expected to last 8.0 s" in policy.decisions[-1].reason
+    dear = outage_snapshot(history((5, GOOD), (8, BAD)), 13.0, move_costs=[(True, 0.1, 5.0), (False, 0.1, 5.0)])
+    assert policy(dear).split == 1  # moves took fifty times their prediction: this one would not pay

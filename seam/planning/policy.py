@@ -157,9 +157,9 @@ def choose_split(
     now = costs[current]
     tokens = remaining if state_s is None else max(min(remaining, int(state_s / now)), 1)
 
-    def carry_and_recompute_s(start: int, end: int, over: Link = link) -> tuple[float, float]:
-        return (move_s(over, start, end, kv_bytes_per_token_per_layer, batch, context),
-                rebuild_s(ue, edge, over, start, end, batch, context, scales, boundary_bytes_per_token, kept))
+    def carry_and_recompute_s(start: int, end: int, over: Link = link, at: int = context) -> tuple[float, float]:
+        return (move_s(over, start, end, kv_bytes_per_token_per_layer, batch, at),
+                rebuild_s(ue, edge, over, start, end, batch, at, scales, boundary_bytes_per_token, kept))
 
     best, best_gain, best_rebuild, best_move = current, 0.0, False, 0.0
     for split in candidates:
@@ -167,9 +167,12 @@ def choose_split(
             continue
         moving, rebuilding = carry_and_recompute_s(current, split)
         there = min(moving, rebuilding) * move_scales[0 if split > current else 1]
-        back = min(carry_and_recompute_s(split, current, back_link or link)) * move_scales[1 if split > current else 0]
         # Links rarely hold still: a move must also pay for the way back, which a move onto a link that is
-        # merely worse (not gone) makes dear.
+        # merely worse (not gone) makes dear. Expected once the present state ends (``back_link``), it carries
+        # the cache of every token produced meanwhile; without that, when it comes is anyone's guess.
+        back = min(carry_and_recompute_s(split, current, back_link or link,
+                                         context if back_link is None else context + tokens))
+        back *= move_scales[1 if split > current else 0]
         gain = (now - costs[split]) * tokens - there - back
         if gain > best_gain and costs[split] < now * (1 - margin):
             best, best_gain, best_rebuild, best_move = split, gain, rebuilding < moving, min(moving, rebuilding)
