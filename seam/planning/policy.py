@@ -150,10 +150,8 @@ def choose_split(
     dtype); ``move_scales``: what moves towards the UE and towards the edge really took over their prediction;
     ``back_link``: the link the way back will likely cross, once the present state ends (default ``link``)."""
     codecs = codecs or {}
-    costs = {
-        split: per_token_s(ue, edge, link, split, context, batch, scales, codecs.get(split))
-        for split in sorted({*candidates, current})
-    }
+    costs = {split: per_token_s(ue, edge, link, split, context, batch, scales, codecs.get(split))
+             for split in sorted({*candidates, current})}
     now = costs[current]
     tokens = remaining if state_s is None else max(min(remaining, int(state_s / now)), 1)
 
@@ -170,8 +168,7 @@ def choose_split(
         # Links rarely hold still: a move must also pay for the way back, which a move onto a link that is
         # merely worse (not gone) makes dear. Expected once the present state ends (``back_link``), it carries
         # the cache of every token produced meanwhile; without that, when it comes is anyone's guess.
-        back = min(carry_and_recompute_s(split, current, back_link or link,
-                                         context if back_link is None else context + tokens))
+        back = min(carry_and_recompute_s(split, current, back_link or link, context + tokens * bool(back_link)))
         back *= move_scales[1 if split > current else 0]
         gain = (now - costs[split]) * tokens - there - back
         if gain > best_gain and costs[split] < now * (1 - margin):
