@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from _common import RESULTS, WORK, profiled_pair, report
+from _common import RESULTS, profiled_pair, report, work_export
 
 from seam.edge_server.process import edge_server
-from seam.export.exporter import ExportRequest, export
 from seam.runtime.shell import table
 from seam.planning.cost_model import DeviceModel, Link
 from seam.planning.wire_sizes import ID_BYTES
@@ -179,8 +178,7 @@ def main() -> None:
     suffix = "" if args.model == "small-llama" else f"-{args.model}"  # the small model's results keep their names
     suffix += "" if args.policy == "cost-model" else f"-{args.policy}"
     args.cuts = args.cuts or ("1,4,8" if args.model == "small-llama" else "5,15,25")
-    out = WORK / f"{args.model}-cuts-{args.cuts.replace(',', '_')}"
-    export(ExportRequest(model=args.model, out=out, cuts=args.cuts, validate=False, quiet=True))
+    out = work_export(f"{args.model}-cuts-{args.cuts.replace(',', '_')}", args.model, cuts=args.cuts)
     artifact = Artifact.open(out)
     ue, edge = profiled_pair(out, args.slowdown)
     bench = Bench(artifact, ue, edge, args.seconds, args.slowdown,

@@ -1,13 +1,17 @@
-"""Total edge throughput (decode tokens per second) with 1, 4 and 16 concurrent UEs, with and without batching.
+"""Total edge throughput (decode tokens per second) with 1 to 64 concurrent UEs, with and without batching, in
+both KV layouts, against what these cores compute for the same batch in one process.
 
 UEs are threads that send prepared hidden states for small-llama's tail (split in the middle), so the edge alone
 is measured: the UEs do no compute. Each UE prefills a prompt, then sends decode steps as fast as the edge
-answers. Both servers (batching on and off) run side by side and the configurations are interleaved per round.
+answers. The servers (batching on and off, for each layout) run side by side and the configurations are
+interleaved per round. The ceiling is the same tail stepping the same number of sequences as one batch in this
+process, with no sockets, no messages and no sessions: what the graphs cost at that batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import threading
 import time
@@ -20,7 +24,9 @@ from _common import report, small_llama_every_layer
 from seam.edge_server.process import edge_server
 from seam.runtime.shell import table
 from seam.runtime.artifact import Artifact
+from seam.runtime.executor import SessionPool, run_together
 from seam.runtime.protocol import PROTOCOL_VERSION, Close, Hello, OpenSession, SessionOpened, Step, StepResult, Welcome
+from seam.runtime.spans import Span
 from seam.runtime.transport import TransportConfig, UeSocket
 from seam.runtime.replies import expect
 
@@ -72,44 +78,79 @@ def tokens_per_second(address: str, artifact: Artifact, split: int, ues: int, pr
     return ues * steps / (max(finished) - began)
 
 
+def ceiling(artifact: Artifact, split: int, ues: int, prompt_length: int, steps: int) -> float:
+    """Tokens per second of ``ues`` sequences decoding as one batch in this process (rows of one arena in the
+    shared-buffer layout), each after a prompt of ``prompt_length``."""
+    pool = SessionPool(artifact, shared_rows=True)
+    span, hidden = Span(split, artifact.num_layers), artifact.manifest.dims.hidden_size
+    rng = np.random.default_rng(0)
+    runners = []
+    for _ in range(ues):
+        runner = pool.runner(span)
+        runner.reset(1)
+        runner.run(rng.standard_normal((1, prompt_length, hidden)).astype(np.float32),
+                   np.ones((1, prompt_length), np.int64), np.arange(prompt_length)[None])
+        runners.append(runner)
+    began = time.perf_counter()
+    for step in range(steps):
+        past = prompt_length + step
+        run_together(runners, [rng.standard_normal((1, 1, hidden)).astype(np.float32) for _ in runners],
+                     [np.ones((1, past + 1), np.int64)] * ues, [np.array([[past]])] * ues)
+    return ues * steps / (time.perf_counter() - began)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--ues", default="1,4,16")
+    parser.add_argument("--ues", default="1,4,16,32,64")
     parser.add_argument("--prompt-length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=24, help="decode steps per UE")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--layouts", default="shared-buffer,concat", help="KV layouts to serve, side by side")
     args = parser.parse_args()
     counts = [int(count) for count in args.ues.split(",")]
 
-    artifact = Artifact.open(small_llama_every_layer())
-    split = artifact.num_layers // 2
-    modes = {"batched": (), "one at a time": ("--no-batching",)}
+    layouts = args.layouts.split(",")
+    artifacts = {layout: Artifact.open(small_llama_every_layer(layout)) for layout in layouts}
+    split = artifacts[layouts[0]].num_layers // 2
+    modes = [(layout, batching) for layout in layouts for batching in ("batched", "one at a time")]
     samples = {(mode, count): [] for mode in modes for count in counts}
-    with open("/dev/null", "w") as quiet, \
-            edge_server(artifact.root, "--device", args.device, log=quiet) as (_, batched_address), \
-            edge_server(artifact.root, "--device", args.device, "--no-batching", log=quiet) as (_, single_address):
-        addresses = {"batched": batched_address, "one at a time": single_address}
-        tokens_per_second(batched_address, artifact, split, 2, args.prompt_length, 4)  # warm-up
-        tokens_per_second(single_address, artifact, split, 2, args.prompt_length, 4)
+    ceilings = {count: [] for count in counts}
+    with contextlib.ExitStack() as servers:
+        quiet = servers.enter_context(open("/dev/null", "w"))
+        addresses = {}
+        for layout, batching in modes:
+            options = ("--device", args.device, *(("--no-batching",) if batching == "one at a time" else ()))
+            addresses[layout, batching] = servers.enter_context(edge_server(artifacts[layout].root, *options,
+                                                                            log=quiet))[1]
+        for (layout, _), address in addresses.items():  # warm-up
+            tokens_per_second(address, artifacts[layout], split, 2, args.prompt_length, 4)
         for _ in range(args.rounds):
             for count in counts:
-                for mode, address in addresses.items():
-                    rate = tokens_per_second(address, artifact, split, count, args.prompt_length, args.steps)
-                    samples[(mode, count)].append(rate)
+                for (layout, batching), address in addresses.items():
+                    rate = tokens_per_second(address, artifacts[layout], split, count, args.prompt_length, args.steps)
+                    samples[((layout, batching), count)].append(rate)
+                ceilings[count].append(ceiling(artifacts[layouts[0]], split, count, args.prompt_length, args.steps))
 
-    rows, result = [], {"model": artifact.manifest.source, "split": split, "device": args.device,
+    rows, result = [], {"model": artifacts[layouts[0]].manifest.source, "split": split, "device": args.device,
                         "prompt_length": args.prompt_length, "steps_per_ue": args.steps, "rounds": args.rounds,
                         "tokens_per_second": {}}
     for count in counts:
-        batched = statistics.median(samples[("batched", count)])
-        single = statistics.median(samples[("one at a time", count)])
-        gain = statistics.median(b / s for b, s in zip(samples[("batched", count)], samples[("one at a time", count)]))
-        result["tokens_per_second"][str(count)] = {
-            "batched": round(batched, 1), "one_at_a_time": round(single, 1), "batched_ratio": round(gain, 3),
-        }
-        rows.append([str(count), f"{batched:.1f}", f"{single:.1f}", f"{gain:.2f}x"])
-    print(table(["UEs", "tokens/s batched", "tokens/s one at a time", "batched / one at a time"], rows))
+        result["tokens_per_second"][str(count)] = entry = {"ceiling": round(statistics.median(ceilings[count]), 1)}
+        row = [str(count)]
+        for layout in layouts:
+            batched, single = samples[((layout, "batched"), count)], samples[((layout, "one at a time"), count)]
+            gain = statistics.median(b / s for b, s in zip(batched, single))
+            of_ceiling = statistics.median(b / c for b, c in zip(batched, ceilings[count]))
+            entry[layout] = {"batched": round(statistics.median(batched), 1),
+                             "one_at_a_time": round(statistics.median(single), 1), "batched_ratio": round(gain, 3),
+                             "of_ceiling": round(of_ceiling, 3)}
+            row += [f"{statistics.median(batched):.1f}", f"{statistics.median(single):.1f}", f"{gain:.2f}x",
+                    f"{of_ceiling:.2f}"]
+        rows.append(row + [f"{statistics.median(ceilings[count]):.1f}"])
+    headers = ["UEs"] + [f"{layout}: {column}" for layout in layouts
+                         for column in ("batched tok/s", "one at a time", "ratio", "of ceiling")]
+    print(table(headers + [f"ceiling tok/s ({layouts[0]})"], rows))
     report(f"edge_throughput_{args.device}", result)
 
 

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import psutil
 
-from _common import WORK, report
+from _common import report, work_export
 
 from seam.edge_server.process import edge_server
 from seam.runtime.artifact import Artifact
@@ -88,11 +88,7 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    from seam.export.exporter import ExportRequest, export
-
-    out = WORK / "tiny-llama"
-    export(ExportRequest(model="tiny-llama", out=out, validate=False, quiet=True))
-    artifact = Artifact.open(out)
+    artifact = Artifact.open(work_export("tiny-llama", "tiny-llama"))
     rng = random.Random(args.seed)
     with open("/dev/null", "w") as quiet, edge_server(out, "--max-length", "64", log=quiet) as (process, address):
         before_tokens = generate(artifact, address)

@@ -13,49 +13,14 @@ import time
 
 import numpy as np
 
-from _common import real_model_every_layer, report
+from _common import real_model_every_layer, report, seam_decode_step, torch_decode_step
 
 from seam.edge_server.process import edge_server
 from seam.runtime.artifact import Artifact
-from seam.runtime.executor import SessionPool
 from seam.runtime.shell import table
-from seam.runtime.spans import Span
 from seam.ue_client.client import EdgeClient
 
 MODEL, SPLIT, PASTS, STEPS, THREADS = "smollm2-135m-instruct", 15, (128, 1024), 30, 2
-
-
-def seam_step(artifact: Artifact, past: int):
-    """A decode step at ``past`` through every layer in one process."""
-    runner = SessionPool(artifact, THREADS).runner(Span(0, artifact.num_layers))
-    runner.reset(1)
-    prompt = np.random.default_rng(0).integers(3, 1000, (1, past))
-    runner.run_in_chunks(prompt, np.ones((1, past), np.int64), np.arange(past)[None], 256)
-    cache = dict(runner.cache)
-
-    def step() -> None:
-        runner.cache = dict(cache)
-        runner.run(np.array([[42]]), np.ones((1, past + 1), np.int64), np.array([[past]]))
-    return step
-
-
-def torch_step(model, past: int):
-    """The same step in transformers' eager PyTorch, its cache rewound the same way."""
-    import torch
-    from transformers import DynamicCache
-
-    ids = torch.from_numpy(np.random.default_rng(0).integers(3, 1000, (1, past)))
-    with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
-    layers = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-
-    def step() -> None:
-        rewound = DynamicCache()
-        for index, (keys, values) in enumerate(layers):
-            rewound.update(keys, values, index)
-        with torch.no_grad():
-            model(torch.tensor([[42]]), past_key_values=rewound, use_cache=True)
-    return step
 
 
 def split_times(artifact: Artifact, address: str, past: int, steps: int) -> list[float]:
@@ -78,7 +43,7 @@ def main() -> None:
     rows, results = [], {}
     with open("/dev/null", "w") as quiet, edge_server(out, "--threads", str(THREADS), log=quiet) as (_, address):
         for past in PASTS:
-            paths = {"seam": seam_step(artifact, past), "transformers": torch_step(reference, past)}
+            paths = {"seam": seam_decode_step(artifact, past, THREADS), "transformers": torch_decode_step(reference, past)}
             times = {name: [] for name in paths}
             for index in range(STEPS + 3):
                 for name, step in paths.items():

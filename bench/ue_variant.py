@@ -9,9 +9,8 @@ import time
 
 import numpy as np
 
-from _common import WORK, report
+from _common import report, work_export
 
-from seam.export.exporter import ExportRequest, export
 from seam.runtime.artifact import Artifact
 from seam.runtime.executor import SessionPool
 from seam.runtime.shell import table
@@ -21,9 +20,8 @@ SPLIT, PASTS, STEPS = 6, (128, 1024), 40
 
 
 def int8_artifact() -> Artifact:
-    out = WORK / "small-llama-int8"
-    export(ExportRequest(model="small-llama", out=out, cuts="2,4,6,8,10", quantize_ue="int8", quiet=True))
-    return Artifact.open(out)
+    return Artifact.open(work_export("small-llama-int8", "small-llama", cuts="2,4,6,8,10", quantize_ue="int8",
+                                       validate=True))
 
 
 def decode_times(artifact: Artifact, past: int) -> dict[str, list[float]]:

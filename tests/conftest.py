@@ -27,14 +27,15 @@ def exported(artifacts_root):
     """Exports a tiny preset at every cut (once per session) and returns its artifact directory."""
     from seam.export.exporter import ExportRequest, export
 
-    cache: dict[str, Path] = {}
+    cache: dict[tuple[str, str | None], Path] = {}
 
-    def get(preset: str) -> Path:
-        if preset not in cache:
-            out = artifacts_root / preset
-            export(ExportRequest(model=preset, out=out, quiet=True))
-            cache[preset] = out
-        return cache[preset]
+    def get(preset: str, kv_layout: str | None = None) -> Path:
+        """``kv_layout`` None: the family's own (a llama's shared buffers)."""
+        if (preset, kv_layout) not in cache:
+            out = artifacts_root / (preset if kv_layout is None else f"{preset}-{kv_layout}")
+            export(ExportRequest(model=preset, out=out, quiet=True, kv_layout=kv_layout))
+            cache[preset, kv_layout] = out
+        return cache[preset, kv_layout]
 
     return get
 

@@ -10,6 +10,7 @@ import pytest
 from seam.edge_server.process import edge_server
 from seam.runtime.artifact import Artifact
 from seam.runtime.executor import SessionPool, compact, run_together
+from seam.runtime.kv_buffers import MIN_CAPACITY
 from seam.runtime.protocol import (PROBE_FINGERPRINT, PROTOCOL_VERSION, Error, Hello, OpenSession, Ping, Pong,
                                    SessionOpened, Welcome)
 from seam.runtime.spans import Span
@@ -17,8 +18,8 @@ from seam.runtime.transport import TransportConfig, UeSocket
 from test_batching import prefilled
 
 
-def batched_runners(exported, count: int):
-    artifact = Artifact.open(exported("tiny-llama"))
+def batched_runners(exported, count: int, kv_layout: str = "concat"):
+    artifact = Artifact.open(exported("tiny-llama", kv_layout))
     span = Span(1, artifact.num_layers)
     hidden = artifact.manifest.dims.hidden_size
     rng = np.random.default_rng(0)
@@ -35,6 +36,19 @@ def test_sessions_stepping_together_keep_their_batch_arrays_uncopied(exported):
     live, held = compact(runners)
     assert live == held == sum(array.nbytes for cache in arrays for array in cache.values())
     assert all(runner.cache[name] is cache[name] for runner, cache in zip(runners, arrays) for name in cache)
+
+
+def test_shared_buffers_hold_at_most_twice_what_their_sessions_use(exported):
+    """Each session keeps its own buffers, grown by doubling: a batched step leaves nothing pinned."""
+    runners = batched_runners(exported, 4, "shared-buffer")
+    live, held = compact(runners)
+    assert live == sum(array.nbytes for runner in runners for array in runner.cache.values())
+    assert held == sum(runner.buffers.nbytes for runner in runners)
+    lone = runners[0]
+    lone.buffers.reserve(MIN_CAPACITY + 1)  # one position past what the buffers held: they double
+    used = sum(array.nbytes for array in lone.cache.values())
+    assert lone.buffers.nbytes == used * 2 * MIN_CAPACITY // lone.past_length
+    assert compact([lone]) == (used, lone.buffers.nbytes)
 
 
 def test_a_session_left_alone_stops_holding_its_batch_mates_caches(exported):

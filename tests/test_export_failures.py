@@ -29,8 +29,8 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
 def test_parity_failure_names_block_and_output(tmp_path, monkeypatch):
     real_run_layer = LlamaFamily.run_layer
 
-    def skewed(self, layer, hidden, *rest):
-        output = real_run_layer(self, layer, hidden, *rest)
+    def skewed(self, layer, hidden, *rest, **attention):
+        output = real_run_layer(self, layer, hidden, *rest, **attention)
         return output + 0.05 if layer.self_attn.layer_idx == 2 else output
 
     monkeypatch.setattr(LlamaFamily, "run_layer", skewed)  # only the exported graphs see it

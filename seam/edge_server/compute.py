@@ -63,7 +63,8 @@ class EdgeCompute:
         sessions = frozenset(self.table.sessions)
         if not self.reshaped and self.settled_sessions <= sessions:
             return
-        live, held = compact([session.runner for session in self.table.sessions.values()])
+        live, held = compact([session.runner for session in self.table.sessions.values()],
+                             (self.pool.arenas or {}).values())
         self.table.pinned_bytes = held - live
         self.reshaped, self.settled_sessions = False, sessions
 

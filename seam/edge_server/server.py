@@ -3,7 +3,8 @@ every failure into an Error reply, so that one bad request or one faulty session
 
 One thread owns the socket and the sessions. Requests that queued up while the last step ran are taken as one
 burst; each step is checked once (``seam.edge_server.validation``), and ready decode steps of different sessions
-run as one batch (``seam.edge_server.compute``). Services such as split fine-tuning register their message kinds
+run as one batch (``seam.edge_server.compute``). A prefill longer than one chunk runs a chunk between bursts, so
+the sessions decoding meanwhile wait for one chunk at most, not for the whole prompt. Services such as split fine-tuning register their message kinds
 with ``register``, so this module depends on none of them.
 """
 
@@ -42,7 +43,7 @@ class EdgeServer:
         self.config = config
         self.artifact = Artifact.open(config.artifact)
         self.manifest = self.artifact.manifest
-        self.pool = SessionPool(self.artifact, config.threads, config.device)
+        self.pool = SessionPool(self.artifact, config.threads, config.device, shared_rows=True)
         self.end = stage_end(self.artifact, config.until, config.next_stage)
         self.pool.preload(Span(0, self.end))
         self.offered_codecs = [name for name in CODECS if name == "fp32" or name in config.codecs]
@@ -51,6 +52,7 @@ class EdgeServer:
                              np.dtype(NUMPY_DTYPES[self.manifest.dtype]), config.max_batch, config.max_length,
                              tuple(self.offered_codecs), self._check_split)
         self.compute = EdgeCompute(self.artifact, self.pool, self.table, self.limits, config.prefill_chunk, self.end)
+        self.prefills: list[tuple[Ready, int]] = []  # long prefills under way, oldest first: positions run so far
         self.welcomed: set[bytes] = set()  # peers holding this artifact: they may open sessions
         self.greeted: set[bytes] = set()  # peers that said hello, with or without an artifact: they may probe
         # Steps are not here: ``handle_burst`` checks and runs them itself, so that ready ones run as one batch.
@@ -82,10 +84,11 @@ class EdgeServer:
     def serve(self) -> None:
         try:
             while self.running:
-                received = self.socket.receive(timeout_s=0.2)
+                received = self.socket.receive(timeout_s=0 if self.prefills else 0.2)
                 for session in self.table.idle(time.monotonic()):
                     self._log_close(session, "idle timeout")
                 if received is None:
+                    self._send(self._prefill_chunk())
                     self.compute.settle()
                     continue
                 burst = [received]
@@ -96,8 +99,8 @@ class EdgeServer:
                 except Exception:  # every handler is guarded; this keeps a bug in the loop from ending it
                     log.exception("internal error in a burst of %d messages; they go unanswered", len(burst))
                     continue
-                for peer, reply in replies:
-                    self.socket.send(peer, reply)
+                self._send(replies)
+                self._send(self._prefill_chunk())
                 self.compute.settle()  # after the replies: it costs the UEs no time
         finally:
             for session in list(self.table.sessions.values()):
@@ -109,6 +112,33 @@ class EdgeServer:
 
     def stop(self, *_) -> None:
         self.running = False
+
+    def _send(self, replies: list[tuple[bytes, Message]]) -> None:
+        for peer, reply in replies:
+            self.socket.send(peer, reply)
+
+    def _prefill_chunk(self) -> list[tuple[bytes, Message]]:
+        """Runs the next chunk of the oldest prefill under way; the replies once its last chunk has run."""
+        if not self.prefills:
+            return []
+        (session, checked, step), done = self.prefills[0]
+        if self.table.sessions.get(session.key) is not session:  # closed or evicted meanwhile
+            self.prefills.pop(0)
+            return []
+        chunk = self.compute.prefill_chunk
+        if checked.new - done <= chunk:  # the last chunk samples and replies as a whole step would
+            self.prefills.pop(0)
+            rest = CheckedStep(checked.first[:, done:], checked.attention_mask, checked.position_ids[:, done:])
+            return self._run_group([(session, rest, step)])
+        past = session.runner.past_length
+        try:
+            session.runner.run(checked.first[:, done: done + chunk], checked.attention_mask[:, : past + chunk],
+                               checked.position_ids[:, done: done + chunk])
+        except Exception as error:  # what the chunks before it wrote is of a step that never finished
+            self.prefills.pop(0)
+            return self._replies([(session, checked, step)], [error], 0.0)
+        self.prefills[0] = ((session, checked, step), done + chunk)
+        return []
 
     def handle_burst(self, burst: list[tuple[bytes, Message | ProtocolError]]) -> list[tuple[bytes, Message]]:
         """Replies to each (peer, message), in order per peer; ready decode steps run batched."""
@@ -139,7 +169,9 @@ class EdgeServer:
                 waiting.add(prepared[0].key)
                 continue
             flush()
-            if isinstance(prepared, tuple):
+            if isinstance(prepared, tuple) and prepared[1].new > self.compute.prefill_chunk and self.next_stage is None:
+                self.prefills.append((prepared, 0))  # a chunk at a time, between bursts (``serve``)
+            elif isinstance(prepared, tuple):
                 replies.extend(self._run_group([prepared]))
             else:
                 replies.append((peer, prepared or self.handle(peer, message)))
@@ -237,7 +269,10 @@ class EdgeServer:
             outputs, results = [], [error]
         if outputs:
             results = self._tokens(pairs, outputs)
-        compute_s = time.perf_counter() - started  # every session in the run waited this long
+        return self._replies(group, results, time.perf_counter() - started)  # every session waited this long
+
+    def _replies(self, group: list[Ready], results: list, compute_s: float) -> list[tuple[bytes, Message]]:
+        """Each step's reply from its result: its tokens, or the error that closes its session."""
         replies = []
         for (session, checked, step), result in zip(group, results):
             if isinstance(result, StageLost):

@@ -23,6 +23,9 @@ def add_export_parser(commands) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     parser.add_argument("--adapter", type=Path, default=None,
                         help="merge this LoRA adapter (peft format, e.g. from 'ue_client DIR train') into the model")
+    parser.add_argument("--kv-layout", default=None, choices=("shared-buffer", "concat"),
+                        help="how blocks keep the KV cache: in buffers written in place (the default where the "
+                             "family has it) or grown by concatenation every step (every family; CUDA)")
     parser.set_defaults(handler=run_export, extra="export")
 
 
@@ -53,6 +56,7 @@ def run_export(args: argparse.Namespace) -> int:
             validate=not args.no_validate,
             quiet=args.quiet,
             adapter=args.adapter,
+            kv_layout=args.kv_layout,
         )
     )
     if not args.quiet:

@@ -43,6 +43,7 @@ class ExportRequest:
     validate: bool = True
     quiet: bool = False
     adapter: Path | None = None  # a peft LoRA adapter to merge into the model before cutting it
+    kv_layout: str | None = None  # "shared-buffer" or "concat"; None: the family's first (its best)
 
 
 @dataclass
@@ -123,9 +124,20 @@ def _refuse_foreign(out: Path) -> None:
                         "--force would delete it: move it out of the artifact, or export to another --out")
 
 
+def kv_layout_for(request: ExportRequest, family) -> str:
+    """The KV layout the request asks for, or the family's best; refused when the family cannot export it."""
+    if request.kv_layout is None:
+        return family.kv_layouts[0]
+    if request.kv_layout not in family.kv_layouts:
+        raise SeamError(f"--kv-layout {request.kv_layout} is not available for the {family.name} family; choose "
+                        f"{' or '.join(family.kv_layouts)}")
+    return request.kv_layout
+
+
 def _export_args(request: ExportRequest, loaded: LoadedModel, cuts: list[int]) -> dict:
     """What the export was made with, as the manifest records it: an export with other arguments is another."""
-    export_args = {"cuts": cuts, "dtype": request.dtype, "quantize_ue": request.quantize_ue}
+    export_args = {"cuts": cuts, "dtype": request.dtype, "quantize_ue": request.quantize_ue,
+                   "kv_layout": kv_layout_for(request, loaded.family)}
     if (digest := gguf_sha256(request.model)) is not None:  # the checkpoint file itself, beside its source path
         export_args["gguf_sha256"] = digest
     if request.adapter is not None:
@@ -138,12 +150,13 @@ def _blocks(cuts: list[int], num_layers: int) -> list[Span]:
     return [Span(start, end) for start, end in zip(bounds, bounds[1:])]
 
 
-def _write_graphs(loaded: LoadedModel, staging: Path, cuts: list[int], dtype, quantize: str | None, bar) -> tuple:
+def _write_graphs(loaded: LoadedModel, staging: Path, cuts: list[int], dtype, quantize: str | None, kv_layout: str,
+                  bar) -> tuple:
     import torch
 
     family, config = loaded.family, loaded.model.config
     hidden_size = config.hidden_size
-    prelude = Prelude(family, dtype)
+    prelude = Prelude(family, dtype, kv_layout)
     mask = torch.ones((_BATCH, _PAST + _SEQUENCE), dtype=torch.int64)
     mask[0, 0] = 0  # a left-padded row, so tracing sees a real mask
     positions = torch.arange(_PAST, _PAST + _SEQUENCE).repeat(_BATCH, 1)
@@ -157,11 +170,13 @@ def _write_graphs(loaded: LoadedModel, staging: Path, cuts: list[int], dtype, qu
     generator = torch.Generator().manual_seed(0)
     shared["input_ids"] = torch.randint(0, config.vocab_size, (_BATCH, _SEQUENCE), generator=generator)
     shared["hidden_states"] = torch.randn((_BATCH, _SEQUENCE, hidden_size), generator=generator).to(dtype)
-    kv_shape = (_BATCH, family.num_kv_heads(), _PAST, family.head_dim())
+    # A shared buffer holds more positions than the sequences have so far.
+    capacity = _PAST if kv_layout == "concat" else _PAST + _SEQUENCE + 1
+    kv_shape = (_BATCH, family.num_kv_heads(), capacity, family.head_dim())
     blocks = []
     spans = _blocks(cuts, config.num_hidden_layers)
     for index, span in enumerate(spans):
-        segment = Segment(family, span, is_first=index == 0, is_last=index == len(spans) - 1)
+        segment = Segment(family, span, is_first=index == 0, is_last=index == len(spans) - 1, kv_layout=kv_layout)
         example = tuple(
             shared[name] if name in shared else torch.randn(kv_shape, generator=generator).to(dtype)
             for name in segment.input_names
@@ -219,7 +234,8 @@ def export(request: ExportRequest) -> ExportOutcome:
         loaded.model.to(dtype)
         graphs = (len(cuts) + 1) * (2 if request.quantize_ue else 1)
         with tqdm(total=graphs, desc="export", unit="graph", disable=bar_disabled(request.quiet), leave=False) as bar:
-            prelude_file, blocks = _write_graphs(loaded, staging, cuts, dtype, request.quantize_ue, bar)
+            prelude_file, blocks = _write_graphs(loaded, staging, cuts, dtype, request.quantize_ue,
+                                                 export_args["kv_layout"], bar)
         family = loaded.family
         manifest = Manifest(
             source=request.model,
@@ -235,6 +251,7 @@ def export(request: ExportRequest) -> ExportOutcome:
                 vocab_size=config.vocab_size,
             ),
             dtype=request.dtype,
+            kv_layout=export_args["kv_layout"],
             cuts=cuts,
             prelude=prelude_file,
             blocks=blocks,

@@ -28,6 +28,7 @@ _AXES = {
     "attention_bias": {0: "batch", 2: "sequence", 3: "total"},
     "rope_cos": {0: "batch", 1: "sequence"},
     "rope_sin": {0: "batch", 1: "sequence"},
+    "seqlens_k": {0: "batch"},
     "hidden_out": {0: "batch", 1: "sequence"},
     "logits": {0: "batch", 1: "kept"},
 }

@@ -10,9 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from seam.export.attention import IMPLEMENTATION, SharedBufferCache
 from seam.export.families.base import FamilyAdapter
 from seam.runtime.executor import past_names, present_names
 from seam.runtime.spans import Span
+
+
+# What the prelude adds for each KV layout, and every block takes after the position features.
+KV_LENGTHS = {"shared-buffer": ("seqlens_k", "total_sequence_length")}
 
 
 class PlainCache:
@@ -31,38 +36,50 @@ class PlainCache:
 
 
 class Prelude(nn.Module):
-    """attention_mask [B, T], position_ids [B, S] -> attention_bias [B, 1, S, T] and position features."""
+    """attention_mask [B, T], position_ids [B, S] -> attention_bias [B, 1, S, T] and position features; in the
+    shared-buffer KV layout also the positions so far as ``GroupQueryAttention`` takes them."""
 
-    def __init__(self, family: FamilyAdapter, dtype: torch.dtype):
+    def __init__(self, family: FamilyAdapter, dtype: torch.dtype, kv_layout: str = "concat"):
         super().__init__()
         self.family = family
         self.dtype = dtype
         self.window = family.attention_window()
+        self.kv_layout = kv_layout
         self.input_names = ["attention_mask", "position_ids"]
-        self.output_names = ["attention_bias", *family.position_features]
+        self.output_names = ["attention_bias", *family.position_features, *KV_LENGTHS.get(kv_layout, ())]
 
     def forward(self, attention_mask: torch.Tensor, position_ids: torch.Tensor):
         total = attention_mask.shape[1]
         queries = position_ids.shape[1]
         key_index = torch.arange(total, device=attention_mask.device)  # [T]
-        query_index = torch.arange(queries, device=attention_mask.device) + (total - queries)  # [S]
-        allowed = key_index[None, :] <= query_index[:, None]  # [S, T], causal by cache index
+        if self.kv_layout == "shared-buffer":
+            # Each row ends at its last unmasked position: a batch of one session's sequences is left-padded
+            # and ends at T, while sessions batched as rows of one arena are left-aligned, each of its own length.
+            ends = total - torch.argmax(torch.flip(attention_mask, (1,)), dim=1)  # [B]
+        else:
+            ends = torch.full((attention_mask.shape[0],), total, device=attention_mask.device)
+        query_index = torch.arange(queries, device=attention_mask.device)[None, :] + (ends[:, None] - queries)  # [B, S]
+        allowed = key_index[None, None, :] <= query_index[:, :, None]  # [B, S, T], causal by cache index
         if self.window is not None:
-            allowed = allowed & (key_index[None, :] > query_index[:, None] - self.window)
-        allowed = allowed[None, None, :, :] & attention_mask[:, None, None, :].bool()  # [B, 1, S, T]
+            allowed = allowed & (key_index[None, None, :] > query_index[:, :, None] - self.window)
+        allowed = allowed[:, None, :, :] & attention_mask[:, None, None, :].bool()  # [B, 1, S, T]
         # The dtype's minimum rather than -inf keeps fully padded query rows finite.
         zero = torch.zeros((), dtype=self.dtype)
         blocked = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype)
         bias = torch.where(allowed, zero, blocked)
-        return (bias, *self.family.position_tensors(position_ids, self.dtype))
+        lengths = ()
+        if self.kv_layout == "shared-buffer":  # the operator's convention: positions in the cache, minus one
+            lengths = ((ends - 1).to(torch.int32), torch.tensor(total, dtype=torch.int32))
+        return (bias, *self.family.position_tensors(position_ids, self.dtype), *lengths)
 
 
 class Segment(nn.Module):
     """Layers ``span`` of the model; the first segment embeds tokens and the last applies norm and LM head."""
 
-    def __init__(self, family: FamilyAdapter, span: Span, is_first: bool, is_last: bool):
+    def __init__(self, family: FamilyAdapter, span: Span, is_first: bool, is_last: bool, kv_layout: str = "concat"):
         super().__init__()
         self.family = family
+        self.kv_layout = kv_layout
         self.model = family.model  # registered so tracing sees weights as parameters; unused ones are pruned
         self.span = span
         self.is_first = is_first
@@ -74,6 +91,7 @@ class Segment(nn.Module):
             *(["position_ids"] if is_first else []),
             "attention_bias",
             *family.position_features,
+            *KV_LENGTHS.get(kv_layout, ()),
             *self.past_input_names,
             *(["logits_to_keep"] if is_last else []),
         ]
@@ -85,18 +103,28 @@ class Segment(nn.Module):
     def forward(self, *flat: torch.Tensor):
         named = dict(zip(self.input_names, flat))
         features = tuple(named[name] for name in self.family.position_features)
-        cache = PlainCache(
-            {
-                layer: (named[key], named[value])
-                for layer, (key, value) in zip(self.span, zip(*[iter(self.past_input_names)] * 2))
-            }
-        )
+        past = {
+            layer: (named[key], named[value])
+            for layer, (key, value) in zip(self.span, zip(*[iter(self.past_input_names)] * 2))
+        }
+        if self.kv_layout == "shared-buffer":
+            cache = SharedBufferCache(past, named["seqlens_k"], named["total_sequence_length"])
+            attention = {"seam_cache": cache}
+        else:
+            cache, attention = PlainCache(past), {}
         if self.is_first:
             hidden = self.family.embed(named["input_ids"], named["position_ids"])  # [B, S, H]
         else:
             hidden = named["hidden_states"]
-        for layer in self.layers:
-            hidden = self.family.run_layer(layer, hidden, named["attention_bias"], features, cache)
+        config = self.family.model.config
+        implementation = config._attn_implementation
+        if attention:  # the model's own attention modules call the attention interface by this name
+            config._attn_implementation = IMPLEMENTATION
+        try:
+            for layer in self.layers:
+                hidden = self.family.run_layer(layer, hidden, named["attention_bias"], features, cache, **attention)
+        finally:
+            config._attn_implementation = implementation
         if self.is_last:
             keep = named["logits_to_keep"]
             hidden = self.family.final_norm()(hidden[:, hidden.shape[1] - keep:, :])  # [B, K, H]

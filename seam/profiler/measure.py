@@ -131,8 +131,14 @@ def _block_run(runner: SpanRunner, inputs: _Inputs, device: str, bind: bool) -> 
     def make_run(batch: int, past: int, new: int) -> Callable[[], object]:
         loaded = runner.blocks[0]
         shared = runner.shared_inputs(*inputs.positions(batch, past, new))
-        feed = runner.feed(loaded, inputs.first(runner.span, batch, new), inputs.cache(runner.span, batch, past), shared)
-        return _call(loaded.session, feed, device, bind)
+        first, cache = inputs.first(runner.span, batch, new), inputs.cache(runner.span, batch, past)
+        if runner.shared_buffers:  # as a step runs: the buffers bound in place, on the device (every run
+            # writes the same new positions again)
+            buffers = runner.new_buffers(batch)
+            buffers.assign(cache)
+            buffers.reserve(past + new)
+            return lambda: runner.run_bound(first, shared, buffers.values, None)
+        return _call(loaded.session, runner.feed(loaded, first, cache, shared), device, bind)
 
     return make_run
 

@@ -105,6 +105,9 @@ class Manifest:
     tokenizer: dict  # special token ids and the tokenizer files copied in
     export_args: dict
     validation: list[dict] = field(default_factory=list)
+    # How blocks take their KV cache: "concat" (past in, past and new out) or "shared-buffer" (one buffer per
+    # layer, bound as both past and present, written in place); artifacts from before the field are "concat".
+    kv_layout: str = "concat"
     schema_version: int = SCHEMA_VERSION
     seam_version: str = ""
 
@@ -136,6 +139,7 @@ class Manifest:
             "model_type": self.model_type,
             "dims": asdict(self.dims),
             "dtype": self.dtype,
+            "kv_layout": self.kv_layout,
             "cuts": self.cuts,
             "prelude": asdict(self.prelude),
             "blocks": [block.to_dict() for block in self.blocks],
@@ -157,6 +161,7 @@ class Manifest:
             model_type=raw["model_type"],
             dims=Dimensions(**raw["dims"]),
             dtype=raw["dtype"],
+            kv_layout=raw.get("kv_layout", "concat"),
             cuts=list(raw["cuts"]),
             prelude=OnnxFile(**raw["prelude"]),
             blocks=[Block.from_dict(block) for block in raw["blocks"]],

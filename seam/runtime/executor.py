@@ -12,6 +12,8 @@ import threading
 import numpy as np
 
 from seam.runtime.artifact import NUMPY_DTYPES, Artifact
+from seam.runtime.errors import SeamError
+from seam.runtime.kv_buffers import KvArena, KvBuffers
 from seam.runtime.ort_options import open_session
 from seam.runtime.spans import Span
 
@@ -45,11 +47,17 @@ class SessionPool:
     Sessions are stateless between runs, so many sequences (and many UEs on an edge) share one per graph.
     """
 
-    def __init__(self, artifact: Artifact, threads: int | None = None, device: str = "cpu"):
+    def __init__(self, artifact: Artifact, threads: int | None = None, device: str = "cpu", shared_rows: bool = False):
         self.artifact = artifact
         self.threads = threads
         self.device = device
+        if artifact.manifest.kv_layout == "shared-buffer" and device != "cpu":
+            raise SeamError(f"{artifact.root} keeps its KV cache in shared buffers, which run on the CPU in this "
+                            "version; export it with --kv-layout concat for --device cuda")
         self._sessions: dict[str, object] = {}
+        # With ``shared_rows`` (an edge) every runner of a span keeps its cache in that span's one arena, so
+        # sessions stepping together run as one batch over their rows.
+        self.arenas: dict[Span, KvArena] | None = {} if shared_rows else None
         self._opening = threading.Lock()  # concurrent sessions of one UE (its HTTP endpoint) open each graph once
 
     def session(self, onnx_file):
@@ -65,6 +73,12 @@ class SessionPool:
 
     def runner(self, span: Span, variant: str | None = None, keep_boundaries: bool = False) -> SpanRunner:
         return SpanRunner(self, span, variant, keep_boundaries)
+
+    def arena(self, span: Span, names: list[str], kv_shape: tuple[int, int], dtype: np.dtype) -> KvArena | None:
+        """The arena every runner of ``span`` shares, or None where each keeps its own."""
+        if self.arenas is None:
+            return None
+        return self.arenas.setdefault(span, KvArena(names, kv_shape, dtype))
 
 
 class SpanRunner:
@@ -88,16 +102,43 @@ class SpanRunner:
         ]
         self.prelude = pool.session(manifest.prelude) if self.blocks else None
         self.prelude_outputs = [arg.name for arg in self.prelude.get_outputs()] if self.prelude else []
-        self.cache: dict[str, np.ndarray] = {}
+        self.pool = pool
+        # The concat layout keeps the cache as arrays it replaces every step; the shared-buffer one in buffers
+        # the blocks write in place (``seam.runtime.kv_buffers``).
+        self.buffers: KvBuffers | None = None
+        self.shared_buffers = manifest.kv_layout == "shared-buffer" and len(span) > 0
+        self._cache: dict[str, np.ndarray] = {}
         self.keep_boundaries = keep_boundaries
         # cut -> hidden states there, in chunks along positions; only cuts seen from the first position on
         self.boundaries: dict[int, list[np.ndarray]] = {}
         self.boundary_cuts = [b.block.layers.end for b in self.blocks if b.block.layers.end < self.num_layers]
 
+    @property
+    def cache(self) -> dict[str, np.ndarray]:
+        """Each layer's keys and values so far by past input name, [B, kv_heads, past, head_dim]."""
+        return self.buffers.views() if self.buffers is not None else self._cache
+
+    @cache.setter
+    def cache(self, cache: dict[str, np.ndarray]) -> None:
+        if self.shared_buffers:
+            self.buffers = self.buffers or self.new_buffers(0)
+            self.buffers.assign(cache)
+        else:
+            self._cache = cache
+
+    def new_buffers(self, batch: int, own: bool = False) -> KvBuffers:
+        """Buffers for ``batch`` sequences: in the span's shared arena where the pool keeps one, unless ``own``."""
+        names = [name for layer in self.span for name in past_names(layer)]
+        arena = None if own else self.pool.arena(self.span, names, self.kv_shape, self.kv_dtype)
+        return KvBuffers(names, batch, self.kv_shape, self.kv_dtype, arena)
+
     def reset(self, batch: int) -> None:
         """Start new sequences: an empty cache (past length 0) for every layer of the span."""
-        empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), dtype=self.kv_dtype)
-        self.cache = {name: empty for layer in self.span for name in past_names(layer)}
+        if self.shared_buffers:
+            self.buffers = self.new_buffers(batch)
+        else:
+            empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), dtype=self.kv_dtype)
+            self._cache = {name: empty for layer in self.span for name in past_names(layer)}
         self.boundaries = {cut: [] for cut in self.boundary_cuts} if self.keep_boundaries else {}
 
     def boundary(self, cut: int) -> np.ndarray | None:
@@ -115,7 +156,9 @@ class SpanRunner:
 
     @property
     def past_length(self) -> int:
-        return next(iter(self.cache.values())).shape[2] if self.cache else 0
+        if self.buffers is not None:
+            return self.buffers.length
+        return next(iter(self._cache.values())).shape[2] if self._cache else 0
 
     def run(
         self,
@@ -126,8 +169,12 @@ class SpanRunner:
     ) -> np.ndarray:
         """Runs the span for one step and returns its output: hidden states [B, S, H] or logits [B, K, V]."""
         outputs: dict[int, np.ndarray] | None = {} if self.boundaries else None
-        output, self.cache = self._forward(first_input, attention_mask, position_ids, self.cache, logits_to_keep,
-                                           outputs)
+        if self.buffers is not None:
+            output = self._forward_in_place(first_input, attention_mask, position_ids, self.buffers, logits_to_keep,
+                                            outputs)
+        else:
+            output, self._cache = self._forward(first_input, attention_mask, position_ids, self._cache,
+                                                logits_to_keep, outputs)
         for cut, hidden in (outputs or {}).items():
             if cut in self.boundaries:
                 self.boundaries[cut].append(hidden)
@@ -183,6 +230,52 @@ class SpanRunner:
                 outputs[loaded.block.layers.end] = output
         return output, grown
 
+    def _forward_in_place(self, first_input, attention_mask, position_ids, buffers: KvBuffers, logits_to_keep=1,
+                          outputs=None) -> np.ndarray:
+        """One step that writes the new positions into ``buffers`` and returns the span's output; ``outputs`` as
+        for ``_forward``. A run that fails leaves ``buffers.length`` as it was: whatever it wrote lies beyond the
+        positions so far, where the next step writes again."""
+        if not self.blocks:
+            return first_input
+        batch, new = first_input.shape[:2]
+        past = buffers.length
+        buffers.reserve(past + new)
+        shared = self.shared_inputs(attention_mask, position_ids, logits_to_keep)
+        if new > 1 and past and batch > 1:
+            # GroupQueryAttention takes positions after a past one sequence at a time: each row runs alone over
+            # its own rows of the buffers, which share their memory.
+            rows = [self.run_bound(first_input[row: row + 1],
+                                    {name: value[row: row + 1] if value.ndim else value for name, value in shared.items()},
+                                    buffers.row_values(row), None if outputs is None else {}) for row in range(batch)]
+            output = np.concatenate([row_output for row_output, _ in rows])
+            for cut in (rows[0][1] or {}):
+                outputs[cut] = np.concatenate([row_outputs[cut] for _, row_outputs in rows])
+        else:
+            output, _ = self.run_bound(first_input, shared, buffers.values, outputs)
+        buffers.length = past + new
+        return output
+
+    def run_bound(self, first_input, shared: dict, values: dict, outputs: dict | None) -> tuple[np.ndarray, dict | None]:
+        """The span's blocks with each layer's buffer bound as its past and its present."""
+        output = first_input
+        for loaded in self.blocks:
+            binding = loaded.session.io_binding()
+            for name in loaded.input_names:
+                if name in values:
+                    binding.bind_ortvalue_input(name, values[name])
+                else:
+                    fed = output if name in FIRST_INPUTS else shared[name]
+                    # (ascontiguousarray would make a scalar, logits_to_keep, one-dimensional)
+                    binding.bind_cpu_input(name, fed if fed.flags.c_contiguous else np.ascontiguousarray(fed))
+            binding.bind_output(loaded.output_names[0])
+            for present, past in loaded.cache_moves:
+                binding.bind_ortvalue_output(present, values[past])
+            loaded.session.run_with_iobinding(binding)
+            output = binding.get_outputs()[0].numpy()
+            if outputs is not None:
+                outputs[loaded.block.layers.end] = output
+        return output, outputs
+
 
 def run_together(
     runners: list[SpanRunner],
@@ -197,6 +290,12 @@ def run_together(
     runner keeps its own rows of the grown cache, without the padding.
     """
     lead = runners[0]
+    if lead.shared_buffers and first_inputs[0].shape[1] > 1:
+        # Steps of several positions (prefill chunks) gain little from a batch; attention over rows of
+        # different lengths is exact only for one new position each.
+        return [runner.run(*inputs) for runner, *inputs in zip(runners, first_inputs, attention_masks, position_ids)]
+    if lead.shared_buffers and all(runner.buffers.arena is lead.buffers.arena for runner in runners):
+        return _run_in_rows(runners, first_inputs, attention_masks, position_ids)
     pasts = [runner.past_length for runner in runners]
     longest = max(pasts)
     rows = np.cumsum([0] + [len(first) for first in first_inputs])
@@ -211,11 +310,51 @@ def run_together(
         mask[span, longest - past:] = attention_masks[index]
         for name, stacked in cache.items():
             stacked[span, :, longest - past:] = runner.cache[name]
-    output, grown = lead._forward(np.concatenate(first_inputs), mask, np.concatenate(position_ids), cache)
+    if lead.shared_buffers:
+        buffers = lead.new_buffers(rows[-1], own=True)
+        buffers.assign(cache)
+        output = lead._forward_in_place(np.concatenate(first_inputs), mask, np.concatenate(position_ids), buffers)
+        grown = buffers.views()
+    else:
+        output, grown = lead._forward(np.concatenate(first_inputs), mask, np.concatenate(position_ids), cache)
     for index, (runner, past) in enumerate(zip(runners, pasts)):
         span = slice(rows[index], rows[index + 1])
         runner.cache = {name: stacked[span, :, longest - past:] for name, stacked in grown.items()}
     return [output[rows[index]:rows[index + 1]] for index in range(len(runners))]
+
+
+def _run_in_rows(runners: list[SpanRunner], first_inputs: list[np.ndarray], attention_masks: list[np.ndarray],
+                 position_ids: list[np.ndarray]) -> list[np.ndarray]:
+    """One decode step of runners whose caches are rows of one arena: each run of consecutive rows steps as one
+    batch, in place, every row attending to its own positions (its mask left-aligned, the rest blocked)."""
+    order = sorted(range(len(runners)), key=lambda index: runners[index].buffers.first_row)
+    groups: list[list[int]] = []
+    for index in order:
+        if groups and runners[groups[-1][-1]].buffers.rows.stop == runners[index].buffers.first_row:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    outputs: list[np.ndarray | None] = [None] * len(runners)
+    arena = runners[0].buffers.arena
+    for group in groups:
+        members = [runners[index] for index in group]
+        totals = [runner.past_length + 1 for runner in members]
+        arena.reserve(max(totals))
+        mask = np.zeros((sum(runner.buffers.batch for runner in members), max(totals)), dtype=np.int64)
+        row = 0
+        for index, runner, total in zip(group, members, totals):
+            mask[row: row + runner.buffers.batch, :total] = attention_masks[index]
+            row += runner.buffers.batch
+        shared = members[0].shared_inputs(mask, np.concatenate([position_ids[index] for index in group]))
+        start = members[0].buffers.first_row
+        output, _ = members[0].run_bound(np.concatenate([first_inputs[index] for index in group]), shared,
+                                         arena.values(start, start + row), None)
+        row = 0
+        for index, runner in zip(group, members):
+            outputs[index] = output[row: row + runner.buffers.batch]
+            runner.buffers.length += 1
+            row += runner.buffers.batch
+    return outputs
 
 
 def _owner(array: np.ndarray) -> np.ndarray:
@@ -225,7 +364,7 @@ def _owner(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def compact(runners: list[SpanRunner]) -> tuple[int, int]:
+def compact(runners: list[SpanRunner], extra_arenas=()) -> tuple[int, int]:
     """Gives every cache array that keeps a mostly dead array alive a copy of its own; returns the bytes the
     runners' caches cover and the bytes they hold, after.
 
@@ -234,11 +373,16 @@ def compact(runners: list[SpanRunner]) -> tuple[int, int]:
     copied out once less than half of it is still viewed, so the bytes held stay under twice those in use, and
     sessions that keep stepping together are never copied at all."""
     users: dict[int, tuple[np.ndarray, list[tuple[dict, str]]]] = {}
+    live = held = 0
+    arenas = {id(arena): arena for arena in extra_arenas}
     for runner in runners:
+        if runner.buffers is not None:  # rows of an arena, which compacts itself
+            live += sum(view.nbytes for view in runner.buffers.views().values())
+            arenas[id(runner.buffers.arena)] = runner.buffers.arena
+            continue
         for name, array in runner.cache.items():
             owner = _owner(array)
             users.setdefault(id(owner), (owner, []))[1].append((runner.cache, name))
-    live = held = 0
     for owner, views in users.values():
         used = sum(cache[name].nbytes for cache, name in views)
         if 2 * used < owner.nbytes:
@@ -246,4 +390,7 @@ def compact(runners: list[SpanRunner]) -> tuple[int, int]:
                 cache[name] = cache[name].copy()
         live += used
         held += used if 2 * used < owner.nbytes else owner.nbytes
+    for arena in arenas.values():
+        arena.compact()
+        held += arena.nbytes
     return live, held

@@ -28,6 +28,9 @@ class FamilyAdapter:
     position_features: ClassVar[tuple[str, ...]] = ()
     # The linear modules inside a decoder layer that LoRA adapts when fine-tuning (peft target names).
     lora_targets: ClassVar[tuple[str, ...]] = ()
+    # The KV layouts its blocks can be exported in (``seam.export.attention``): "shared-buffer" needs the
+    # family's attention to go through transformers' attention interface with rotary applied before it.
+    kv_layouts: ClassVar[tuple[str, ...]] = ("concat",)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -70,6 +73,7 @@ class FamilyAdapter:
         attention_bias: torch.Tensor,  # [B, 1, S, past + S]
         features: tuple[torch.Tensor, ...],
         cache,
+        **attention,  # passed through to the attention implementation (see ``seam.export.attention``)
     ) -> torch.Tensor:
         raise NotImplementedError
 

@@ -36,7 +36,7 @@ class GPT2Family(FamilyAdapter):
     def head_dim(self) -> int:
         return self.config.n_embd // self.config.n_head
 
-    def run_layer(self, layer, hidden, attention_bias, features, cache):
+    def run_layer(self, layer, hidden, attention_bias, features, cache, **attention):
         return layer_output(
             layer(hidden_states=hidden, past_key_values=cache, attention_mask=attention_bias, use_cache=True)
         )

@@ -15,6 +15,7 @@ class LlamaFamily(FamilyAdapter):
     transformers_versions = ">=5.0,<6"
     position_features = ("rope_cos", "rope_sin")
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    kv_layouts = ("shared-buffer", "concat")
 
     def check_config(self) -> None:
         # qwen2/qwen3 windows apply only to some layers; one prelude mask per step cannot express that.
@@ -48,7 +49,7 @@ class LlamaFamily(FamilyAdapter):
         probe = torch.zeros((), dtype=dtype)  # rotary_emb reads only the dtype of its first argument
         return self.model.model.rotary_emb(probe, position_ids)
 
-    def run_layer(self, layer, hidden, attention_bias, features, cache):
+    def run_layer(self, layer, hidden, attention_bias, features, cache, **attention):
         return layer_output(
             layer(
                 hidden_states=hidden,
@@ -56,5 +57,6 @@ class LlamaFamily(FamilyAdapter):
                 position_embeddings=features,
                 past_key_values=cache,
                 use_cache=True,
+                **attention,
             )
         )
