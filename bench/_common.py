@@ -27,17 +27,19 @@ def report(name: str, result: dict) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def seam_decode_step(artifact, past: int, threads: int):
+def seam_decode_step(artifact, past: int, threads: int, merge: bool = True):
     """A decode step at ``past`` through every layer of ``artifact`` in one process, rewound after each call:
-    shared buffers by their length, a concat cache by its arrays (copying nothing either way)."""
+    shared buffers by their length, a concat cache by its arrays (copying nothing either way). ``merge``: its
+    blocks joined into one graph, as a running span is."""
     import numpy as np
 
     from seam.runtime.executor import SessionPool
     from seam.runtime.spans import Span
 
-    runner = SessionPool(artifact, threads).runner(Span(0, artifact.num_layers))
+    runner = SessionPool(artifact, threads, merge=merge).runner(Span(0, artifact.num_layers))
+    runner.join_blocks(wait=True)  # as a running generation soon does: timed from the first step
     runner.reset(1)
-    prompt = np.random.default_rng(0).integers(3, 1000, (1, past))
+    prompt = np.random.default_rng(0).integers(3, min(1000, artifact.manifest.dims.vocab_size), (1, past))
     runner.run_in_chunks(prompt, np.ones((1, past), np.int64), np.arange(past)[None], 256)
     cache = dict(runner.cache)
     mask, position = np.ones((1, past + 1), np.int64), np.array([[past]])
@@ -57,7 +59,7 @@ def torch_decode_step(model, past: int):
     import torch
     from transformers import DynamicCache
 
-    ids = torch.from_numpy(np.random.default_rng(0).integers(3, 1000, (1, past)))
+    ids = torch.from_numpy(np.random.default_rng(0).integers(3, min(1000, model.config.vocab_size), (1, past)))
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
     layers = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]

@@ -1,9 +1,12 @@
-"""How a decode step's cost grows with the context: the shared-buffer KV layout against the concat layout and
-against transformers' eager PyTorch, at batch 1, from 128 to 2048 positions of context.
+"""How a decode step's cost grows with the context, and what cutting at every layer costs: the shared-buffer KV
+layout against the concat layout and against transformers' eager PyTorch, at batch 1, from 128 to 2048 positions
+of context, and a prefill of 512.
 
-small-llama is exported twice in this run, as one block and cut at every layer, in each KV layout. Every path
-steps in turn within one run so that the machine's drift falls on each alike, and every step runs at the given
-past length (the cache is rewound after it: the shared buffers by their length, the concat cache by its arrays).
+The model (small-llama, or ``--model smollm2-135m-instruct``) is exported as one block and cut at every layer, in
+each KV layout. Every-layer artifacts run their blocks joined into one graph, as a running span does, and once
+more block by block. Every path steps in turn within one run so that the machine's drift falls on each alike, and
+every step runs at the given past length (the cache is rewound after it: the shared buffers by their length, the
+concat cache by its arrays).
 
 "The attention's own growth" is what the attention itself must add from 128 to 2048 positions: a graph of the
 model's ``GroupQueryAttention`` operators alone, one per layer with the model's heads, reading the same buffers,
@@ -22,15 +25,16 @@ import numpy as np
 from _common import report, seam_decode_step, torch_decode_step, work_export
 
 from seam.runtime.artifact import Artifact
+from seam.runtime.executor import SessionPool
 from seam.runtime.kv_buffers import KvBuffers
 from seam.runtime.shell import table
+from seam.runtime.spans import Span
 
 THREADS = 2
 
 
 def attention_step(artifact: Artifact, past: int):
     """The model's attention operators alone, one per layer over buffers of ``past`` positions."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -54,7 +58,6 @@ def attention_step(artifact: Artifact, past: int):
     graph = helper.make_graph(nodes, "attention", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)], ir_version=9)
-    onnx.checker.check_model(model)
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -80,6 +83,40 @@ def attention_step(artifact: Artifact, past: int):
     return step
 
 
+def prefill_step(artifact: Artifact | None, model, length: int):
+    """A prefill of ``length`` tokens from an empty cache: through every layer of ``artifact`` in one process
+    (its blocks joined), or in ``model``, transformers' eager PyTorch."""
+    import torch
+
+    vocab = model.config.vocab_size if artifact is None else artifact.manifest.dims.vocab_size
+    ids = np.random.default_rng(0).integers(3, min(1000, vocab), (1, length))
+    if artifact is None:
+        def step() -> None:
+            with torch.no_grad():
+                model(torch.from_numpy(ids), use_cache=True)
+        return step
+    runner = SessionPool(artifact, THREADS).runner(Span(0, artifact.num_layers))
+    runner.join_blocks(wait=True)
+    mask, positions = np.ones((1, length), np.int64), np.arange(length)[None]
+
+    def step() -> None:
+        runner.reset(1)
+        runner.run(ids, mask, positions)
+    return step
+
+
+def timed(paths: dict, steps: int) -> dict[str, float]:
+    """Median milliseconds of each path, the paths stepping in turn."""
+    times = {name: [] for name in paths}
+    for index in range(steps + 3):
+        for name, step in paths.items():
+            started = time.perf_counter()
+            step()
+            if index >= 3:
+                times[name].append(time.perf_counter() - started)
+    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     import torch
 
@@ -89,6 +126,7 @@ def main() -> None:
     parser.add_argument("--model", default="small-llama")
     parser.add_argument("--pasts", default="128,2048")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--prefill", type=int, default=512, help="prompt length of the prefill timed")
     args = parser.parse_args()
     pasts = [int(past) for past in args.pasts.split(",")]
     torch.set_num_threads(THREADS)
@@ -102,28 +140,31 @@ def main() -> None:
     medians: dict[str, dict[int, float]] = {}
     for past in pasts:
         paths = {name: seam_decode_step(artifact, past, THREADS) for name, artifact in artifacts.items()}
+        # The every-layer artifact's blocks one by one, as before a span's graphs were joined.
+        paths["shared-buffer, every layer, blocks apart"] = seam_decode_step(artifacts["shared-buffer, every layer"],
+                                                                            past, THREADS, merge=False)
         paths["transformers eager"] = torch_decode_step(reference, past)
         paths["attention alone"] = attention_step(any_artifact, past)
-        times = {name: [] for name in paths}
-        for index in range(args.steps + 3):
-            for name, step in paths.items():
-                started = time.perf_counter()
-                step()
-                if index >= 3:
-                    times[name].append(time.perf_counter() - started)
-        for name, values in times.items():
-            medians.setdefault(name, {})[past] = 1e3 * statistics.median(values)
+        for name, ms in timed(paths, args.steps).items():
+            medians.setdefault(name, {})[past] = ms
+    prefills = timed({**{name: prefill_step(artifact, None, args.prefill) for name, artifact in artifacts.items()},
+                      "transformers eager": prefill_step(None, reference, args.prefill)}, max(args.steps // 4, 5))
     short, long = pasts[0], pasts[-1]
     attention_growth = medians["attention alone"][long] - medians["attention alone"][short]
     rows, results = [], {}
     for name, by_past in medians.items():
         excess = by_past[long] / (by_past[short] + attention_growth)
         results[name] = {**{str(past): round(ms, 2) for past, ms in by_past.items()},
-                         "growth": round(by_past[long] / by_past[short], 3), "excess": round(excess, 3)}
+                         "growth": round(by_past[long] / by_past[short], 3), "excess": round(excess, 3),
+                         **({f"prefill_{args.prefill}": round(prefills[name], 1)} if name in prefills else {})}
         rows.append([name, *(f"{by_past[past]:.2f}" for past in pasts), f"{by_past[long] / by_past[short]:.2f}x",
-                     "-" if name == "attention alone" else f"{excess:.2f}x"])
-    print(table(["path", *(f"past {past} ms" for past in pasts), "growth", "beyond the attention's own"], rows))
-    report("decode_growth", {"model": args.model, "threads": THREADS, "steps": args.steps, "decode_ms": results})
+                     "-" if name == "attention alone" else f"{excess:.2f}x",
+                     f"{prefills[name]:.1f}" if name in prefills else "-"])
+    print(table(["path", *(f"past {past} ms" for past in pasts), "growth", "beyond the attention's own",
+                 f"prefill {args.prefill} ms"], rows))
+    suffix = "" if args.model == "small-llama" else f"-{args.model}"
+    report(f"decode_growth{suffix}", {"model": args.model, "threads": THREADS, "steps": args.steps,
+                                      "decode_ms": results})
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from _common import report, small_llama_every_layer
 from seam.edge_server.process import edge_server
 from seam.runtime.shell import table
 from seam.runtime.artifact import Artifact
-from seam.runtime.executor import SessionPool, run_together
+from seam.runtime.batching import run_together
+from seam.runtime.executor import SessionPool
 from seam.runtime.protocol import PROTOCOL_VERSION, Close, Hello, OpenSession, SessionOpened, Step, StepResult, Welcome
 from seam.runtime.spans import Span
 from seam.runtime.transport import TransportConfig, UeSocket

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import TINY_PRESETS
 from seam.runtime.artifact import Artifact
-from seam.runtime.executor import SessionPool, run_together
+from seam.runtime.batching import run_together
+from seam.runtime.executor import SessionPool
 from seam.runtime.spans import Span
 
 

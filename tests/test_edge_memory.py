@@ -9,7 +9,8 @@ import pytest
 
 from seam.edge_server.process import edge_server
 from seam.runtime.artifact import Artifact
-from seam.runtime.executor import SessionPool, compact, run_together
+from seam.runtime.batching import compact, run_together
+from seam.runtime.executor import SessionPool
 from seam.runtime.kv_buffers import MIN_CAPACITY
 from seam.runtime.protocol import (PROBE_FINGERPRINT, PROTOCOL_VERSION, Error, Hello, OpenSession, Ping, Pong,
                                    SessionOpened, Welcome)

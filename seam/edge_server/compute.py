@@ -15,7 +15,8 @@ from seam.edge_server.sessions import EdgeSession, SessionKey, SessionTable
 from seam.edge_server.validation import CheckedStep, Limits
 from seam.planning.memory import step_working_bytes
 from seam.runtime.artifact import DTYPE_BYTES, Artifact
-from seam.runtime.executor import SessionPool, compact, run_together
+from seam.runtime.batching import compact, run_together
+from seam.runtime.executor import SessionPool
 from seam.runtime.migration import pack_kv, recompute, resplit, unpack_kv
 from seam.runtime.protocol import OpenSession, Resplit, Resplitted, StepResult
 from seam.runtime.sampling import Sampler, SamplingParams

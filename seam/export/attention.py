@@ -66,9 +66,12 @@ class GroupQueryAttention(torch.autograd.Function):
     @staticmethod
     def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total, bias, num_heads, kv_num_heads, scale):
         absent = g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor())
-        return g.op("com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k, total,
-                    absent, absent, absent, bias, num_heads_i=num_heads, kv_num_heads_i=kv_num_heads,
-                    scale_f=scale, outputs=3)
+        outputs = g.op("com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k,
+                       total, absent, absent, absent, bias, num_heads_i=num_heads, kv_num_heads_i=kv_num_heads,
+                       scale_f=scale, outputs=3)
+        for output, like in zip(outputs, (query, past_key, past_value)):  # the exporter cannot infer them
+            output.setType(like.type())
+        return outputs
 
 
 def shared_buffer_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

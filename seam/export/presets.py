@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 from seam.export.byte_tokenizer import SPECIAL_TOKENS, build_byte_tokenizer
 from seam.export.training import VERSION as TRAINING_VERSION
 from seam.export.training import TrainingSpec, held_out_perplexity, train_model
-from seam.runtime.files import staging_directory
+from seam.runtime.files import seam_home, staging_directory
 
 _TINY_LLAMA = dict(
     hidden_size=64,
@@ -108,10 +107,6 @@ PRESETS = {
     ]
 }
 DEFAULT_PRESET = "smollm2-135m-instruct"  # a packaged real model (seam.export.packaged)
-
-
-def seam_home() -> Path:
-    return Path(os.environ.get("SEAM_HOME") or Path.home() / ".cache" / "seam")
 
 
 def preset_dir(name: str) -> Path:

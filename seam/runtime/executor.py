@@ -1,23 +1,29 @@
-"""Runs one side of a split: the prelude once per step, then each block of a span, keeping that span's KV cache.
+"""Runs one side of a split: the prelude once per step, then the span's graphs, keeping that span's KV cache.
 
 The prelude turns the 2-D attention mask and the position ids into the additive attention bias and the
 position features (rotary tables) that every block takes, so they are built once per step instead of once
-per block. Feeds are built from each session's declared inputs because an exporter may drop unused ones.
+per block. A span of several blocks runs them until their joined graph is ready (``merged_graphs``), then that
+one graph. Feeds are built from each session's declared inputs because an exporter may drop unused ones.
+Several sessions' steps as one batch are ``seam.runtime.batching``'s.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from concurrent.futures import Future
 
 import numpy as np
 
 from seam.runtime.artifact import NUMPY_DTYPES, Artifact
 from seam.runtime.errors import SeamError
 from seam.runtime.kv_buffers import KvArena, KvBuffers
+from seam.runtime.merged_graphs import merged_graph
 from seam.runtime.ort_options import open_session
 from seam.runtime.spans import Span
 
 FIRST_INPUTS = ("input_ids", "hidden_states")
+log = logging.getLogger("seam.runtime")
 
 
 def past_names(layer: int) -> tuple[str, str]:
@@ -29,16 +35,20 @@ def present_names(layer: int) -> tuple[str, str]:
 
 
 class _LoadedBlock:
-    def __init__(self, block, session):
-        self.block = block
+    """One graph a runner runs: a block of the artifact, or a span's blocks joined (``merged_graphs``), whose
+    extra ``hidden.CUT`` outputs are the hidden states at the cuts inside it."""
+
+    def __init__(self, layers: Span, session):
+        self.layers = layers
         self.session = session
         self.input_names = [arg.name for arg in self.session.get_inputs()]
         self.output_names = [arg.name for arg in self.session.get_outputs()]
         self.cache_moves = [
             (present, past)
-            for layer in block.layers
+            for layer in layers
             for present, past in zip(present_names(layer), past_names(layer))
         ]
+        self.inner_cuts = [(int(name.split(".")[1]), name) for name in self.output_names if name.startswith("hidden.")]
 
 
 class SessionPool:
@@ -47,7 +57,8 @@ class SessionPool:
     Sessions are stateless between runs, so many sequences (and many UEs on an edge) share one per graph.
     """
 
-    def __init__(self, artifact: Artifact, threads: int | None = None, device: str = "cpu", shared_rows: bool = False):
+    def __init__(self, artifact: Artifact, threads: int | None = None, device: str = "cpu", shared_rows: bool = False,
+                 merge: bool = True):
         self.artifact = artifact
         self.threads = threads
         self.device = device
@@ -58,6 +69,10 @@ class SessionPool:
         # With ``shared_rows`` (an edge) every runner of a span keeps its cache in that span's one arena, so
         # sessions stepping together run as one batch over their rows.
         self.arenas: dict[Span, KvArena] | None = {} if shared_rows else None
+        # With ``merge`` a span of several blocks runs as one graph once it is built (in the background, while
+        # the span's blocks run): (span, variant, boundaries) -> the session being built (None if it failed).
+        self.merge = merge
+        self._merged: dict[tuple[Span, str, bool], Future] = {}
         self._opening = threading.Lock()  # concurrent sessions of one UE (its HTTP endpoint) open each graph once
 
     def session(self, onnx_file):
@@ -73,6 +88,28 @@ class SessionPool:
 
     def runner(self, span: Span, variant: str | None = None, keep_boundaries: bool = False) -> SpanRunner:
         return SpanRunner(self, span, variant, keep_boundaries)
+
+    def merged_session(self, span: Span, variant: str, boundaries: bool, wait: bool = False):
+        """The session of ``span``'s blocks joined into one graph, or None until it is built: the first call
+        starts building it in the background (``wait``: builds it now)."""
+        key = (span, variant, boundaries)
+        with self._opening:
+            if key not in self._merged:
+                self._merged[key] = Future()
+                # Not a daemon: a process that ends meanwhile waits for it, since onnxruntime building a session
+                # while the interpreter tears down aborts the process (and the next load finds the file).
+                threading.Thread(target=lambda: self._merged[key].set_result(self._build_merged(key)),
+                                 name="join-graphs").start()
+            building = self._merged[key]
+        return building.result() if wait or building.done() else None
+
+    def _build_merged(self, key: tuple[Span, str, bool]):
+        try:
+            return open_session(str(merged_graph(self.artifact, *key)), self.threads, self.device)
+        except Exception as error:  # the blocks keep running: slower, never wrong
+            log.warning("could not join the graphs of layers %s (%s: %s); running its blocks", key[0],
+                        type(error).__name__, error)
+            return None
 
     def arena(self, span: Span, names: list[str], kv_shape: tuple[int, int], dtype: np.dtype) -> KvArena | None:
         """The arena every runner of ``span`` shares, or None where each keeps its own."""
@@ -97,9 +134,10 @@ class SpanRunner:
         self.kv_dtype = np.dtype(NUMPY_DTYPES[manifest.dtype])
         self.kv_shape = (manifest.dims.num_kv_heads, manifest.dims.head_dim)
         self.blocks = [
-            _LoadedBlock(block, pool.session(block.variants[self.variant]))
+            _LoadedBlock(block.layers, pool.session(block.variants[self.variant]))
             for block in pool.artifact.blocks_for(span)
         ]
+        self.merging = pool.merge and len(self.blocks) > 1  # until the span's joined graph replaces its blocks
         self.prelude = pool.session(manifest.prelude) if self.blocks else None
         self.prelude_outputs = [arg.name for arg in self.prelude.get_outputs()] if self.prelude else []
         self.pool = pool
@@ -111,7 +149,15 @@ class SpanRunner:
         self.keep_boundaries = keep_boundaries
         # cut -> hidden states there, in chunks along positions; only cuts seen from the first position on
         self.boundaries: dict[int, list[np.ndarray]] = {}
-        self.boundary_cuts = [b.block.layers.end for b in self.blocks if b.block.layers.end < self.num_layers]
+        self.boundary_cuts = [b.layers.end for b in self.blocks if b.layers.end < self.num_layers]
+
+    def join_blocks(self, wait: bool = False) -> None:
+        """Runs the span as one graph from the next step on, once the pool has it (``wait``: now)."""
+        if not self.merging:
+            return
+        session = self.pool.merged_session(self.span, self.variant, self.keep_boundaries, wait)
+        if session is not None:
+            self.blocks, self.merging = [_LoadedBlock(self.span, session)], False
 
     @property
     def cache(self) -> dict[str, np.ndarray]:
@@ -168,6 +214,7 @@ class SpanRunner:
         logits_to_keep: int = 1,
     ) -> np.ndarray:
         """Runs the span for one step and returns its output: hidden states [B, S, H] or logits [B, K, V]."""
+        self.join_blocks()
         outputs: dict[int, np.ndarray] | None = {} if self.boundaries else None
         if self.buffers is not None:
             output = self._forward_in_place(first_input, attention_mask, position_ids, self.buffers, logits_to_keep,
@@ -227,7 +274,8 @@ class SpanRunner:
                 grown[past] = results[present]
             output = results[loaded.output_names[0]]
             if outputs is not None:
-                outputs[loaded.block.layers.end] = output
+                outputs.update({cut: results[name] for cut, name in loaded.inner_cuts})
+                outputs[loaded.layers.end] = output
         return output, grown
 
     def _forward_in_place(self, first_input, attention_mask, position_ids, buffers: KvBuffers, logits_to_keep=1,
@@ -268,129 +316,14 @@ class SpanRunner:
                     # (ascontiguousarray would make a scalar, logits_to_keep, one-dimensional)
                     binding.bind_cpu_input(name, fed if fed.flags.c_contiguous else np.ascontiguousarray(fed))
             binding.bind_output(loaded.output_names[0])
+            for _, name in loaded.inner_cuts:
+                binding.bind_output(name)
             for present, past in loaded.cache_moves:
                 binding.bind_ortvalue_output(present, values[past])
             loaded.session.run_with_iobinding(binding)
-            output = binding.get_outputs()[0].numpy()
+            produced = binding.get_outputs()
+            output = produced[0].numpy()
             if outputs is not None:
-                outputs[loaded.block.layers.end] = output
+                outputs.update({cut: value.numpy() for (cut, _), value in zip(loaded.inner_cuts, produced[1:])})
+                outputs[loaded.layers.end] = output
         return output, outputs
-
-
-def run_together(
-    runners: list[SpanRunner],
-    first_inputs: list[np.ndarray],
-    attention_masks: list[np.ndarray],
-    position_ids: list[np.ndarray],
-) -> list[np.ndarray]:
-    """One step for several runners of the same span as one batch; returns each runner's output.
-
-    Sequences of different past lengths are aligned by left-padding their caches and masks, which the attention
-    bias already treats as padding, so each sequence attends to exactly what it would alone. Afterwards each
-    runner keeps its own rows of the grown cache, without the padding.
-    """
-    lead = runners[0]
-    if lead.shared_buffers and first_inputs[0].shape[1] > 1:
-        # Steps of several positions (prefill chunks) gain little from a batch; attention over rows of
-        # different lengths is exact only for one new position each.
-        return [runner.run(*inputs) for runner, *inputs in zip(runners, first_inputs, attention_masks, position_ids)]
-    if lead.shared_buffers and all(runner.buffers.arena is lead.buffers.arena for runner in runners):
-        return _run_in_rows(runners, first_inputs, attention_masks, position_ids)
-    pasts = [runner.past_length for runner in runners]
-    longest = max(pasts)
-    rows = np.cumsum([0] + [len(first) for first in first_inputs])
-    new = first_inputs[0].shape[1]
-    mask = np.zeros((rows[-1], longest + new), dtype=np.int64)
-    cache = {
-        name: np.zeros((rows[-1], *lead.kv_shape[:1], longest, lead.kv_shape[1]), dtype=lead.kv_dtype)
-        for name in lead.cache
-    }
-    for index, (runner, past) in enumerate(zip(runners, pasts)):
-        span = slice(rows[index], rows[index + 1])
-        mask[span, longest - past:] = attention_masks[index]
-        for name, stacked in cache.items():
-            stacked[span, :, longest - past:] = runner.cache[name]
-    if lead.shared_buffers:
-        buffers = lead.new_buffers(rows[-1], own=True)
-        buffers.assign(cache)
-        output = lead._forward_in_place(np.concatenate(first_inputs), mask, np.concatenate(position_ids), buffers)
-        grown = buffers.views()
-    else:
-        output, grown = lead._forward(np.concatenate(first_inputs), mask, np.concatenate(position_ids), cache)
-    for index, (runner, past) in enumerate(zip(runners, pasts)):
-        span = slice(rows[index], rows[index + 1])
-        runner.cache = {name: stacked[span, :, longest - past:] for name, stacked in grown.items()}
-    return [output[rows[index]:rows[index + 1]] for index in range(len(runners))]
-
-
-def _run_in_rows(runners: list[SpanRunner], first_inputs: list[np.ndarray], attention_masks: list[np.ndarray],
-                 position_ids: list[np.ndarray]) -> list[np.ndarray]:
-    """One decode step of runners whose caches are rows of one arena: each run of consecutive rows steps as one
-    batch, in place, every row attending to its own positions (its mask left-aligned, the rest blocked)."""
-    order = sorted(range(len(runners)), key=lambda index: runners[index].buffers.first_row)
-    groups: list[list[int]] = []
-    for index in order:
-        if groups and runners[groups[-1][-1]].buffers.rows.stop == runners[index].buffers.first_row:
-            groups[-1].append(index)
-        else:
-            groups.append([index])
-    outputs: list[np.ndarray | None] = [None] * len(runners)
-    arena = runners[0].buffers.arena
-    for group in groups:
-        members = [runners[index] for index in group]
-        totals = [runner.past_length + 1 for runner in members]
-        arena.reserve(max(totals))
-        mask = np.zeros((sum(runner.buffers.batch for runner in members), max(totals)), dtype=np.int64)
-        row = 0
-        for index, runner, total in zip(group, members, totals):
-            mask[row: row + runner.buffers.batch, :total] = attention_masks[index]
-            row += runner.buffers.batch
-        shared = members[0].shared_inputs(mask, np.concatenate([position_ids[index] for index in group]))
-        start = members[0].buffers.first_row
-        output, _ = members[0].run_bound(np.concatenate([first_inputs[index] for index in group]), shared,
-                                         arena.values(start, start + row), None)
-        row = 0
-        for index, runner in zip(group, members):
-            outputs[index] = output[row: row + runner.buffers.batch]
-            runner.buffers.length += 1
-            row += runner.buffers.batch
-    return outputs
-
-
-def _owner(array: np.ndarray) -> np.ndarray:
-    """The array whose memory ``array`` views: itself when it owns its memory or onnxruntime does."""
-    while isinstance(array.base, np.ndarray):
-        array = array.base
-    return array
-
-
-def compact(runners: list[SpanRunner], extra_arenas=()) -> tuple[int, int]:
-    """Gives every cache array that keeps a mostly dead array alive a copy of its own; returns the bytes the
-    runners' caches cover and the bytes they hold, after.
-
-    After ``run_together`` each runner's cache views the batch's arrays, and a view keeps its whole array
-    alive: an idle session would hold its batch-mates' caches long after they moved on or closed. An array is
-    copied out once less than half of it is still viewed, so the bytes held stay under twice those in use, and
-    sessions that keep stepping together are never copied at all."""
-    users: dict[int, tuple[np.ndarray, list[tuple[dict, str]]]] = {}
-    live = held = 0
-    arenas = {id(arena): arena for arena in extra_arenas}
-    for runner in runners:
-        if runner.buffers is not None:  # rows of an arena, which compacts itself
-            live += sum(view.nbytes for view in runner.buffers.views().values())
-            arenas[id(runner.buffers.arena)] = runner.buffers.arena
-            continue
-        for name, array in runner.cache.items():
-            owner = _owner(array)
-            users.setdefault(id(owner), (owner, []))[1].append((runner.cache, name))
-    for owner, views in users.values():
-        used = sum(cache[name].nbytes for cache, name in views)
-        if 2 * used < owner.nbytes:
-            for cache, name in views:
-                cache[name] = cache[name].copy()
-        live += used
-        held += used if 2 * used < owner.nbytes else owner.nbytes
-    for arena in arenas.values():
-        arena.compact()
-        held += arena.nbytes
-    return live, held

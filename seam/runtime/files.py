@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import IO
 
 
+def seam_home() -> Path:
+    """Where Seam keeps what it builds for itself: presets, joined graphs (``$SEAM_HOME``, ~/.cache/seam)."""
+    return Path(os.environ.get("SEAM_HOME") or Path.home() / ".cache" / "seam")
+
+
 def _umask() -> int:
     status = Path("/proc/self/status")
     if status.is_file():
