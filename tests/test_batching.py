@@ -59,6 +59,32 @@ def test_run_together_matches_each_runner_alone(exported, preset, shared_rows):
             np.testing.assert_allclose(b.cache[name], a.cache[name], atol=1e-5)
 
 
+def test_sessions_between_the_stepping_ones_come_along_without_a_change(exported):
+    """Rows of an arena step as one range: sessions between the stepping ones write past their length, which
+    their next step writes again, so each gives what it gives alone, whichever sessions step together."""
+    artifact = Artifact.open(exported("tiny-llama"))
+    span, hidden = Span(1, artifact.num_layers), artifact.manifest.dims.hidden_size
+    rng = np.random.default_rng(3)
+    prompts = [rng.standard_normal((1, length, hidden)).astype(np.float32) for length in (3, 9, 5, 7, 4, 6)]
+    alone = [prefilled(SessionPool(artifact), span, prompt) for prompt in prompts]
+    pool = SessionPool(artifact, shared_rows=True)
+    together = [prefilled(pool, span, prompt) for prompt in prompts]
+    for turn in range(8):
+        stepping = [index for index in range(len(prompts)) if (index + turn) % 3 != 0]  # a different subset each turn
+        steps = {index: rng.standard_normal((1, 1, hidden)).astype(np.float32) for index in stepping}
+        masks = {index: np.ones((1, alone[index].past_length + 1), np.int64) for index in stepping}
+        positions = {index: np.array([[alone[index].past_length]]) for index in stepping}
+        expected = [alone[index].run(steps[index], masks[index], positions[index]) for index in stepping]
+        produced = run_together([together[index] for index in stepping], [steps[index] for index in stepping],
+                                [masks[index] for index in stepping], [positions[index] for index in stepping])
+        for want, got in zip(expected, produced):
+            np.testing.assert_allclose(got, want, atol=1e-4)
+    for a, b in zip(alone, together):
+        assert b.past_length == a.past_length
+        for name in a.cache:
+            np.testing.assert_allclose(b.cache[name], a.cache[name], atol=1e-5)
+
+
 def test_a_long_prefill_lets_the_other_sessions_decode_between_its_chunks(exported):
     """A prompt longer than a prefill chunk runs a chunk at a time between bursts: a session decoding meanwhile
     gets its replies before the long prefill's, which still gives what one pass over the prompt gives."""

@@ -47,7 +47,9 @@ class EdgeCompute:
         return batch * max_length * layers * self.artifact.manifest.kv_bytes_per_token_per_layer
 
     def working_bytes(self, rows: int, new: int, past: int, split: int, stacked: bool = False) -> int:
-        """What a step of ``rows`` sequences at ``split`` holds while it runs, beyond their caches."""
+        """What a step of ``rows`` sequences at ``split`` holds while it runs, beyond their caches; a batch
+        (``stacked``) copies the caches first only in the concat layout (shared buffers step in place)."""
+        stacked = stacked and self.artifact.manifest.kv_layout != "shared-buffer"
         manifest = self.artifact.manifest
         return step_working_bytes(manifest.dims, manifest.kv_bytes_per_token_per_layer, DTYPE_BYTES[manifest.dtype],
                                   self.end - split, rows, new, past, stacked)

@@ -58,36 +58,54 @@ def run_together(
 
 def _run_in_rows(runners: list[SpanRunner], first_inputs: list[np.ndarray], attention_masks: list[np.ndarray],
                  position_ids: list[np.ndarray]) -> list[np.ndarray]:
-    """One decode step of runners whose caches are rows of one arena: each run of consecutive rows steps as one
-    batch, in place, every row attending to its own positions (its mask left-aligned, the rest blocked)."""
-    order = sorted(range(len(runners)), key=lambda index: runners[index].buffers.first_row)
-    groups: list[list[int]] = []
-    for index in order:
-        if groups and runners[groups[-1][-1]].buffers.rows.stop == runners[index].buffers.first_row:
-            groups[-1].append(index)
-        else:
-            groups.append([index])
-    outputs: list[np.ndarray | None] = [None] * len(runners)
+    """One decode step of runners whose caches are rows of one arena, in place, every row attending to its own
+    positions (its mask left-aligned, the rest blocked). Rows step as one batch over a range of the arena; rows in
+    the range that are not stepping (sessions between their turns, free rows) come along on a placeholder: each
+    writes one position past its length, which its own next step writes again, and its output is dropped. A range
+    grows while the rows along for the ride are no more than those stepping; beyond, a new range begins."""
     arena = runners[0].buffers.arena
-    for group in groups:
-        members = [runners[index] for index in group]
-        totals = [runner.past_length + 1 for runner in members]
-        arena.reserve(max(totals))
-        mask = np.zeros((sum(runner.buffers.batch for runner in members), max(totals)), dtype=np.int64)
-        row = 0
-        for index, runner, total in zip(group, members, totals):
-            mask[row: row + runner.buffers.batch, :total] = attention_masks[index]
-            row += runner.buffers.batch
-        shared = members[0].shared_inputs(mask, np.concatenate([position_ids[index] for index in group]))
-        start = members[0].buffers.first_row
-        output, _ = members[0].run_bound(np.concatenate([first_inputs[index] for index in group]), shared,
-                                         arena.values(start, start + row), None)
-        row = 0
-        for index, runner in zip(group, members):
-            outputs[index] = output[row: row + runner.buffers.batch]
-            runner.buffers.length += 1
-            row += runner.buffers.batch
+    ranges: list[list] = []  # [start, stop, stepping rows, runner indices]
+    for index in sorted(range(len(runners)), key=lambda index: runners[index].buffers.first_row):
+        rows, batch = runners[index].buffers.rows, runners[index].buffers.batch
+        if ranges and (rows.start - ranges[-1][0]) - ranges[-1][2] <= ranges[-1][2] + batch:  # idle <= stepping
+            ranges[-1][1], ranges[-1][2] = rows.stop, ranges[-1][2] + batch
+            ranges[-1][3].append(index)
+        else:
+            ranges.append([rows.start, rows.stop, batch, [index]])
+    outputs: list[np.ndarray | None] = [None] * len(runners)
+    for start, stop, _, members in ranges:
+        first, mask, positions = _range_inputs(runners, members, first_inputs, attention_masks, position_ids,
+                                               start, stop)
+        shared = runners[members[0]].shared_inputs(mask, positions)
+        output, _ = runners[members[0]].run_bound(first, shared, arena.values(start, stop), None)
+        for index in members:
+            rows = runners[index].buffers.rows
+            outputs[index] = output[rows.start - start: rows.stop - start]
+            runners[index].buffers.length += 1
     return outputs
+
+
+def _range_inputs(runners, members, first_inputs, attention_masks, position_ids, start: int, stop: int):
+    """The batch of rows [start, stop): each stepping runner's own inputs, a placeholder for every other row."""
+    arena = runners[members[0]].buffers.arena
+    lengths = [0] * (stop - start)
+    for row in range(start, stop):
+        owner = arena.owners[row]() if arena.owners[row] is not None else None
+        lengths[row - start] = owner.length if owner is not None else 0
+    arena.reserve(max(lengths) + 1)
+    sample = first_inputs[members[0]]
+    first = np.zeros((stop - start, 1, *sample.shape[2:]), dtype=sample.dtype)
+    mask = np.zeros((stop - start, max(lengths) + 1), dtype=np.int64)
+    positions = np.array(lengths, dtype=np.int64)[:, None]
+    for row, length in enumerate(lengths):
+        mask[row, : length + 1] = 1
+    for index in members:
+        rows = slice(runners[index].buffers.rows.start - start, runners[index].buffers.rows.stop - start)
+        first[rows] = first_inputs[index]
+        mask[rows] = 0
+        mask[rows, : attention_masks[index].shape[1]] = attention_masks[index]
+        positions[rows] = position_ids[index]
+    return first, mask, positions
 
 
 def _owner(array: np.ndarray) -> np.ndarray:
