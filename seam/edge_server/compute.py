@@ -90,6 +90,9 @@ class EdgeCompute:
         elif request.hidden_states is not None:  # the same, with the cache to recompute here
             runner, output = recompute(self.pool, span, request.hidden_states, request.attention_mask)
             onward = Onward(hidden_states=output if self.end < self.artifact.num_layers else None)
+        # The span's graphs joined now, once per span and process: built in the background, they would slow the
+        # steps of every session meanwhile, which the UEs' policies would read as a slower link.
+        runner.join_blocks(wait=True)
         kv_bytes = self.kv_bytes(request.batch, request.max_length, request.split)
         working_bytes = self.largest_step_bytes(request.batch, request.max_length, request.split)
         victims = self.table.admit(key, kv_bytes, working_bytes)
@@ -167,5 +170,6 @@ class EdgeCompute:
         self.reshaped = True
         if new < last:
             session.runner = resplit(self.pool, runner, Span(new, self.end), incoming)
+            session.runner.join_blocks(wait=True)
             session.split = new
         return Resplitted(request.session_id, new, sampler_state, outgoing)

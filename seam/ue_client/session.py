@@ -64,6 +64,9 @@ class RemoteSession:
         self.impairment: Impairment | None = None  # research: corrupts the hidden states at the cut before coding
         self.impairment_rng = np.random.default_rng(0)
         self.head = client.pool.runner(Span(0, split), client.variant, keep_boundaries=True)
+        # The span a generation starts on, joined before it starts: built in the background meanwhile, it would
+        # slow the steps the policy measures (a span the split moves to later is joined in the background).
+        self.head.join_blocks(wait=True)
         self.facts = ArtifactFacts.of(client.artifact.manifest, self.head.variant, self.head.kv_dtype.itemsize)
         self.session_id = uuid.uuid4().hex
         self.stats = GenerationStats()
@@ -149,6 +152,7 @@ class RemoteSession:
             decision = policy(replace(self.snapshot(0), past=prompt_length))
             if decision is not None and decision.split != self.split:
                 self.head = self.client.pool.runner(Span(0, decision.split), self.head.variant, keep_boundaries=True)
+                self.head.join_blocks(wait=True)
                 self.split, self.start_reason = decision.split, decision.reason
             if decision is not None and decision.codec is not None:
                 self.codec = decision.codec
