@@ -4,8 +4,8 @@ every failure into an Error reply, so that one bad request or one faulty session
 One thread owns the socket and the sessions. Requests that queued up while the last step ran are taken as one
 burst; each step is checked once (``seam.edge_server.validation``), and ready decode steps of different sessions
 run as one batch (``seam.edge_server.compute``). A prefill longer than one chunk runs a chunk between bursts, so
-the sessions decoding meanwhile wait for one chunk at most, not for the whole prompt. Services such as split fine-tuning register their message kinds
-with ``register``, so this module depends on none of them.
+the sessions decoding meanwhile wait for one chunk at most, not for the whole prompt. Services such as split
+fine-tuning register their message kinds with ``register``, so this module depends on none of them.
 """
 
 from __future__ import annotations

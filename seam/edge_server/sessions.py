@@ -2,7 +2,7 @@
 eviction that the UE holding the most pays for.
 
 The budget covers every session's KV cache at its full length, the bytes that batched caches pin beyond those in
-use (``seam.runtime.executor.compact``), and the working memory of the largest step any one session may run,
+use (``seam.runtime.batching.compact``), and the working memory of the largest step any one session may run,
 since the edge runs one step at a time. Pure bookkeeping, no I/O: the server asks it what to evict and tells the
 affected UEs.
 """

@@ -293,8 +293,9 @@ class SpanRunner:
             # GroupQueryAttention takes positions after a past one sequence at a time: each row runs alone over
             # its own rows of the buffers, which share their memory.
             rows = [self.run_bound(first_input[row: row + 1],
-                                    {name: value[row: row + 1] if value.ndim else value for name, value in shared.items()},
-                                    buffers.row_values(row), None if outputs is None else {}) for row in range(batch)]
+                                   {name: value[row: row + 1] if value.ndim else value
+                                    for name, value in shared.items()},
+                                   buffers.row_values(row), None if outputs is None else {}) for row in range(batch)]
             output = np.concatenate([row_output for row_output, _ in rows])
             for cut in (rows[0][1] or {}):
                 outputs[cut] = np.concatenate([row_outputs[cut] for _, row_outputs in rows])
@@ -303,7 +304,8 @@ class SpanRunner:
         buffers.length = past + new
         return output
 
-    def run_bound(self, first_input, shared: dict, values: dict, outputs: dict | None) -> tuple[np.ndarray, dict | None]:
+    def run_bound(self, first_input, shared: dict, values: dict,
+                  outputs: dict | None) -> tuple[np.ndarray, dict | None]:
         """The span's blocks with each layer's buffer bound as its past and its present."""
         output = first_input
         for loaded in self.blocks:

@@ -5,7 +5,7 @@ A step binds each buffer, as one ``OrtValue``, as the block's past and as its pr
 ``GroupQueryAttention`` writes the new positions where they belong and nothing else of the cache moves. A
 ``KvBuffers`` is one batch of sequences: consecutive rows of a ``KvArena``, its first ``length`` positions
 filled. An edge keeps one arena per span for all its sessions there, so sessions that decode together run as one
-batch over their rows, each row attending to its own length (``seam.runtime.executor.run_together``); elsewhere
+batch over their rows, each row attending to its own length (``seam.runtime.batching.run_together``); elsewhere
 each batch has an arena of its own. An arena that runs out of rows or positions moves into one twice as large,
 so growing to ``n`` positions copies fewer than ``2 n`` in all: a constant per token, where the concat layout
 copies the whole cache every step. The memory is a numpy array onnxruntime reads and writes directly;
@@ -88,7 +88,8 @@ class KvArena:
         self.owners, first = [None] * rows, 0
         for buffers in sorted(holders, key=lambda b: b.first_row):
             for name, array in arrays.items():
-                array[first: first + buffers.batch, :, : buffers.length] = self.arrays[name][buffers.rows, :, : buffers.length]
+                kept = self.arrays[name][buffers.rows, :, : buffers.length]
+                array[first: first + buffers.batch, :, : buffers.length] = kept
             buffers.first_row = first
             self.owners[first: first + buffers.batch] = [weakref.ref(buffers)] * buffers.batch
             first += buffers.batch
