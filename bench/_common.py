@@ -27,6 +27,20 @@ def report(name: str, result: dict) -> None:
     print("RESULT " + json.dumps(result))
 
 
+def timed(paths: dict, steps: int) -> dict[str, float]:
+    """Median milliseconds of each path, the paths stepping in turn."""
+    import time
+
+    times = {name: [] for name in paths}
+    for index in range(steps + 3):
+        for name, step in paths.items():
+            started = time.perf_counter()
+            step()
+            if index >= 3:
+                times[name].append(time.perf_counter() - started)
+    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
+
+
 def seam_decode_step(artifact, past: int, threads: int, merge: bool = True):
     """A decode step at ``past`` through every layer of ``artifact`` in one process, rewound after each call:
     shared buffers by their length, a concat cache by its arrays (copying nothing either way). ``merge``: its

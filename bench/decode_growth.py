@@ -17,12 +17,11 @@ growth: 1.0 means the step grew by exactly what the attention reads, and the goa
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
 
-from _common import report, seam_decode_step, torch_decode_step, work_export
+from _common import report, seam_decode_step, timed, torch_decode_step, work_export
 
 from seam.runtime.artifact import Artifact
 from seam.runtime.executor import SessionPool
@@ -103,18 +102,6 @@ def prefill_step(artifact: Artifact | None, model, length: int):
         runner.reset(1)
         runner.run(ids, mask, positions)
     return step
-
-
-def timed(paths: dict, steps: int) -> dict[str, float]:
-    """Median milliseconds of each path, the paths stepping in turn."""
-    times = {name: [] for name in paths}
-    for index in range(steps + 3):
-        for name, step in paths.items():
-            started = time.perf_counter()
-            step()
-            if index >= 3:
-                times[name].append(time.perf_counter() - started)
-    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:

@@ -9,11 +9,10 @@ the given past length (the cache is rewound after it), and the medians and their
 from __future__ import annotations
 
 import statistics
-import time
 
 import numpy as np
 
-from _common import real_model_every_layer, report, seam_decode_step, torch_decode_step
+from _common import real_model_every_layer, report, seam_decode_step, timed, torch_decode_step
 
 from seam.edge_server.process import edge_server
 from seam.runtime.artifact import Artifact
@@ -44,15 +43,8 @@ def main() -> None:
     with open("/dev/null", "w") as quiet, edge_server(out, "--threads", str(THREADS), log=quiet) as (_, address):
         for past in PASTS:
             paths = {"seam": seam_decode_step(artifact, past, THREADS), "transformers": torch_decode_step(reference, past)}
-            times = {name: [] for name in paths}
-            for index in range(STEPS + 3):
-                for name, step in paths.items():
-                    started = time.perf_counter()
-                    step()
-                    if index >= 3:
-                        times[name].append(time.perf_counter() - started)
+            medians = timed(paths, STEPS)
             split = split_times(artifact, address, past, STEPS)
-            medians = {name: 1e3 * statistics.median(values) for name, values in times.items()}
             medians["split"] = 1e3 * statistics.median(split)
             results[str(past)] = {name: round(value, 2) for name, value in medians.items()}
             results[str(past)]["seam_vs_transformers"] = round(medians["seam"] / medians["transformers"], 3)
