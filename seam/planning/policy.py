@@ -235,7 +235,7 @@ class CostModelPolicy:
                             for split in candidates if 0 < split < snapshot.artifact.num_layers}
 
     def scales(self, snapshot: SessionSnapshot, candidates: list[int]) -> Scales | None:
-        """Measured over predicted for each part of a step, or None while nothing measures the network."""
+        """Measured over predicted for each part of a step, or None while nothing measures the network yet."""
         probed = [seconds for at, seconds in snapshot.step_probes
                   if snapshot.now_s - at < STEP_PROBE_AGE_S][-self.window:]
         if snapshot.alone and not probed:
@@ -243,6 +243,10 @@ class CostModelPolicy:
             # could push a whole cache into a link that has collapsed.
             return None
         link, recent = snapshot.link, snapshot.timings_since_move[-self.window:]
+        if not snapshot.alone and snapshot.move_steps and len(recent) < self.window:
+            # The first steps at a split just moved to carry its setting up (a span's first run, the edge taking
+            # the session in), which reads as a slow network: judged on them, one move would bring the next.
+            return None
         predicted = predict(self.ue, self.edge, link, snapshot.split, snapshot.past, snapshot.batch,
                             snapshot.codec).decode
         # Steps, or alone on the UE step-sized probes, measure the network exactly where the link estimate is
