@@ -107,14 +107,14 @@ def test_a_stage_lost_mid_generation_ends_the_session_in_one_line_within_the_tim
 def test_a_lost_stage_hands_the_generation_to_the_device_with_fallback(exported):
     artifact = Artifact.open(exported("tiny-llama"))
     with pipeline(artifact, [2], "--next-timeout", "2") as stages, EdgeClient(artifact, stages[0][1]) as client:
-        with client.session(1, GREEDY, fallback_local=True) as session:  # the edge's sampler went down with it
+        with client.session(1, SAMPLED, fallback_local=True) as session:  # the UE kept the sampler's position
             produced = []
             for tokens in session.generate(PROMPTS, NEW_TOKENS):
                 produced.append(tokens)
                 if len(produced) == 3:
                     stages[1][0].kill()
                     stages[1][0].wait(10)
-    assert (np.stack(produced, axis=1) == local_tokens(artifact, PROMPTS, GREEDY)).all()
+    assert (np.stack(produced, axis=1) == local_tokens(artifact, PROMPTS, SAMPLED)).all()
     assert "the edge was lost (edge server: the next pipeline stage" in session.moves[-1].reason
 
 

@@ -204,11 +204,12 @@ def test_killed_edge_gives_a_clear_error_within_the_timeout(exported):
         client.close()
 
 
-def test_a_killed_edge_with_fallback_finishes_on_the_ue_with_the_same_tokens(exported):
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, seed=5)], ids=["greedy", "seeded"])
+def test_a_killed_edge_with_fallback_finishes_on_the_ue_with_the_same_tokens(exported, params):
     artifact = Artifact.open(exported("tiny-llama"))
     with edge_server(artifact.root) as (process, address):
         with EdgeClient(artifact, address, TransportConfig(timeout_s=1)) as client:
-            session = client.session(2, fallback_local=True)
+            session = client.session(2, params, fallback_local=True)
             steps = session.generate(PROMPTS, NEW_TOKENS)
             produced = [next(steps), next(steps), next(steps)]
             process.kill()
@@ -217,7 +218,7 @@ def test_a_killed_edge_with_fallback_finishes_on_the_ue_with_the_same_tokens(exp
             produced += list(steps)
             assert time.monotonic() - started < 10
 
-    assert (np.stack(produced, axis=1) == local_tokens(artifact, PROMPTS, SamplingParams())).all()
+    assert (np.stack(produced, axis=1) == local_tokens(artifact, PROMPTS, params)).all()
     (move,) = session.moves
     assert (move.before_step, move.from_split, move.to_split) == (3, 2, artifact.num_layers)
     assert "the edge was lost" in move.reason and session.split == artifact.num_layers

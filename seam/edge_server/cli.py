@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MiB for every session's KV cache at its full length plus the working memory of the "
                              "largest step (default 4096)")
     parser.add_argument("--idle-timeout", type=number(float, 0, above=True), default=300.0, help="seconds")
+    parser.add_argument("--drain-s", type=number(float, 0), default=30.0,
+                        help="on SIGTERM: seconds to wait for the UEs to move their sessions elsewhere before "
+                             "exiting (default 30; a second SIGTERM, or SIGINT, exits at once)")
     parser.add_argument("--max-length", type=number(int, 1), default=4096, help="tokens per sequence")
     parser.add_argument("--prefill-chunk", type=number(int, 1), default=512,
                         help="prefill positions run at a time, bounding a long prompt's memory (default 512)")
@@ -75,6 +78,7 @@ def parse(argv: list[str] | None) -> tuple[EdgeConfig, bool]:
         max_sessions=args.max_sessions,
         memory_budget_mb=args.memory_budget_mb,
         idle_timeout_s=args.idle_timeout,
+        drain_s=args.drain_s,
         max_length=args.max_length,
         prefill_chunk=args.prefill_chunk,
         max_batch=args.max_batch,
@@ -100,7 +104,7 @@ def serve(config: EdgeConfig, train: bool) -> int:
     if train:
         register_training(server)
     signal.signal(signal.SIGINT, server.stop)
-    signal.signal(signal.SIGTERM, server.stop)
+    signal.signal(signal.SIGTERM, lambda *_: server.drain(config.drain_s))
     manifest = server.manifest
     print(f"edge_server: listening on {server.address} ({manifest.source}, {manifest.family}, "
           f"{manifest.dims.num_layers} layers, {config.device}{_stage(server)})", file=sys.stderr, flush=True)

@@ -18,6 +18,7 @@ class EdgeConfig:
     max_sessions: int = 64  # open sessions before the least recently used is evicted
     memory_budget_mb: float = 4096.0  # sessions' KV caches at full length plus the largest step's working memory, MiB
     idle_timeout_s: float = 300.0  # a session unused this long is closed
+    drain_s: float = 30.0  # on SIGTERM, the longest wait for the UEs to move their sessions elsewhere
     max_batch: int = 64  # sequences per session, and per batched decode run
     batch_decode: bool = True  # run the decode steps of sessions that are ready together as one batch
     max_burst: int = 256  # queued requests taken at once

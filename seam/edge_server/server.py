@@ -20,6 +20,7 @@ import numpy as np
 from seam.edge_server.audit import MessageLog
 from seam.edge_server.compute import EdgeCompute
 from seam.edge_server.config import EdgeConfig
+from seam.edge_server.load import LoadReport
 from seam.edge_server.sessions import EdgeSession, SessionTable, UnknownSession
 from seam.edge_server.stage import NextStage, StageLost, stage_end
 from seam.edge_server.validation import CheckedStep, Limits, check_open, check_ping, check_resplit, check_step
@@ -68,6 +69,8 @@ class EdgeServer:
                 self.next_stage.close_link()
             raise
         self.running = True
+        self.draining_until: float | None = None  # set by ``drain``: the moment the server stops waiting for UEs
+        self.load = LoadReport()
         self.message_log = MessageLog(config.log_messages)
 
     @property
@@ -83,7 +86,7 @@ class EdgeServer:
 
     def serve(self) -> None:
         try:
-            while self.running:
+            while self.running and not self._drained():
                 received = self.socket.receive(timeout_s=0 if self.prefills else 0.2)
                 for session in self.table.idle(time.monotonic()):
                     self._log_close(session, "idle timeout")
@@ -112,6 +115,17 @@ class EdgeServer:
 
     def stop(self, *_) -> None:
         self.running = False
+
+    def drain(self, within_s: float) -> None:
+        """Stops taking sessions and tells each UE, in its next step's reply, to move its session elsewhere; the
+        server stops once none is left or ``within_s`` has passed. Draining a second time stops it at once."""
+        if self.draining_until is not None:
+            self.stop()
+        self.draining_until = time.monotonic() + within_s
+        log.info("draining: %d sessions to move within %g s", len(self.table.sessions), within_s)
+
+    def _drained(self) -> bool:
+        return self.draining_until is not None and (not self.table.sessions or time.monotonic() >= self.draining_until)
 
     def _send(self, replies: list[tuple[bytes, Message]]) -> None:
         for peer, reply in replies:
@@ -271,6 +285,7 @@ class EdgeServer:
             outputs, results = [], [error]
         if outputs:
             results = self._tokens(pairs, outputs)
+        self.load.step(time.perf_counter() - started)
         return self._replies(group, results, time.perf_counter() - started)  # every session waited this long
 
     def _replies(self, group: list[Ready], results: list, compute_s: float) -> list[tuple[bytes, Message]]:
@@ -287,6 +302,7 @@ class EdgeServer:
                 reply = Error("internal", f"{type(result).__name__}: {result}; the session was closed", step.session_id)
             else:
                 reply = self.compute.advance(session, checked, step.step, compute_s, result)
+                reply.draining = self.draining_until is not None
             replies.append((session.key[0], reply))
         return replies
 
@@ -326,9 +342,13 @@ class EdgeServer:
                   if split < self.end or split == self.artifact.num_layers]
         return Welcome(PROTOCOL_VERSION, self.manifest.artifact_fingerprint, served,
                        self.config.transport.max_message_bytes,
-                       ["sampling", CODECS_CAPABILITY + ",".join(self.offered_codecs)])
+                       ["sampling", CODECS_CAPABILITY + ",".join(self.offered_codecs)],
+                       self.load.report(self.table, self.draining_until is not None))
 
     def _open(self, peer: bytes, request: OpenSession) -> Message:
+        if self.draining_until is not None:
+            return Error("draining", "this edge_server is shutting down; open the session on another edge",
+                         request.session_id)
         past = check_open(request, self.limits)
         session, victims, onward = self.compute.open((peer, request.session_id), request, past)
         for victim in victims:

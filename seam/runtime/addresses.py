@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Sequence
 
 from seam.runtime.errors import SeamError
 
@@ -31,6 +32,21 @@ def check_address(address: str, bind: bool = False) -> str:
             raise SeamError(f"port {port!r} of {address} is no TCP port: give 1 to 65535"
                             f"{' (or 0 or * for any free one)' if bind else ''}")
     return address
+
+
+def split_servers(servers: str | Sequence[str]) -> list[str]:
+    """The edge addresses of ``--server A,B,...`` (or a list of them), each checked, in order, none twice."""
+    listed = servers.split(",") if isinstance(servers, str) else list(servers)
+    addresses = list(dict.fromkeys(check_address(address.strip()) for address in listed if address.strip()))
+    if not addresses:
+        raise SeamError("give at least one edge server address: tcp://HOST:PORT")
+    return addresses
+
+
+def check_servers(servers: str) -> str:
+    """``--server``'s value: one address or several, comma-separated, each checked."""
+    split_servers(servers)
+    return servers
 
 
 def resolve(address: str, timeout_s: float) -> None:

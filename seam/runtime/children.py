@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -15,9 +16,11 @@ from seam.runtime.errors import SeamError
 
 
 @contextmanager
-def child_server(command: list[str], listening: re.Pattern, log, startup_timeout: float, name: str):
+def child_server(command: list[str], listening: re.Pattern, log, startup_timeout: float, name: str,
+                 stop_signal: int = signal.SIGTERM):
     """Yields (process, address) once the child prints a line ``listening`` matches (its group 1 is the address);
-    terminates the child on exit, also on Ctrl-C. The child's standard error after that line goes to ``log``."""
+    stops the child with ``stop_signal`` on exit, also on Ctrl-C. The child's standard error after that line
+    goes to ``log``."""
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
     try:
@@ -25,7 +28,7 @@ def child_server(command: list[str], listening: re.Pattern, log, startup_timeout
         yield process, address
     finally:
         if process.poll() is None:
-            process.terminate()
+            process.send_signal(stop_signal)
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:

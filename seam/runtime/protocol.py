@@ -18,7 +18,7 @@ import numpy as np
 
 from seam.runtime.errors import SeamError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 PROBE_FINGERPRINT = ""  # a Hello with this fingerprint only probes the link (``seam probe``): no sessions
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 ALLOWED_DTYPES = frozenset({"float32", "float16", "int64", "int8", "uint8", "uint16"})
@@ -60,6 +60,7 @@ class Welcome(Message):
     split_points: list
     max_message_bytes: int
     capabilities: list = field(default_factory=list)
+    load: dict = field(default_factory=dict)  # how busy the edge is: ``seam.planning.fleet.EdgeOffer.from_load``
 
 
 @dataclass
@@ -106,6 +107,7 @@ class StepResult(Message):
     step: int
     edge_compute_s: float  # lets the UE separate network time from compute
     tokens: np.ndarray  # [B] int64
+    draining: bool = False  # the edge is shutting down: the UE moves the session elsewhere before its next step
 
 
 @dataclass
@@ -327,8 +329,6 @@ def encode(message: Message) -> list:
 
 # Field annotations are strings (postponed evaluation); these are the scalar kinds messages use.
 _FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,)}
-
-
 # Names that reach the logs: a line break or another control character in one would forge log lines.
 _IDENTIFIERS = frozenset({"session_id", "client", "job"})
 MAX_IDENTIFIER = 128

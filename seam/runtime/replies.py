@@ -7,9 +7,9 @@ from __future__ import annotations
 from seam.runtime.errors import SeamError
 from seam.runtime.protocol import Error, Message
 
-# Error codes that say the edge no longer holds this UE's state: it restarted, evicted the session, or a later
-# stage of its pipeline stopped answering.
-LOST_STATE = frozenset({"no_handshake", "unknown_session", "stage_lost"})
+# Error codes that say the edge no longer holds this UE's state: it restarted, evicted the session, a later stage
+# of its pipeline stopped answering, or it is shutting down and takes no session.
+LOST_STATE = frozenset({"no_handshake", "unknown_session", "stage_lost", "draining"})
 
 
 class EdgeLost(SeamError):

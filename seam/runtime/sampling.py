@@ -85,4 +85,15 @@ class Sampler:
             np.put_along_axis(drop, order, drop_sorted, axis=-1)
             probs = np.where(drop, 0.0, probs)
             probs /= probs.sum(axis=-1, keepdims=True)
-        return np.array([self.rng.choice(len(row), p=row) for row in probs], dtype=np.int64)
+        # One uniform draw per row, as Generator.choice makes, drawn here so that ``skip`` mirrors it exactly.
+        cumulative = np.cumsum(probs, axis=-1)
+        draws = self.rng.random(len(probs)) * cumulative[:, -1]
+        return np.array([min(np.searchsorted(row, draw, side="right"), len(row) - 1)
+                         for row, draw in zip(cumulative, draws)], dtype=np.int64)
+
+    def skip(self, rows: int) -> None:
+        """Moves the generator on as sampling ``rows`` tokens would, without their logits: the UE keeps the
+        position of the generator the edge samples with, so that a new edge taking the session over after the
+        old one was lost (or this device finishing alone) continues the same sequence."""
+        if self.params.temperature > 0:
+            self.rng.random(rows)

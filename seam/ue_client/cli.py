@@ -14,7 +14,7 @@ from seam.runtime.errors import SeamError
 from seam.runtime.impairments import parse as parse_impairment
 from seam.runtime.ort_options import providers_for
 from seam.runtime.sampling import SamplingParams
-from seam.runtime.addresses import check_address
+from seam.runtime.addresses import check_servers
 from seam.runtime.shell import CommandParser, add_log_level, checked, configure_logging, number, run_cli
 from seam.runtime.traces import load_trace
 from seam.runtime.emulation import EmulatedLink
@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 def add_split_flags(parser: argparse.ArgumentParser) -> None:
     """Where the edge is, how the work is split and moved, and how hidden states cross: every way of
     generating on this device takes these (``ue_client`` and ``ue_client serve``)."""
-    parser.add_argument("--server", default="tcp://127.0.0.1:5555", type=checked(check_address))
+    parser.add_argument("--server", default="tcp://127.0.0.1:5555", type=checked(check_servers),
+                        help="the edge server, or several as A,B,...: sessions open on the one predicted fastest "
+                             "and move to the next best if it is lost or shuts down")
     parser.add_argument("--split", type=number(int, 0), default=None, help="layers run on this device (default: half)")
     parser.add_argument("--timeout", type=number(float, 0, above=True), default=30.0,
                         help="seconds to wait for any reply")

@@ -14,22 +14,23 @@ split 0 is explicitly allowed); the edge runs the rest, samples, and returns the
 from __future__ import annotations
 
 import functools
-import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from seam.planning.cost_model import Link
+from seam.runtime.addresses import split_servers
 from seam.runtime.artifact import Artifact
 from seam.runtime.codecs import CODECS, CODECS_CAPABILITY, negotiate, offered
 from seam.runtime.emulation import EmulatedLink, connect
 from seam.runtime.errors import SeamError
 from seam.runtime.executor import SessionPool
 from seam.runtime.ort_options import providers_for
-from seam.runtime.protocol import PROTOCOL_VERSION, Hello, Welcome
+from seam.runtime.protocol import PROTOCOL_VERSION, Hello
 from seam.runtime.sampling import SamplingParams
 from seam.runtime.text import load_tokenizer
 from seam.runtime.transport import TransportConfig, UeSocket
-from seam.runtime.replies import expect
+from seam.ue_client.fleet import greet_best
 from seam.ue_client.session import RemoteSession
 
 PRIOR_BYTES_PER_S = 10e6 / 8  # 10 Mbit/s
@@ -39,7 +40,7 @@ class EdgeClient:
     def __init__(
         self,
         artifact: str | Path | Artifact,
-        server: str,
+        server: str | Sequence[str],
         transport: TransportConfig | None = None,
         threads: int | None = None,
         curve_secret: Path | None = None,
@@ -61,17 +62,13 @@ class EdgeClient:
         # Clients of one device share its blocks: each connection to the edge needs its own client, since a
         # socket serves one thread (the HTTP endpoint serves each request on a connection of its own).
         self.pool = pool or SessionPool(self.artifact, threads, device)
-        self._connection = (server, transport or TransportConfig(), curve_secret, server_key, emulated)
-        self.socket = connect(*self._connection)
-        try:
-            hello = Hello(PROTOCOL_VERSION, self.artifact.manifest.artifact_fingerprint,
-                          ["sampling", CODECS_CAPABILITY + ",".join(CODECS)])
-            started = time.perf_counter()
-            self.welcome = expect(self.socket.request_with_retries(hello), Welcome)
-            handshake_s = time.perf_counter() - started
-        except BaseException:
-            self.socket.close()
-            raise
+        self.servers = split_servers(server)  # the fleet: the session fails over to the next best of these
+        self._connection = (transport or TransportConfig(), curve_secret, server_key, emulated)
+        self.hello = Hello(PROTOCOL_VERSION, self.artifact.manifest.artifact_fingerprint,
+                           ["sampling", CODECS_CAPABILITY + ",".join(CODECS)])
+        greeted = greet_best(self.servers, self._connect, self.hello, self._connection[0].timeout_s)
+        self.server, self.socket, self.welcome = greeted.offer.address, greeted.socket, greeted.welcome
+        handshake_s = greeted.offer.round_trip_s
         # What sessions start from until their own traffic says better: a probed link profile, else the
         # handshake's round trip and a modest bandwidth that the first probes replace.
         self.link = link or Link(handshake_s, PRIOR_BYTES_PER_S, PRIOR_BYTES_PER_S)
@@ -98,8 +95,23 @@ class EdgeClient:
 
     def connect_again(self, timeout_s: float) -> UeSocket:
         """A second connection to the same edge, for a thread of its own (a socket serves one thread)."""
-        server, transport, curve_secret, server_key, emulated = self._connection
-        return connect(server, replace(transport, timeout_s=timeout_s), curve_secret, server_key, emulated)
+        transport = replace(self._connection[0], timeout_s=timeout_s)
+        return connect(self.server, transport, *self._connection[1:])
+
+    def _connect(self, address: str) -> UeSocket:
+        return connect(address, *self._connection)
+
+    def fail_over(self) -> tuple[str, UeSocket]:
+        """Greets the fleet's other edges and keeps the best that answers in place of the current one, which was
+        lost or is shutting down: returns that one's address and socket, still open, for the caller to close.
+        Raises SeamError when no other edge answers."""
+        others = [address for address in self.servers if address != self.server]
+        if not others:
+            raise SeamError(f"the edge server at {self.server} was the only one; give several with --server A,B,...")
+        greeted = greet_best(others, self._connect, self.hello, self._connection[0].timeout_s)
+        left = (self.server, self.socket)
+        self.server, self.socket, self.welcome = greeted.offer.address, greeted.socket, greeted.welcome
+        return left
 
     def close(self) -> None:
         self.socket.close()

@@ -17,7 +17,8 @@ from seam.runtime.errors import SeamError
 from seam.runtime.executor import SpanRunner
 from seam.runtime.generation import positions_from_mask
 from seam.runtime.migration import pack_kv, recompute, resplit, unpack_kv
-from seam.runtime.protocol import Resplit, Resplitted
+from seam.runtime.protocol import Close, Resplit, Resplitted
+from seam.runtime.replies import EdgeLost
 from seam.runtime.spans import Span
 from seam.planning.snapshot import StepTiming
 from seam.ue_client.stats import Move
@@ -95,13 +96,63 @@ def rebuild_layers(session: RemoteSession, layers: Span) -> SpanRunner:
                                              keep_boundaries=True)[0])
 
 
+def fail_over(session: RemoteSession, lost: SeamError, close_there: bool = False) -> bool:
+    """The edge was lost (``lost`` says how) or is shutting down: opens the session on the best other edge of the
+    client's fleet at the same split, with the hidden states this device kept there, from which that edge
+    rebuilds its layers' cache in one pass, and the sampler's position; the step in flight, if any, is then sent
+    again. ``close_there``: the edge left still answers, and is told the session is gone once it has moved.
+    False when the session cannot move: no other edge answers, or nothing was kept to rebuild from."""
+    split, past, first_left = session.split, session.past, session.client.server
+    if split == 0 or len(session.client.servers) < 2 or (past and not session.kept_boundary(split)):
+        return False
+    started, session.open = time.perf_counter(), False
+    for attempt in range(len(session.client.servers) - 1):  # an edge that fails while taking the session over: the next
+        try:
+            left, socket = session.client.fail_over()
+        except SeamError:
+            return False
+        if attempt == 0 and close_there:
+            _close_quietly(socket, session.session_id)
+        socket.close()
+        try:
+            session.open_on_edge(None, session.head.boundary(split)[:, :past] if past else None)
+        except SeamError:
+            continue
+        seconds = time.perf_counter() - started
+        session.moves.append(Move(len(session.stats.timings), split, split, 0, seconds,
+                                  f"the edge at {first_left} {'is shutting down' if close_there else f'was lost ({lost})'}"
+                                  f"; the session went on at {session.client.server} after {seconds:.2f} s",
+                                  edge=session.client.server))
+        return True
+    return False
+
+
+def _close_quietly(socket, session_id: str) -> None:
+    try:
+        socket.request(Close(session_id), timeout_s=min(socket.config.timeout_s, 2))
+    except SeamError:
+        pass  # it is going anyway; its drain deadline reclaims the session
+
+
+def leave_draining_edge(session: RemoteSession) -> None:
+    """The edge is shutting down: the session moves to another edge of the fleet, or, with none that answers,
+    onto this device with its cache, before the edge goes."""
+    session.edge_draining = False
+    leaving = session.client.server
+    if not fail_over(session, SeamError(f"{leaving} is shutting down"), close_there=True):
+        if session.client.server != leaving:  # it left, but no other edge took the session: rebuild it here
+            raise EdgeLost(f"the edge at {leaving} shut down and no other edge took the session")
+        session.open = True
+        move_split(session, session.num_layers, f"the edge at {leaving} is shutting down")
+
+
 def finish_locally(session: RemoteSession, sequence: np.ndarray, mask: np.ndarray, lost: SeamError) -> np.ndarray:
     """The edge stopped answering, or answered without the session (it restarted), and its layers' cache went
     with it: this device takes every layer, rebuilds
     their cache from the whole sequence so far in one pass, and samples the step that was lost.
 
-    Greedy output continues as before; a sampled one continues with this device's generator, since the edge's
-    went down with it."""
+    The output continues as it would have on the edge, sampled output too: this device kept the position of the
+    edge's generator (``Sampler.skip``)."""
     started, old = time.perf_counter(), session.split
     session.open = False
     session.head = session.client.pool.runner(Span(0, session.num_layers), session.client.variant,

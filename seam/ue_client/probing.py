@@ -65,8 +65,9 @@ class BackgroundProber:
     rare, and sized to a few round trips of the link as last measured."""
 
     def __init__(self, prober: LinkProber, socket: UeSocket, alone: Callable[[], bool], batch: Callable[[], int],
-                 period_s: float = 0.25, timeout_s: float = 5.0):
+                 period_s: float = 0.25, timeout_s: float = 5.0, server: str = ""):
         self.prober, self.socket = prober, socket
+        self.server = server  # the edge it probes
         self.alone, self.batch = alone, batch
         self.period_s = period_s
         self.timeout_s = timeout_s

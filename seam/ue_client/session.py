@@ -76,6 +76,7 @@ class RemoteSession:
         self.edge_stats: dict = {}  # the edge's own account of the session, filled in on close
         self.open = False
         self.edge_step = 0
+        self.edge_draining = False  # the edge said it is shutting down: the session moves before its next step
         self.batch = self.past = self.max_length = 0
         self.sequence = self.mask = None  # the tokens so far and their mask, from which moved layers are rebuilt
         self.reused = 0  # positions the last chat turn found held from earlier turns
@@ -168,8 +169,7 @@ class RemoteSession:
         prober = None
         if policy is not None:
             self.preload(policy, self.snapshot(0))
-            prober = BackgroundProber(self.prober, self.client.connect_again(5.0),
-                                      lambda: self.split == self.num_layers, lambda: self.batch)
+            prober = self._background_prober()
         self.stats = GenerationStats(started=time.perf_counter())
         self.sequence, self.mask = sequence, mask
         try:
@@ -179,6 +179,8 @@ class RemoteSession:
                         self.link_history.append((time.perf_counter(), self.link.link().up_bytes_per_s))
                     self.apply(policy(self.snapshot(step)))
                 try:
+                    if self.edge_draining and self.open:
+                        moving.leave_draining_edge(self)
                     tokens = self._step(first, mask, positions)
                 except (TransportTimeout, EdgeLost) as lost:
                     if not self.fallback_local:
@@ -191,10 +193,17 @@ class RemoteSession:
                 positions = positions[:, -1:] + 1
                 first = tokens[:, None]
                 self.sequence, self.mask = np.concatenate([self.sequence, first], axis=1), mask
+                if prober is not None and prober.server != self.client.server:  # the session changed edges
+                    prober.close()
+                    prober = self._background_prober()
                 yield tokens
         finally:
             if prober is not None:
                 prober.close()
+
+    def _background_prober(self) -> BackgroundProber:
+        return BackgroundProber(self.prober, self.client.connect_again(5.0), lambda: self.split == self.num_layers,
+                                lambda: self.batch, server=self.client.server)
 
     def preload(self, policy: SplitPolicy, snapshot: SessionSnapshot) -> None:
         """Opens every block a move may need on this device before the prompt, so that no move waits for one to
@@ -249,18 +258,28 @@ class RemoteSession:
         if self.split == self.num_layers:
             tokens = self.sampler(output[:, -1, :])
             arrived = time.perf_counter()
-            timing = StepTiming(arrived - began, 0.0, 0.0)
-        else:
-            carried = {"input_ids": output} if self.split == 0 else self._coded(output)
-            unseen = mask[:, mask.shape[1] - positions.shape[1]:]  # the edge holds the columns before these
-            sent = time.perf_counter()
-            result = self.request(Step(self.session_id, self.edge_step, unseen, positions, **carried), StepResult)
-            arrived = time.perf_counter()
-            self.edge_step += 1
-            timing = StepTiming(sent - began, max(arrived - sent - result.edge_compute_s, 0.0), result.edge_compute_s)
-            tokens = result.tokens.astype(np.int64)
+            self.stats.record(StepTiming(arrived - began, 0.0, 0.0), arrived)
+            return tokens
+        while True:
+            try:
+                return self._on_edge(output, mask, positions, began)
+            except (TransportTimeout, EdgeLost) as lost:
+                if not moving.fail_over(self, lost):  # no other edge took the session: the caller decides
+                    raise
+
+    def _on_edge(self, output: np.ndarray, mask: np.ndarray, positions: np.ndarray, began: float) -> np.ndarray:
+        """Sends this device's ``output`` at the split as the next step and returns the edge's tokens."""
+        carried = {"input_ids": output} if self.split == 0 else self._coded(output)
+        unseen = mask[:, mask.shape[1] - positions.shape[1]:]  # the edge holds the columns before these
+        sent = time.perf_counter()
+        result = self.request(Step(self.session_id, self.edge_step, unseen, positions, **carried), StepResult)
+        arrived = time.perf_counter()
+        self.edge_step += 1
+        self.sampler.skip(self.batch)  # the edge sampled: this device keeps its generator's position
+        self.edge_draining = result.draining
+        timing = StepTiming(sent - began, max(arrived - sent - result.edge_compute_s, 0.0), result.edge_compute_s)
         self.stats.record(timing, arrived)
-        return tokens
+        return result.tokens.astype(np.int64)
 
     def _coded(self, hidden: np.ndarray) -> dict[str, object]:
         """The Step fields that carry ``hidden``: impaired first when an impairment is set, then coded."""

@@ -35,7 +35,7 @@ class GenerationStats:
 
 @dataclass(frozen=True)
 class Move:
-    """One move of the split during a generation."""
+    """One move of the split during a generation, or of the session to another edge at the same split."""
 
     before_step: int
     from_split: int
@@ -44,3 +44,4 @@ class Move:
     seconds: float
     reason: str = ""
     predicted_s: float | None = None  # what the profiles said it would take, when a policy chose it
+    edge: str = ""  # the edge the session moved to, when it left one that was lost or shutting down

@@ -1,0 +1,51 @@
+"""Choosing among several edge servers: which one a UE should open its next session on, from what each edge
+reported of its load and the round trip the UE measured to it. Pure functions over ``EdgeOffer`` values.
+
+A session's per-token time on an edge is the round trip of its step plus the edge's own step time, which with
+batched decoding grows with the sessions the edge already runs: the edge reports the median of its last
+seconds' steps, so an edge busy with many UEs ranks behind an idle one a few milliseconds further away, and new
+sessions spread over the fleet as each edge's steps slow down.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EdgeOffer:
+    """One edge as a UE sees it before opening a session there."""
+
+    address: str
+    round_trip_s: float  # measured by the UE: the handshake's
+    sessions: int = 0  # open on the edge now
+    step_s: float = 0.0  # the edge's median step time over its last seconds (0: it ran none lately)
+    free_kv_bytes: int | None = None  # what its KV budget has left (None: not reported)
+    draining: bool = False  # shutting down: it takes no new sessions
+
+    @classmethod
+    def from_load(cls, address: str, round_trip_s: float, load: Mapping) -> EdgeOffer:
+        """From the ``load`` an edge reports in its ``Welcome``; fields it leaves out keep their defaults, and
+        values of the wrong type count as not reported, so that an odd edge ranks as an unknown, not a crash."""
+        def number(name: str, default, kind=(int, float)):
+            value = load.get(name, default)
+            return value if isinstance(value, kind) and not isinstance(value, bool) else default
+
+        return cls(address, round_trip_s, int(number("sessions", 0)), float(number("step_s", 0.0)),
+                   number("free_kv_bytes", None, int), load.get("draining") is True)
+
+    @property
+    def per_token_s(self) -> float:
+        """Predicted time per token of a session opened here: its step's round trip and the edge's step."""
+        return self.round_trip_s + max(self.step_s, 0.0)
+
+
+def rank_edges(offers: Iterable[EdgeOffer], kv_bytes: int = 0) -> list[EdgeOffer]:
+    """The edges a new session may open on, best first: the lowest predicted per-token time, then the fewest
+    sessions. Edges that are draining are left out; those whose KV budget cannot hold ``kv_bytes`` more go last,
+    since they would evict a session (or refuse) to take this one."""
+    usable = [offer for offer in offers if not offer.draining and math.isfinite(offer.round_trip_s)]
+    return sorted(usable, key=lambda offer: (offer.free_kv_bytes is not None and offer.free_kv_bytes < kv_bytes,
+                                             offer.per_token_s, offer.sessions, offer.address))
