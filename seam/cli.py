@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     from seam.profiler.quality import add_analyze_parser
     from seam.profiler.train_policy import add_train_policy_parser
     from seam.demo import add_demo_parser
+    from seam.fleet import add_fleet_parser
     from seam.keys import add_keys_parser
 
     parser = CommandParser(prog="seam", description="Run an LLM split between a device and an edge server.")
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_corpus_parser(commands)
     add_plan_round_parser(commands)
     add_train_pipeline_parser(commands)
+    add_fleet_parser(commands)
     return parser
 
 

@@ -15,6 +15,8 @@ from seam.runtime.protocol import TRAINING_MESSAGES
 from seam.runtime.shell import (CommandParser, add_log_level, checked, comma_list, configure_logging, number,
                                 require_extra, run_cli)
 from seam.runtime.addresses import check_address, reachable_beyond_loopback
+from seam.runtime.errors import SeamError
+from seam.runtime.registry import check_registry_url
 from seam.runtime.transport import TransportConfig
 
 
@@ -53,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a federated round waits for its UEs' adapters after the first arrives")
     parser.add_argument("--codecs", type=comma_list(choices=list(CODECS)), default=tuple(CODECS),
                         help=f"activation codecs to offer UEs, comma-separated (default all: {','.join(CODECS)})")
+    fleet = parser.add_argument_group("a fleet of edge servers")
+    fleet.add_argument("--registry", default=None, metavar="http://HOST:2379", type=checked(check_registry_url),
+                       help="announce this edge in etcd, with its load, for UEs given the same --registry")
+    fleet.add_argument("--advertise", default=None, metavar="tcp://HOST:PORT", type=checked(check_address),
+                       help="the address UEs reach this edge at (default: the bound one; needed when bound to "
+                            "every interface)")
     stage = parser.add_argument_group("a stage of an inference pipeline over several edge nodes")
     stage.add_argument("--until", type=number(int, 1), default=None, metavar="LAYER",
                        help="run layers up to this cut and hand the hidden states on to --next")
@@ -79,6 +87,8 @@ def parse(argv: list[str] | None) -> tuple[EdgeConfig, bool]:
         memory_budget_mb=args.memory_budget_mb,
         idle_timeout_s=args.idle_timeout,
         drain_s=args.drain_s,
+        registry=args.registry,
+        advertise=args.advertise,
         max_length=args.max_length,
         prefill_chunk=args.prefill_chunk,
         max_batch=args.max_batch,
@@ -112,8 +122,33 @@ def serve(config: EdgeConfig, train: bool) -> int:
         print(f"edge_server: warning: {server.address} is reachable beyond this machine without keys, unencrypted "
               "and open to any UE; give --curve-secret and --allow to admit only known devices", file=sys.stderr,
               flush=True)
-    server.serve()
+    announcer = announce(server) if config.registry else None
+    try:
+        server.serve()
+    finally:
+        if announcer is not None:
+            announcer.close()
     return 0
+
+
+def announce(server: EdgeServer):
+    """Starts announcing ``server`` in its registry; an address UEs could not reach is refused in one line."""
+    from seam.runtime.registry import Announcer, Registry
+
+    address = server.config.advertise or server.address
+    if any(wildcard in address for wildcard in ("://0.0.0.0:", "://*:", "://[::]:")):
+        raise SeamError(f"bound to every interface ({server.address}), this edge needs --advertise tcp://HOST:PORT, "
+                        "the address UEs reach it at, to announce itself in the registry")
+
+    def entry() -> dict:
+        welcome = server.published
+        return {"address": address, "fingerprint": welcome.artifact_fingerprint, "splits": welcome.split_points,
+                "codecs": server.offered_codecs, "load": welcome.load}
+
+    announcer = Announcer(Registry(server.config.registry), entry)
+    print(f"edge_server: announced as {address} in the registry at {server.config.registry}", file=sys.stderr,
+          flush=True)
+    return announcer
 
 
 def _stage(server: EdgeServer) -> str:

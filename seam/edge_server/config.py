@@ -19,6 +19,8 @@ class EdgeConfig:
     memory_budget_mb: float = 4096.0  # sessions' KV caches at full length plus the largest step's working memory, MiB
     idle_timeout_s: float = 300.0  # a session unused this long is closed
     drain_s: float = 30.0  # on SIGTERM, the longest wait for the UEs to move their sessions elsewhere
+    registry: str | None = None  # an etcd client URL to announce this edge in
+    advertise: str | None = None  # the address announced there (default: the bound one)
     max_batch: int = 64  # sequences per session, and per batched decode run
     batch_decode: bool = True  # run the decode steps of sessions that are ready together as one batch
     max_burst: int = 256  # queued requests taken at once

@@ -71,6 +71,7 @@ class EdgeServer:
         self.running = True
         self.draining_until: float | None = None  # set by ``drain``: the moment the server stops waiting for UEs
         self.load = LoadReport()
+        self.published, self.publish_at = self.welcome(), 0.0  # for other threads: the registry's announcer
         self.message_log = MessageLog(config.log_messages)
 
     @property
@@ -87,6 +88,8 @@ class EdgeServer:
     def serve(self) -> None:
         try:
             while self.running and not self._drained():
+                if time.monotonic() >= self.publish_at:  # built on this thread, which owns the session table
+                    self.published, self.publish_at = self.welcome(), time.monotonic() + 1.0
                 received = self.socket.receive(timeout_s=0 if self.prefills else 0.2)
                 for session in self.table.idle(time.monotonic()):
                     self._log_close(session, "idle timeout")
@@ -329,15 +332,15 @@ class EdgeServer:
                                              f"{PROTOCOL_VERSION}; update the older side")
         self.greeted.add(peer)
         if hello.artifact_fingerprint == PROBE_FINGERPRINT:  # a link probe: welcome, but no sessions
-            return self._welcome()
+            return self.welcome()
         if hello.artifact_fingerprint != self.manifest.artifact_fingerprint:
             return Error("artifact_mismatch",
                          "the UE and the server hold different artifacts (fingerprints differ); copy the server's "
                          "artifact to the UE or export both from the same model with the same arguments")
         self.welcomed.add(peer)
-        return self._welcome()
+        return self.welcome()
 
-    def _welcome(self) -> Welcome:
+    def welcome(self) -> Welcome:
         served = [split for split in self.artifact.split_points
                   if split < self.end or split == self.artifact.num_layers]
         return Welcome(PROTOCOL_VERSION, self.manifest.artifact_fingerprint, served,
@@ -385,14 +388,7 @@ class EdgeServer:
         return Closed(request.session_id, self._log_close(session, "closed by UE"))
 
     def _log_close(self, session: EdgeSession, reason: str) -> dict:
-        stats = {
-            "steps": session.next_step,
-            "tokens": session.tokens,
-            "batched_steps": session.batched_steps,
-            "moves": session.moves,
-            "edge_compute_s": round(session.compute_s, 4),
-            "open_s": round(time.monotonic() - session.opened_at, 3),
-        }
+        stats = session.stats()
         if self.next_stage is not None:
             stats["next_stage"] = self.next_stage.close(session.key)
         log.info("close %s peer=%s (%s) %s", session.key[1], session.key[0].hex()[:8], reason,

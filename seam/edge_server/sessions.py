@@ -9,6 +9,7 @@ affected UEs.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,12 @@ class EdgeSession:
     batched_steps: int = 0  # steps that ran in one batch with other sessions
     moves: int = 0  # times the split moved
     mask: np.ndarray | None = None  # the attention mask of every position so far: steps may send only new columns
+
+    def stats(self) -> dict:
+        """The session's account, for the close line of the log and the UE's ``Closed``."""
+        return {"steps": self.next_step, "tokens": self.tokens, "batched_steps": self.batched_steps,
+                "moves": self.moves, "edge_compute_s": round(self.compute_s, 4),
+                "open_s": round(time.monotonic() - self.opened_at, 3)}
 
 
 class SessionTable:

@@ -26,6 +26,7 @@ EXTRAS = {
     "allocation": ("scipy", "cvxpy"),  # seam plan-round, ue_client DIR train --plan (FedsLLM, DASHF)
     "plot": ("matplotlib",),  # --plot, loss curves
     "serve": ("starlette", "uvicorn"),  # ue_client serve (the OpenAI-compatible HTTP endpoint)
+    "fleet": ("etcd3gw",),  # --registry of edge_server and ue_client, seam fleet
 }
 
 

@@ -15,6 +15,7 @@ from seam.runtime.impairments import parse as parse_impairment
 from seam.runtime.ort_options import providers_for
 from seam.runtime.sampling import SamplingParams
 from seam.runtime.addresses import check_servers
+from seam.runtime.registry import check_registry_url
 from seam.runtime.shell import CommandParser, add_log_level, checked, configure_logging, number, run_cli
 from seam.runtime.traces import load_trace
 from seam.runtime.emulation import EmulatedLink
@@ -42,6 +43,8 @@ def add_split_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default="tcp://127.0.0.1:5555", type=checked(check_servers),
                         help="the edge server, or several as A,B,...: sessions open on the one predicted fastest "
                              "and move to the next best if it is lost or shuts down")
+    parser.add_argument("--registry", default=None, metavar="http://HOST:2379", type=checked(check_registry_url),
+                        help="find the edge servers in this etcd registry instead of --server")
     parser.add_argument("--split", type=number(int, 0), default=None, help="layers run on this device (default: half)")
     parser.add_argument("--timeout", type=number(float, 0, above=True), default=30.0,
                         help="seconds to wait for any reply")
@@ -153,7 +156,8 @@ def open_client(args: argparse.Namespace, artifact, variant: str, prior, pool=No
 
     emulated = EmulatedLink(load_trace(args.link_trace)) if args.link_trace else None
     return EdgeClient(artifact, args.server, TransportConfig(timeout_s=args.timeout), args.threads, args.curve_secret,
-                      args.server_key, prior, emulated, args.ue_slowdown, args.codec, variant, args.device, pool)
+                      args.server_key, prior, emulated, args.ue_slowdown, args.codec, variant, args.device, pool,
+                      args.registry)
 
 
 def checked_prompt(args: argparse.Namespace, artifact, tokenizer) -> list[int] | None:

@@ -27,6 +27,7 @@ from seam.runtime.errors import SeamError
 from seam.runtime.executor import SessionPool
 from seam.runtime.ort_options import providers_for
 from seam.runtime.protocol import PROTOCOL_VERSION, Hello
+from seam.runtime.registry import Registry
 from seam.runtime.sampling import SamplingParams
 from seam.runtime.text import load_tokenizer
 from seam.runtime.transport import TransportConfig, UeSocket
@@ -52,6 +53,7 @@ class EdgeClient:
         variant: str | None = None,
         device: str = "cpu",
         pool: SessionPool | None = None,
+        registry: str | None = None,
     ):
         if ue_slowdown < 1:
             raise SeamError(f"a UE slowdown of {ue_slowdown:g} would make this device faster; use 1 or more")
@@ -62,7 +64,10 @@ class EdgeClient:
         # Clients of one device share its blocks: each connection to the edge needs its own client, since a
         # socket serves one thread (the HTTP endpoint serves each request on a connection of its own).
         self.pool = pool or SessionPool(self.artifact, threads, device)
-        self.servers = split_servers(server)  # the fleet: the session fails over to the next best of these
+        # The fleet: sessions open on the best of these and fail over to the next best; with a registry, the
+        # edges announced there now, read again at each failover.
+        self.registry = Registry(registry, min(self._timeout(transport), 5.0)) if registry else None
+        self.servers = self._fleet() if self.registry else split_servers(server)
         self._connection = (transport or TransportConfig(), curve_secret, server_key, emulated)
         self.hello = Hello(PROTOCOL_VERSION, self.artifact.manifest.artifact_fingerprint,
                            ["sampling", CODECS_CAPABILITY + ",".join(CODECS)])
@@ -98,6 +103,18 @@ class EdgeClient:
         transport = replace(self._connection[0], timeout_s=timeout_s)
         return connect(self.server, transport, *self._connection[1:])
 
+    @staticmethod
+    def _timeout(transport: TransportConfig | None) -> float:
+        return (transport or TransportConfig()).timeout_s
+
+    def _fleet(self) -> list[str]:
+        """The edges the registry lists for this artifact now; refused in one line when it lists none."""
+        addresses = self.registry.addresses(self.artifact.manifest.artifact_fingerprint)
+        if not addresses:
+            raise SeamError(f"no edge server of this artifact is announced in the registry at {self.registry.url}; "
+                            "start one with --registry, or check that it holds the same artifact")
+        return addresses
+
     def _connect(self, address: str) -> UeSocket:
         return connect(address, *self._connection)
 
@@ -105,6 +122,11 @@ class EdgeClient:
         """Greets the fleet's other edges and keeps the best that answers in place of the current one, which was
         lost or is shutting down: returns that one's address and socket, still open, for the caller to close.
         Raises SeamError when no other edge answers."""
+        if self.registry is not None:
+            try:
+                self.servers = self._fleet()
+            except SeamError:
+                pass  # the registry is down or empty: the edges it listed last may still answer
         others = [address for address in self.servers if address != self.server]
         if not others:
             raise SeamError(f"the edge server at {self.server} was the only one; give several with --server A,B,...")

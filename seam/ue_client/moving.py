@@ -26,6 +26,8 @@ from seam.ue_client.stats import Move
 if TYPE_CHECKING:
     from seam.ue_client.session import RemoteSession
 
+FAILOVER_ATTEMPTS = 3  # edges that may fail in turn while taking one lost session over
+
 
 def move_split(session: RemoteSession, split: int, reason: str = "", rebuild: bool = False,
                predicted_s: float | None = None) -> None:
@@ -103,10 +105,10 @@ def fail_over(session: RemoteSession, lost: SeamError, close_there: bool = False
     again. ``close_there``: the edge left still answers, and is told the session is gone once it has moved.
     False when the session cannot move: no other edge answers, or nothing was kept to rebuild from."""
     split, past, first_left = session.split, session.past, session.client.server
-    if split == 0 or len(session.client.servers) < 2 or (past and not session.kept_boundary(split)):
+    if split == 0 or (past and not session.kept_boundary(split)):
         return False
     started, session.open = time.perf_counter(), False
-    for attempt in range(len(session.client.servers) - 1):  # an edge that fails while taking the session over: the next
+    for attempt in range(FAILOVER_ATTEMPTS):  # an edge that fails while taking the session over: the next best
         try:
             left, socket = session.client.fail_over()
         except SeamError:
