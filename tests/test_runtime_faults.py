@@ -19,7 +19,7 @@ from seam.runtime.protocol import (
     encode,
 )
 from seam.runtime.sampling import SamplingParams
-from seam.runtime.transport import HandshakeRefused, TransportConfig, TransportTimeout, UeSocket
+from seam.runtime.transport import ConnectionLost, HandshakeRefused, TransportConfig, TransportTimeout, UeSocket
 from conftest import run_seam
 from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
 from seam.ue_client.client import EdgeClient
@@ -197,10 +197,10 @@ def test_killed_edge_gives_a_clear_error_within_the_timeout(exported):
         process.kill()
         process.wait()
         started = time.monotonic()
-        with pytest.raises(TransportTimeout, match="no reply from the edge server"):
+        with pytest.raises(ConnectionLost, match="closed the connection"):
             list(tokens)
-        # Within the timeout (2 s) and the slack of a busy machine, with no close waiting out another one.
-        assert time.monotonic() - started < 3.5
+        # The closed connection is noticed at once, not after the timeout (2 s), and no close waits one out.
+        assert time.monotonic() - started < 1.5
         client.close()
 
 
@@ -225,8 +225,8 @@ def test_a_killed_edge_with_fallback_finishes_on_the_ue_with_the_same_tokens(exp
 
 
 def test_an_edge_restarted_under_a_session_engages_the_fallback(exported):
-    """A new edge on the same address answers the session's next step with 'send hello first': the session's
-    state is gone as surely as after a timeout, so the UE finishes locally, before its timeout runs out."""
+    """An edge restarted on the same address holds none of the session's state: the UE sees the old connection
+    close (or the new edge answer 'send hello first') and finishes locally, before its timeout runs out."""
     import socket as sockets
 
     artifact = Artifact.open(exported("tiny-llama"))
@@ -243,7 +243,8 @@ def test_an_edge_restarted_under_a_session_engages_the_fallback(exported):
     client.close()
     assert (np.stack(produced, axis=1) == local_tokens(artifact, PROMPTS, SamplingParams())).all()
     (move,) = session.moves
-    assert "the edge was lost" in move.reason and "send hello" in move.reason, move.reason
+    assert "the edge was lost" in move.reason, move.reason
+    assert "send hello" in move.reason or "closed the connection" in move.reason, move.reason
 
 
 def test_ue_client_without_server(exported):

@@ -28,6 +28,11 @@ class TransportTimeout(SeamError):
     """The peer did not answer within the timeout."""
 
 
+class ConnectionLost(TransportTimeout):
+    """The peer's end of the connection closed while a reply was awaited (it stopped, crashed or restarted):
+    known at once, where a silent peer takes the whole timeout."""
+
+
 class HandshakeRefused(SeamError):
     """The CURVE handshake failed: an unknown key, or security configured on one side only."""
 
@@ -190,15 +195,21 @@ class UeSocket:
             self.socket.curve_secretkey = secret
             self.socket.curve_serverkey = server_public
         # Handshake events tell a refused key apart from a server that is simply not there.
-        self.monitor = self.socket.get_monitor_socket(HANDSHAKE_FAILURES)
+        self.monitor = self.socket.get_monitor_socket(HANDSHAKE_FAILURES | zmq.EVENT_DISCONNECTED)
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         try:
             self.socket.connect(self.address)
         except zmq.ZMQError as error:
             raise SeamError(f"invalid server address {self.address!r}: {error}; use tcp://HOST:PORT") from None
 
     def _handshake_failure(self) -> str | None:
+        """Why the connection failed, from the monitor's events so far: a refused handshake, or the peer gone."""
         while self.monitor.poll(0):
             event = zmq.utils.monitor.recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                return "disconnected"
             if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 return "the edge server refused this UE's key; add its public NAME.key to the server's --allow directory"
             if event & HANDSHAKE_FAILURES:
@@ -230,11 +241,21 @@ class UeSocket:
         self.bytes_sent += sum(len(frame) for frame in frames)
 
     def _receive(self, timeout: float) -> list:
-        if timeout <= 0 or not self.socket.poll(int(timeout * 1000)):
-            refused = self._handshake_failure()
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            ready = dict(self.poller.poll(int(remaining * 1000))) if remaining > 0 else {}
+            if self.socket in ready:
+                break
+            failure = self._handshake_failure() if self.monitor in ready or remaining <= 0 else None
+            if failure is None and remaining > 0:
+                continue  # an event the failures do not include
             self._open()  # drop whatever the late reply would bring
-            if refused:
-                raise HandshakeRefused(f"cannot talk to the edge server at {self.address}: {refused}")
+            if failure == "disconnected":
+                raise ConnectionLost(f"the edge server at {self.address} closed the connection (it stopped, "
+                                     "crashed or restarted)")
+            if failure:
+                raise HandshakeRefused(f"cannot talk to the edge server at {self.address}: {failure}")
             raise TransportTimeout(
                 f"no reply from the edge server at {self.address} within {timeout:g} s; "
                 "check that edge_server is running and reachable, or raise --timeout"
