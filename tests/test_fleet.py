@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack
 
@@ -46,7 +47,12 @@ def test_rank_edges_prefers_the_fastest_predicted_and_leaves_draining_ones_out()
     full = EdgeOffer("c", 0.0005, free_kv_bytes=10)
     draining = EdgeOffer("d", 0.0001, draining=True)
     assert [o.address for o in rank_edges([near_busy, far_idle, full, draining], kv_bytes=100)] == ["b", "a", "c"]
-    assert [o.address for o in rank_edges([EdgeOffer("x", 0.002, 3), EdgeOffer("y", 0.002, 1)])] == ["y", "x"]
+    assert [o.address for o in rank_edges([EdgeOffer("x", 0.002, 3), EdgeOffer("y", 0.0025, 1)])] == ["y", "x"]
+    assert [o.address for o in rank_edges([EdgeOffer("x", 0.002, 3), EdgeOffer("y", 0.009, 1)])] == ["x", "y"]
+    idle = [EdgeOffer(name, 0.001) for name in "pqr"]
+    firsts = [rank_edges(idle, chooser=f"ue{index}")[0].address for index in range(300)]
+    assert all(firsts.count(name) > 60 for name in "pqr")  # UEs arriving at an idle fleet spread over it
+    assert rank_edges(idle, chooser="ue7") == rank_edges(idle[::-1], chooser="ue7")
     odd = EdgeOffer.from_load("z", 0.001, {"sessions": "many", "step_s": True, "free_kv_bytes": 1.5, "draining": 1})
     assert (odd.sessions, odd.step_s, odd.free_kv_bytes, odd.draining) == (0, 0.0, None, False)
 
@@ -147,3 +153,60 @@ def test_ue_client_takes_a_list_of_edges_and_refuses_a_bad_one(exported):
                                   capture_output=True, text=True, timeout=120)
     assert answered.returncode == 0, answered.stderr
     assert answered.stdout.strip()
+
+
+def test_sixty_four_sessions_over_three_edges_lose_nothing_when_one_dies(exported):
+    """64 UEs at once spread over three edges; one edge is killed while every session is halfway; each session
+    finishes with the tokens of its solo run on the device."""
+    from seam.runtime.executor import SessionPool
+    from seam.runtime.generation import LocalSplit, generate
+
+    artifact = Artifact.open(exported("tiny-llama"))
+    ues, tokens, half = 64, 12, 6
+    prompts = [[3 + ue % 50, 40 + ue, 7 + 2 * ue][: 1 + ue % 3] + [100 + ue] for ue in range(ues)]
+    pool, pad = SessionPool(artifact, threads=1), artifact.manifest.tokenizer["pad_token_id"]
+    model = LocalSplit(pool, artifact.num_layers)
+    expected = [[int(t[0]) for t, _ in generate(model, [prompt], tokens, pad, lambda logits, _: logits.argmax(-1))]
+                for prompt in prompts]
+    results: dict[int, tuple] = {}
+    firsts: dict[int, str] = {}  # the edge each UE opened on
+    errors: list[BaseException] = []
+    halfway, killed = threading.Semaphore(0), threading.Event()
+
+    def ue(index: int, servers: str) -> None:
+        try:
+            with EdgeClient(artifact, servers, TransportConfig(timeout_s=30), pool=pool) as client:
+                first = client.server
+                session = client.session(2)
+                steps = session.generate([prompts[index]], tokens)
+                produced = [int(next(steps)[0]) for _ in range(half)]
+                firsts[index] = first
+                halfway.release()
+                killed.wait(120)
+                produced += [int(step[0]) for step in steps]
+                results[index] = (produced, first, session.moves)
+        except BaseException as error:  # reported by the test's thread
+            errors.append(error)
+            halfway.release()
+
+    with ExitStack() as stack:
+        fleet = edges(stack, artifact, 3)
+        threads = [threading.Thread(target=ue, args=(index, ",".join(fleet))) for index in range(ues)]
+        for thread in threads:
+            thread.start()
+        for _ in range(ues):
+            assert halfway.acquire(timeout=120)
+        assert not errors, errors[0]
+        per_edge = [sum(first == address for first in firsts.values()) for address in fleet]
+        victim = list(fleet)[per_edge.index(max(per_edge))]
+        fleet[victim].kill()
+        fleet[victim].wait()
+        killed.set()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert not errors, errors[0]
+    assert sorted(results) == list(range(ues))
+    for index, (produced, first, moves) in results.items():
+        assert produced == expected[index], f"UE {index} changed its tokens"
+        assert [move.edge for move in moves if move.edge] == ([] if first != victim else [moves[0].edge])
+    assert min(per_edge) >= ues // 6, per_edge  # spread over the fleet, not piled on one edge

@@ -3,12 +3,14 @@ reported of its load and the round trip the UE measured to it. Pure functions ov
 
 A session's per-token time on an edge is the round trip of its step plus the edge's own step time, which with
 batched decoding grows with the sessions the edge already runs: the edge reports the median of its last
-seconds' steps, so an edge busy with many UEs ranks behind an idle one a few milliseconds further away, and new
-sessions spread over the fleet as each edge's steps slow down.
+seconds' steps, so an edge busy with many UEs ranks behind an idle one a few milliseconds further away. Edges
+whose predictions differ by less than a handshake's noise count as equal, and of those the one with the fewest
+sessions comes first, so that UEs arriving at once spread over an idle fleet.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -42,10 +44,28 @@ class EdgeOffer:
         return self.round_trip_s + max(self.step_s, 0.0)
 
 
-def rank_edges(offers: Iterable[EdgeOffer], kv_bytes: int = 0) -> list[EdgeOffer]:
-    """The edges a new session may open on, best first: the lowest predicted per-token time, then the fewest
-    sessions. Edges that are draining are left out; those whose KV budget cannot hold ``kv_bytes`` more go last,
-    since they would evict a session (or refuse) to take this one."""
+def _mixed(chooser: str, address: str) -> bytes:
+    """A rank for ``address`` that looks random across choosers and never changes for one (rendezvous hashing)."""
+    return hashlib.blake2b(f"{chooser} {address}".encode(), digest_size=8).digest()
+
+
+NEAR_S = 1e-3  # predictions closer than this to the best are within the noise of a handshake's round trip
+NEAR_SHARE = 0.1  # or within this share of the best
+
+
+def rank_edges(offers: Iterable[EdgeOffer], kv_bytes: int = 0, chooser: str = "") -> list[EdgeOffer]:
+    """The edges a new session may open on, best first: by predicted per-token time, where the edges predicted
+    within the noise of the best (``NEAR_S``, ``NEAR_SHARE``) count as equal and the one with the fewest sessions
+    goes first, so that UEs arriving at an idle fleet spread over it; of those as loaded, the order is a hash of
+    the ``chooser`` (the UE) and the edge, the same for one UE every time and different from UE to UE. Edges that are draining are left out; those
+    whose KV budget cannot hold ``kv_bytes`` more go last, since they would evict a session to take this one."""
     usable = [offer for offer in offers if not offer.draining and math.isfinite(offer.round_trip_s)]
-    return sorted(usable, key=lambda offer: (offer.free_kv_bytes is not None and offer.free_kv_bytes < kv_bytes,
-                                             offer.per_token_s, offer.sessions, offer.address))
+    room = [offer for offer in usable if offer.free_kv_bytes is None or offer.free_kv_bytes >= kv_bytes]
+    full = [offer for offer in usable if offer not in room]
+    by_time = sorted(room, key=lambda offer: (offer.per_token_s, offer.address))
+    if not by_time:
+        return sorted(full, key=lambda offer: offer.per_token_s)
+    limit = by_time[0].per_token_s * (1 + NEAR_SHARE) + NEAR_S
+    near = sorted((offer for offer in by_time if offer.per_token_s <= limit),
+                  key=lambda offer: (offer.sessions, _mixed(chooser, offer.address), offer.address))
+    return near + [offer for offer in by_time if offer not in near] + sorted(full, key=lambda offer: offer.per_token_s)

@@ -14,6 +14,7 @@ split 0 is explicitly allowed); the edge runs the rest, samples, and returns the
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -69,9 +70,11 @@ class EdgeClient:
         self.registry = Registry(registry, min(self._timeout(transport), 5.0)) if registry else None
         self.servers = self._fleet() if self.registry else split_servers(server)
         self._connection = (transport or TransportConfig(), curve_secret, server_key, emulated)
+        self.chooser = uuid.uuid4().hex  # spreads UEs over edges that rank alike (``rank_edges``)
         self.hello = Hello(PROTOCOL_VERSION, self.artifact.manifest.artifact_fingerprint,
                            ["sampling", CODECS_CAPABILITY + ",".join(CODECS)])
-        greeted = greet_best(self.servers, self._connect, self.hello, self._connection[0].timeout_s)
+        greeted = greet_best(self.servers, self._connect, self.hello, self._connection[0].timeout_s,
+                             chooser=self.chooser)
         self.server, self.socket, self.welcome = greeted.offer.address, greeted.socket, greeted.welcome
         handshake_s = greeted.offer.round_trip_s
         # What sessions start from until their own traffic says better: a probed link profile, else the
@@ -130,7 +133,8 @@ class EdgeClient:
         others = [address for address in self.servers if address != self.server]
         if not others:
             raise SeamError(f"the edge server at {self.server} was the only one; give several with --server A,B,...")
-        greeted = greet_best(others, self._connect, self.hello, self._connection[0].timeout_s)
+        greeted = greet_best(others, self._connect, self.hello, self._connection[0].timeout_s,
+                             chooser=self.chooser)
         left = (self.server, self.socket)
         self.server, self.socket, self.welcome = greeted.offer.address, greeted.socket, greeted.welcome
         return left

@@ -45,10 +45,10 @@ def greet(address: str, connect: Callable[[str], UeSocket], hello: Hello) -> Gre
 
 
 def greet_best(addresses: Sequence[str], connect: Callable[[str], UeSocket], hello: Hello, timeout_s: float,
-               kv_bytes: int = 0) -> Greeted:
+               kv_bytes: int = 0, chooser: str = "") -> Greeted:
     """The best of the edges at ``addresses`` that answer within ``timeout_s``: alone, an edge is greeted as it
     always was and its own error raised; of several, each on a thread, the first answers open a short grace for
-    the others. Raises the last error seen when none answers or every one is draining."""
+    the others. ``chooser`` names this UE for ``rank_edges``' tie-break. Raises the last error seen when none answers or every one is draining."""
     if len(addresses) == 1:
         return greet(addresses[0], connect, hello)
     lock, arrived = threading.Lock(), threading.Condition()
@@ -87,7 +87,7 @@ def greet_best(addresses: Sequence[str], connect: Callable[[str], UeSocket], hel
     with lock:
         settled[0] = True
         greeted = list(answers)
-    ranked = rank_edges([g.offer for g in greeted], kv_bytes)
+    ranked = rank_edges([g.offer for g in greeted], kv_bytes, chooser)
     best = next((g for g in greeted if ranked and g.offer is ranked[0]), None)
     for other in greeted:
         if other is not best:
