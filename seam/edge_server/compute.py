@@ -74,11 +74,11 @@ class EdgeCompute:
     def open(self, key: SessionKey, request: OpenSession, past: int) -> tuple[EdgeSession, list[EdgeSession], Onward]:
         """A session for a checked ``request`` arriving with ``past`` positions, the sessions evicted to make room
         for it, and what a next stage needs of the sequences' past (nothing when it arrives without one)."""
-        sampler = Sampler(SamplingParams.from_dict(request.sampling))
-        if request.sampler_state:
+        sampler = None if request.private_output else Sampler(SamplingParams.from_dict(request.sampling))
+        if sampler is not None and request.sampler_state:
             sampler.state = request.sampler_state
         span = Span(request.split, self.end)
-        runner = self.pool.runner(span)
+        runner = self.pool.runner(span, head=not request.private_output)
         runner.reset(request.batch)
         onward = Onward()
         if request.kv is not None:  # sequences the UE has been running alone until now
@@ -88,7 +88,8 @@ class EdgeCompute:
             runner.cache = unpack_kv(ours, span, runner, request.batch, past)
             onward = Onward(kv=theirs)
         elif request.hidden_states is not None:  # the same, with the cache to recompute here
-            runner, output = recompute(self.pool, span, request.hidden_states, request.attention_mask)
+            runner, output = recompute(self.pool, span, request.hidden_states, request.attention_mask,
+                                       head=not request.private_output)
             onward = Onward(hidden_states=output if self.end < self.artifact.num_layers else None)
         # The span's graphs joined now, once per span and process: built in the background, they would slow the
         # steps of every session meanwhile, which the UEs' policies would read as a slower link.
@@ -126,9 +127,12 @@ class EdgeCompute:
     @staticmethod
     def sample(group: list[tuple[EdgeSession, CheckedStep]], outputs: list[np.ndarray]) -> list[np.ndarray | Exception]:
         """Each session's tokens [B] from its step's logits, or what sampling them raised, so that one session's
-        fault stays its own."""
+        fault stays its own; a session keeping its output private gets the last position's hidden states."""
         results: list[np.ndarray | Exception] = []
         for (session, _), output in zip(group, outputs):
+            if session.private_output:
+                results.append(output[:, -1:, :])
+                continue
             try:
                 results.append(session.sampler(output[:, -1, :]))
             except Exception as error:  # e.g. logits a session's own inputs made non-finite
@@ -137,13 +141,16 @@ class EdgeCompute:
 
     @staticmethod
     def advance(session: EdgeSession, checked: CheckedStep, step: int, compute_s: float,
-                tokens: np.ndarray) -> StepResult:
-        """Records a step that ran and returns its result."""
+                output: np.ndarray) -> StepResult:
+        """Records a step that ran and returns its result: ``output`` is its tokens, or with private output the
+        hidden states the UE samples from."""
         session.next_step += 1
         session.mask = checked.attention_mask
         session.tokens += session.batch
         session.compute_s += compute_s
-        return StepResult(session.key[1], step, compute_s, tokens)
+        if session.private_output:
+            return StepResult(session.key[1], step, compute_s, hidden_states=output)
+        return StepResult(session.key[1], step, compute_s, output)
 
     def resplit(self, session: EdgeSession, request: Resplit) -> Resplitted:
         """Moves a checked ``request``'s session to its split; at split L the session is handed over whole and
@@ -163,7 +170,7 @@ class EdgeCompute:
         else:  # the UE takes layers [old, new) over
             incoming = {}
             outgoing = pack_kv(runner.cache, Span(old, end)) if request.send_kv else None
-            sampler_state = session.sampler.state if new == last else {}
+            sampler_state = session.sampler.state if new == last and session.sampler is not None else {}
             session.kv_bytes = self.kv_bytes(session.batch, session.max_length, new)
             session.working_bytes = self.largest_step_bytes(session.batch, session.max_length, new)
         session.moves += 1

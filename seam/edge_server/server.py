@@ -23,14 +23,15 @@ from seam.edge_server.config import EdgeConfig
 from seam.edge_server.load import LoadReport
 from seam.edge_server.sessions import EdgeSession, SessionTable, UnknownSession
 from seam.edge_server.stage import NextStage, StageLost, stage_end
-from seam.edge_server.validation import CheckedStep, Limits, check_open, check_ping, check_resplit, check_step
+from seam.edge_server.validation import (CheckedStep, Limits, check_open, check_ping, check_resplit, check_step,
+                                         private_output_refusal)
 from seam.runtime.artifact import NUMPY_DTYPES, Artifact
 from seam.runtime.codecs import CODECS, CODECS_CAPABILITY
 from seam.runtime.errors import SeamError
 from seam.runtime.executor import SessionPool
-from seam.runtime.protocol import (PROBE_FINGERPRINT, PROTOCOL_VERSION, TRAINING_MESSAGES, Close, Closed, Error, Hello,
-                                   Message, OpenSession, Ping, Pong, ProtocolError, Resplit, SessionOpened, Step,
-                                   Welcome)
+from seam.runtime.protocol import (PRIVATE_OUTPUT_CAPABILITY, PROBE_FINGERPRINT, PROTOCOL_VERSION, TRAINING_MESSAGES,
+                                   Close, Closed, Error, Hello, Message, OpenSession, Ping, Pong, ProtocolError,
+                                   Resplit, SessionOpened, Step, Welcome)
 from seam.runtime.spans import Span
 from seam.runtime.transport import EdgeSocket
 
@@ -51,7 +52,8 @@ class EdgeServer:
         self.table = SessionTable(config.max_sessions, int(config.memory_budget_mb * 2**20), config.idle_timeout_s)
         self.limits = Limits(self.artifact.num_layers, self.manifest.dims.hidden_size, self.manifest.dims.vocab_size,
                              np.dtype(NUMPY_DTYPES[self.manifest.dtype]), config.max_batch, config.max_length,
-                             tuple(self.offered_codecs), self._check_split)
+                             tuple(self.offered_codecs), self._check_split,
+                             private_output_refusal(self.manifest.head is not None, self.end < self.artifact.num_layers))
         self.compute = EdgeCompute(self.artifact, self.pool, self.table, self.limits, config.prefill_chunk, self.end)
         self.prefills: list[tuple[Ready, int]] = []  # long prefills under way, oldest first: positions run so far
         self.welcomed: set[bytes] = set()  # peers holding this artifact: they may open sessions
@@ -253,14 +255,15 @@ class EdgeServer:
     def _run_ready(self, ready: list[Ready]) -> list[tuple[bytes, Message]]:
         """Runs checked decode steps, one batched run per split as far as ``max_batch`` sequences and the memory
         the budget leaves free allow."""
-        by_split: dict[int, list[Ready]] = {}
+        # Sessions keeping their output private run a graph without the head: they batch among themselves.
+        by_split: dict[tuple[int, bool], list[Ready]] = {}
         # In the order of their rows in the span's arena (shared buffers): a run then covers few rows it does not step.
         for prepared in sorted(ready, key=lambda prepared: prepared[0].runner.buffers.first_row
                                if prepared[0].runner.buffers is not None else 0):
-            by_split.setdefault(prepared[0].split, []).append(prepared)
+            by_split.setdefault((prepared[0].split, prepared[0].private_output), []).append(prepared)
         free = self.table.budget_bytes - self.table.kv_reserved - self.table.pinned_bytes
         replies = []
-        for split, group in by_split.items():
+        for (split, _), group in by_split.items():
             run: list[Ready] = []
             rows = longest = 0
             for prepared in group:
@@ -343,9 +346,10 @@ class EdgeServer:
     def welcome(self) -> Welcome:
         served = [split for split in self.artifact.split_points
                   if split < self.end or split == self.artifact.num_layers]
+        private = [] if self.limits.private_output_refusal else [PRIVATE_OUTPUT_CAPABILITY]
         return Welcome(PROTOCOL_VERSION, self.manifest.artifact_fingerprint, served,
                        self.config.transport.max_message_bytes,
-                       ["sampling", CODECS_CAPABILITY + ",".join(self.offered_codecs)],
+                       ["sampling", CODECS_CAPABILITY + ",".join(self.offered_codecs), *private],
                        self.load.report(self.table, self.draining_until is not None))
 
     def _open(self, peer: bytes, request: OpenSession) -> Message:

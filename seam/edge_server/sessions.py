@@ -31,7 +31,7 @@ class UnknownSession(SeamError):
 class EdgeSession:
     key: SessionKey
     runner: SpanRunner
-    sampler: Sampler
+    sampler: Sampler | None  # None when the UE keeps the output private and samples itself
     split: int
     batch: int
     max_length: int
@@ -46,6 +46,10 @@ class EdgeSession:
     batched_steps: int = 0  # steps that ran in one batch with other sessions
     moves: int = 0  # times the split moved
     mask: np.ndarray | None = None  # the attention mask of every position so far: steps may send only new columns
+
+    @property
+    def private_output(self) -> bool:
+        return self.sampler is None
 
     def stats(self) -> dict:
         """The session's account, for the close line of the log and the UE's ``Closed``."""

@@ -33,6 +33,7 @@ class Limits:
     max_length: int
     offered_codecs: tuple[str, ...]
     check_split: Callable[[int, bool], None]  # Artifact.check_split
+    private_output_refusal: str = ""  # why this edge cannot return hidden states instead of tokens; "" if it can
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,15 @@ class CheckedStep:
         return self.first.shape[1]
 
 
+def private_output_refusal(has_head_graph: bool, is_stage: bool) -> str:
+    """Why an edge cannot return hidden states instead of tokens (``Limits.private_output_refusal``), or ""."""
+    if not has_head_graph:
+        return "its artifact was exported before private output existed; re-export it with 'seam export --force'"
+    if is_stage:
+        return "it is a stage of a pipeline, and private output is served by a single edge in this version"
+    return ""
+
+
 def check_open(request: OpenSession, limits: Limits) -> int:
     """Checks a session's opening; returns the positions it arrives with (0 for a new one)."""
     limits.check_split(request.split, request.allow_token_upload)
@@ -57,6 +67,8 @@ def check_open(request: OpenSession, limits: Limits) -> int:
         raise SeamError(f"batch {request.batch} is outside 1..{limits.max_batch}")
     if not 1 <= request.max_length <= limits.max_length:
         raise SeamError(f"max_length {request.max_length} is outside 1..{limits.max_length}")
+    if request.private_output and limits.private_output_refusal:
+        raise SeamError(f"this edge_server cannot keep the output private: {limits.private_output_refusal}")
     if request.kv is None and request.hidden_states is None:
         if request.attention_mask is not None:
             raise SeamError("a new session carries no attention mask: its first step brings the mask columns")

@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from seam.export import onnx_writer
-from seam.export.segment import Prelude, Segment
+from seam.export.segment import Head, Prelude, Segment
 from seam.export.sources import LoadedModel, fingerprint, gguf_sha256, load_model, merge_adapter
 from seam.export.validate import pad_token_id, references_for, require_fp32_parity, validate
 from seam.runtime.artifact import MANIFEST_NAME, Artifact, Block, Dimensions, Manifest
@@ -108,6 +108,20 @@ EXPORT_FILES = ("manifest.json", "*.onnx", "*.onnx.data", "config.json", "genera
                 "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*")
 
 
+def _up_to_date(out: Path, model_fingerprint: str, export_args: dict) -> bool:
+    """Whether ``out`` already holds this export; refuses a different one (``--force`` replaces it). The same
+    export by a Seam from before the head had a graph of its own is written again."""
+    existing = _existing_manifest(out)
+    if existing is None:
+        return False
+    if existing.get("fingerprint") != model_fingerprint or existing.get("export_args") != export_args:
+        raise SeamError(f"{out} already holds a different export or other files; pass --force to replace it")
+    if existing.get("head"):
+        return True
+    _refuse_foreign(out)
+    return False
+
+
 def _refuse_foreign(out: Path) -> None:
     """Refuses to replace ``out`` unless it is empty or a Seam artifact and nothing else: ``--force`` replaces an
     export, never a user's files (profiles and adapters written into an artifact included)."""
@@ -193,7 +207,10 @@ def _write_graphs(loaded: LoadedModel, staging: Path, cuts: list[int], dtype, qu
             )
             bar.update(1)
         blocks.append(Block(index, span, tuple(segment.input_names), tuple(segment.output_names), variants))
-    return prelude_file, blocks
+    head = Head(family)
+    kept = torch.randn((_BATCH, 1, hidden_size), generator=generator).to(dtype)
+    head_file = onnx_writer.export_module(head, (kept,), staging, "head.onnx", head.input_names, head.output_names)
+    return prelude_file, blocks, head_file
 
 
 def _copy_model_files(loaded: LoadedModel, staging: Path) -> dict:
@@ -223,19 +240,15 @@ def export(request: ExportRequest) -> ExportOutcome:
         cuts = parse_cuts(request.cuts, num_layers)
         export_args = _export_args(request, loaded, cuts)
         model_fingerprint = fingerprint(loaded.model)
-        existing = _existing_manifest(out)
-        if existing is not None and not request.force:
-            if existing.get("fingerprint") == model_fingerprint and existing.get("export_args") == export_args:
-                return ExportOutcome(Artifact.open(out, verify=False).manifest, up_to_date=True)
-            raise SeamError(f"{out} already holds a different export or other files; pass --force to replace it")
-
+        if not request.force and _up_to_date(out, model_fingerprint, export_args):
+            return ExportOutcome(Artifact.open(out, verify=False).manifest, up_to_date=True)
         references = references_for(loaded.model, loaded.tokenizer) if request.validate else []
         dtype = torch.float16 if request.dtype == "fp16" else torch.float32
         loaded.model.to(dtype)
         graphs = (len(cuts) + 1) * (2 if request.quantize_ue else 1)
         with tqdm(total=graphs, desc="export", unit="graph", disable=bar_disabled(request.quiet), leave=False) as bar:
-            prelude_file, blocks = _write_graphs(loaded, staging, cuts, dtype, request.quantize_ue,
-                                                 export_args["kv_layout"], bar)
+            prelude_file, blocks, head_file = _write_graphs(loaded, staging, cuts, dtype, request.quantize_ue,
+                                                            export_args["kv_layout"], bar)
         family = loaded.family
         manifest = Manifest(
             source=request.model,
@@ -254,6 +267,7 @@ def export(request: ExportRequest) -> ExportOutcome:
             kv_layout=export_args["kv_layout"],
             cuts=cuts,
             prelude=prelude_file,
+            head=head_file,
             blocks=blocks,
             tokenizer=_copy_model_files(loaded, staging),
             export_args=export_args,

@@ -31,6 +31,7 @@ _AXES = {
     "seqlens_k": {0: "batch"},
     "hidden_out": {0: "batch", 1: "sequence"},
     "logits": {0: "batch", 1: "kept"},
+    "final_hidden": {0: "batch", 1: "kept"},
 }
 
 

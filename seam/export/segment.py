@@ -12,6 +12,7 @@ from torch import nn
 
 from seam.export.attention import IMPLEMENTATION, SharedBufferCache
 from seam.export.families.base import FamilyAdapter
+from seam.runtime.artifact import FINAL_HIDDEN
 from seam.runtime.executor import past_names, present_names
 from seam.runtime.spans import Span
 
@@ -84,6 +85,7 @@ class Segment(nn.Module):
         self.span = span
         self.is_first = is_first
         self.is_last = is_last
+        self.head = Head(family) if is_last else None
         self.layers = [family.layers()[index] for index in span]  # already registered through self.model
         self.past_input_names = [name for layer in span for name in past_names(layer)]
         self.input_names = [
@@ -98,6 +100,9 @@ class Segment(nn.Module):
         self.output_names = [
             "logits" if is_last else "hidden_out",
             *[name for layer in span for name in present_names(layer)],
+            # The last layer's hidden states before the final norm, which an edge returns instead of the logits
+            # when the UE keeps the head (private output); the edge runs the graph without the head then.
+            *([FINAL_HIDDEN] if is_last else []),
         ]
 
     def forward(self, *flat: torch.Tensor):
@@ -125,9 +130,25 @@ class Segment(nn.Module):
                 hidden = self.family.run_layer(layer, hidden, named["attention_bias"], features, cache, **attention)
         finally:
             config._attn_implementation = implementation
-        if self.is_last:
-            keep = named["logits_to_keep"]
-            hidden = self.family.final_norm()(hidden[:, hidden.shape[1] - keep:, :])  # [B, K, H]
-            hidden = self.family.lm_head()(hidden).float()  # [B, K, V]
         presents = [tensor for layer in self.span for tensor in cache.present[layer]]
+        if self.is_last:
+            kept = hidden[:, hidden.shape[1] - named["logits_to_keep"]:, :]  # [B, K, H]
+            return (self.head(kept), *presents, kept)
         return (hidden, *presents)
+
+
+class Head(nn.Module):
+    """The final norm and the LM head: ``final_hidden`` [B, K, H] -> logits [B, K, V] in fp32. The last block
+    ends with it, and the export writes it alone as well, for the UE to run when the edge returns the last
+    layer's hidden states instead of a token (private output)."""
+
+    input_names = [FINAL_HIDDEN]
+    output_names = ["logits"]
+
+    def __init__(self, family: FamilyAdapter):
+        super().__init__()
+        self.family = family
+        self.model = family.model  # registered so tracing sees the weights; unused ones are pruned
+
+    def forward(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        return self.family.lm_head()(self.family.final_norm()(final_hidden)).float()

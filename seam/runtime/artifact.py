@@ -19,6 +19,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 NUMPY_DTYPES = {"fp32": "float32", "fp16": "float16"}
 DTYPE_BYTES = {"fp32": 4, "fp16": 2}
+FINAL_HIDDEN = "final_hidden"  # the last block's hidden states before the final norm and LM head, [B, K, H]
 
 
 def sha256_file(path: Path) -> str:
@@ -108,6 +109,9 @@ class Manifest:
     # How blocks take their KV cache: "concat" (past in, past and new out) or "shared-buffer" (one buffer per
     # layer, bound as both past and present, written in place); artifacts from before the field are "concat".
     kv_layout: str = "concat"
+    # The final norm and the LM head alone, taking the last block's ``final_hidden``: the UE runs it when the
+    # edge returns hidden states instead of a token (private output). Artifacts from before it have none.
+    head: OnnxFile | None = None
     schema_version: int = SCHEMA_VERSION
     seam_version: str = ""
 
@@ -126,6 +130,8 @@ class Manifest:
         digest = hashlib.sha256(self.fingerprint.encode())
         for onnx_file in [self.prelude] + [v for b in self.blocks for v in b.variants.values()]:
             digest.update(onnx_file.sha256.encode())
+        if self.head is not None:
+            digest.update(self.head.sha256.encode())
         return digest.hexdigest()
 
     def to_dict(self) -> dict:
@@ -142,6 +148,7 @@ class Manifest:
             "kv_layout": self.kv_layout,
             "cuts": self.cuts,
             "prelude": asdict(self.prelude),
+            "head": asdict(self.head) if self.head is not None else None,
             "blocks": [block.to_dict() for block in self.blocks],
             "activation_bytes_per_token": self.activation_bytes_per_token,
             "kv_bytes_per_token_per_layer": self.kv_bytes_per_token_per_layer,
@@ -164,6 +171,7 @@ class Manifest:
             kv_layout=raw.get("kv_layout", "concat"),
             cuts=list(raw["cuts"]),
             prelude=OnnxFile(**raw["prelude"]),
+            head=OnnxFile(**raw["head"]) if raw.get("head") else None,
             blocks=[Block.from_dict(block) for block in raw["blocks"]],
             tokenizer=raw["tokenizer"],
             export_args=raw["export_args"],
@@ -211,7 +219,14 @@ class Artifact:
         return artifact
 
     def all_files(self) -> list[OnnxFile]:
-        return [self.manifest.prelude] + [v for b in self.manifest.blocks for v in b.variants.values()]
+        head = [self.manifest.head] if self.manifest.head is not None else []
+        return [self.manifest.prelude, *head] + [v for b in self.manifest.blocks for v in b.variants.values()]
+
+    def check_private_output(self) -> None:
+        """Refuses private output (the UE keeps the head) on an artifact exported before the head had a graph."""
+        if self.manifest.head is None:
+            raise SeamError(f"{self.root} was exported before private output existed (it has no head graph); "
+                            "re-export it with 'seam export ... --force'")
 
     @property
     def num_layers(self) -> int:

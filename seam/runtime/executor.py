@@ -15,7 +15,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from seam.runtime.artifact import NUMPY_DTYPES, Artifact
+from seam.runtime.artifact import FINAL_HIDDEN, NUMPY_DTYPES, Artifact
 from seam.runtime.errors import SeamError
 from seam.runtime.kv_buffers import KvArena, KvBuffers
 from seam.runtime.merged_graphs import merged_graph
@@ -38,11 +38,14 @@ class _LoadedBlock:
     """One graph a runner runs: a block of the artifact, or a span's blocks joined (``merged_graphs``), whose
     extra ``hidden.CUT`` outputs are the hidden states at the cuts inside it."""
 
-    def __init__(self, layers: Span, session):
+    def __init__(self, layers: Span, session, headless: bool = False):
         self.layers = layers
         self.session = session
         self.input_names = [arg.name for arg in self.session.get_inputs()]
         self.output_names = [arg.name for arg in self.session.get_outputs()]
+        # A last block run for private output yields the hidden states before its head: a joined graph without
+        # the head has them first; a block kept whole (too large to rewrite) computes its logits as well.
+        self.output = FINAL_HIDDEN if headless else self.output_names[0]
         self.cache_moves = [
             (present, past)
             for layer in layers
@@ -72,7 +75,7 @@ class SessionPool:
         # With ``merge`` a span of several blocks runs as one graph once it is built (in the background, while
         # the span's blocks run): (span, variant, boundaries) -> the session being built (None if it failed).
         self.merge = merge
-        self._merged: dict[tuple[Span, str, bool], Future] = {}
+        self._merged: dict[tuple[Span, str, bool, bool], Future] = {}
         self._opening = threading.Lock()  # concurrent sessions of one UE (its HTTP endpoint) open each graph once
 
     def session(self, onnx_file):
@@ -86,13 +89,20 @@ class SessionPool:
         """Opens the sessions of ``span`` now, so the first request does not pay for loading them."""
         self.runner(span, variant)
 
-    def runner(self, span: Span, variant: str | None = None, keep_boundaries: bool = False) -> SpanRunner:
-        return SpanRunner(self, span, variant, keep_boundaries)
+    def runner(self, span: Span, variant: str | None = None, keep_boundaries: bool = False,
+               head: bool = True) -> SpanRunner:
+        return SpanRunner(self, span, variant, keep_boundaries, head)
 
-    def merged_session(self, span: Span, variant: str, boundaries: bool, wait: bool = False):
-        """The session of ``span``'s blocks joined into one graph, or None until it is built: the first call
-        starts building it in the background (``wait``: builds it now)."""
-        key = (span, variant, boundaries)
+    def head_logits(self, final_hidden: np.ndarray) -> np.ndarray:
+        """The final norm and LM head on the last layer's hidden states [B, K, H]: logits [B, K, V]."""
+        self.artifact.check_private_output()
+        session = self.session(self.artifact.manifest.head)
+        return session.run(None, {FINAL_HIDDEN: np.ascontiguousarray(final_hidden)})[0]
+
+    def merged_session(self, span: Span, variant: str, boundaries: bool, head: bool = True, wait: bool = False):
+        """The session of ``span``'s blocks joined into one graph (``head`` False: without the LM head), or None
+        until it is built: the first call starts building it in the background (``wait``: builds it now)."""
+        key = (span, variant, boundaries, head)
         with self._opening:
             if key not in self._merged:
                 self._merged[key] = Future()
@@ -103,7 +113,7 @@ class SessionPool:
             building = self._merged[key]
         return building.result() if wait or building.done() else None
 
-    def _build_merged(self, key: tuple[Span, str, bool]):
+    def _build_merged(self, key: tuple[Span, str, bool, bool]):
         try:
             return open_session(str(merged_graph(self.artifact, *key)), self.threads, self.device)
         except Exception as error:  # the blocks keep running: slower, never wrong
@@ -126,18 +136,29 @@ class SpanRunner:
     recomputes the cache of the layers it takes over from far fewer bytes than the cache itself.
     """
 
-    def __init__(self, pool: SessionPool, span: Span, variant: str | None = None, keep_boundaries: bool = False):
+    def __init__(self, pool: SessionPool, span: Span, variant: str | None = None, keep_boundaries: bool = False,
+                 head: bool = True):
         manifest = pool.artifact.manifest
         self.span = span
         self.num_layers = manifest.dims.num_layers
+        # Without ``head`` a span ending at the last layer returns the hidden states before the final norm and
+        # the LM head (``FINAL_HIDDEN``), which the UE turns into logits itself (private output).
+        self.head = head
+        headless = not head and span.end == self.num_layers
+        if headless:
+            pool.artifact.check_private_output()
         self.variant = variant or manifest.dtype
         self.kv_dtype = np.dtype(NUMPY_DTYPES[manifest.dtype])
         self.kv_shape = (manifest.dims.num_kv_heads, manifest.dims.head_dim)
+        blocks = pool.artifact.blocks_for(span)
         self.blocks = [
-            _LoadedBlock(block.layers, pool.session(block.variants[self.variant]))
-            for block in pool.artifact.blocks_for(span)
+            _LoadedBlock(block.layers, pool.session(block.variants[self.variant]),
+                         headless=headless and block.layers.end == self.num_layers)
+            for block in blocks
         ]
-        self.merging = pool.merge and len(self.blocks) > 1  # until the span's joined graph replaces its blocks
+        # Until the span's joined graph replaces its blocks; a headless span is one graph rewritten even when it
+        # is one block, so that the edge does not compute logits it does not send.
+        self.merging = pool.merge and (len(self.blocks) > 1 or headless)
         self.prelude = pool.session(manifest.prelude) if self.blocks else None
         self.prelude_outputs = [arg.name for arg in self.prelude.get_outputs()] if self.prelude else []
         self.pool = pool
@@ -155,9 +176,11 @@ class SpanRunner:
         """Runs the span as one graph from the next step on, once the pool has it (``wait``: now)."""
         if not self.merging:
             return
-        session = self.pool.merged_session(self.span, self.variant, self.keep_boundaries, wait)
+        session = self.pool.merged_session(self.span, self.variant, self.keep_boundaries, self.head, wait)
         if session is not None:
             self.blocks, self.merging = [_LoadedBlock(self.span, session)], False
+        elif wait:  # it could not be built: the blocks run on, as they are
+            self.merging = False
 
     @property
     def cache(self) -> dict[str, np.ndarray]:
@@ -198,7 +221,7 @@ class SpanRunner:
 
     @property
     def ends_in_logits(self) -> bool:
-        return self.span.end == self.num_layers
+        return self.span.end == self.num_layers and self.head
 
     @property
     def past_length(self) -> int:
@@ -231,14 +254,15 @@ class SpanRunner:
                       chunk: int) -> np.ndarray:
         """The step ``run`` takes, ``chunk`` positions at a time: a long prefill's attention scores grow with the
         square of its length, a chunk's only with its own. Returns what ``run`` would: the last position's
-        logits (the last chunk's), or the hidden states of every position (each chunk's, joined)."""
+        logits or hidden states before the head (the last chunk's), or the hidden states of every position (each
+        chunk's, joined)."""
         past, new = self.past_length, first_input.shape[1]
         outputs = []
         for start in range(0, new, chunk):
             end = min(start + chunk, new)
             outputs.append(self.run(first_input[:, start:end], attention_mask[:, : past + end],
                                     position_ids[:, start:end]))
-        return outputs[-1] if self.ends_in_logits or len(outputs) == 1 else np.concatenate(outputs, axis=1)
+        return outputs[-1] if self.span.end == self.num_layers or len(outputs) == 1 else np.concatenate(outputs, axis=1)
 
     def shared_inputs(self, attention_mask, position_ids, logits_to_keep: int = 1) -> dict[str, np.ndarray]:
         """The inputs every block of one step shares: the prelude's bias and position features, and the mask."""
@@ -272,7 +296,7 @@ class SpanRunner:
             results = dict(zip(loaded.output_names, loaded.session.run(None, self.feed(loaded, output, cache, shared))))
             for present, past in loaded.cache_moves:
                 grown[past] = results[present]
-            output = results[loaded.output_names[0]]
+            output = results[loaded.output]
             if outputs is not None:
                 outputs.update({cut: results[name] for cut, name in loaded.inner_cuts})
                 outputs[loaded.layers.end] = output
@@ -317,7 +341,7 @@ class SpanRunner:
                     fed = output if name in FIRST_INPUTS else shared[name]
                     # (ascontiguousarray would make a scalar, logits_to_keep, one-dimensional)
                     binding.bind_cpu_input(name, fed if fed.flags.c_contiguous else np.ascontiguousarray(fed))
-            binding.bind_output(loaded.output_names[0])
+            binding.bind_output(loaded.output)
             for _, name in loaded.inner_cuts:
                 binding.bind_output(name)
             for present, past in loaded.cache_moves:

@@ -7,7 +7,9 @@ are global, and a block's output feeds the next block's first input. Joining the
 other name inside block ``k`` gets the prefix ``k/`` (exporters reuse names such as ``onnx::MatMul_255``), the
 output of each block but the last becomes ``hidden.CUT`` and the next block's ``hidden_states`` reads it. With
 ``boundaries`` those ``hidden.CUT`` are also outputs of the graph, for a runner that keeps the hidden states at
-its cuts.
+its cuts. Without ``head`` the graph returns the last layer's hidden states before the final norm
+(``final_hidden``) in place of the logits, and the head's nodes and weights are pruned away: an edge serving private
+output computes no logits. Such a graph is built for a single block too.
 
 A joined graph is written once under ``$SEAM_HOME/merged/<artifact fingerprint>/`` (the artifact directory may be
 read-only and holds only what its export wrote) through a temporary file renamed into place, so a later load
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from seam.runtime.artifact import Artifact
+from seam.runtime.artifact import FINAL_HIDDEN, Artifact
 from seam.runtime.errors import SeamError
 from seam.runtime.files import seam_home, write_atomically
 from seam.runtime.spans import Span
@@ -31,17 +33,17 @@ SHARED_INPUTS = ("input_ids", "position_ids", "attention_bias", "rope_cos", "rop
 MAX_JOINED_BYTES = 1 << 30  # weights of a span joined into one graph
 
 
-def merged_path(artifact: Artifact, span: Span, variant: str, boundaries: bool) -> Path:
-    suffix = "-boundaries" if boundaries else ""
+def merged_path(artifact: Artifact, span: Span, variant: str, boundaries: bool, head: bool = True) -> Path:
+    suffix = ("-boundaries" if boundaries else "") + ("" if head else "-headless")
     return (seam_home() / "merged" / artifact.manifest.artifact_fingerprint[:32] /
             f"{variant}-{span.start}-{span.end}{suffix}.onnx")
 
 
 def _global(name: str) -> bool:
-    return name in SHARED_INPUTS or name.startswith(("past_key_values.", "present."))
+    return name in SHARED_INPUTS or name == FINAL_HIDDEN or name.startswith(("past_key_values.", "present."))
 
 
-def join_blocks(artifact: Artifact, span: Span, variant: str, boundaries: bool):
+def join_blocks(artifact: Artifact, span: Span, variant: str, boundaries: bool, head: bool = True):
     """The blocks of ``span`` as one ``onnx.ModelProto`` (see the module's docstring)."""
     import onnx
 
@@ -91,13 +93,41 @@ def join_blocks(artifact: Artifact, span: Span, variant: str, boundaries: bool):
             elif boundaries:
                 outputs.append(value)
     graph.output.extend([*outputs, *extra_outputs])
+    if not head:
+        _drop_head(graph)
     return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
-def merged_graph(artifact: Artifact, span: Span, variant: str, boundaries: bool = False) -> Path:
+def _drop_head(graph) -> None:
+    """Makes ``final_hidden`` the graph's first output in place of the logits, and removes every node, weight
+    and input that only the logits needed."""
+    by_name = {value.name: value for value in graph.output}
+    if FINAL_HIDDEN not in by_name:
+        raise SeamError("the last block has no final_hidden output; re-export the artifact with 'seam export ... "
+                        "--force'")
+    kept_outputs = [by_name[FINAL_HIDDEN]] + [value for value in graph.output
+                                              if value.name not in (FINAL_HIDDEN, "logits")]
+    del graph.output[:]
+    graph.output.extend(kept_outputs)
+    needed = {value.name for value in kept_outputs}
+    kept_nodes = []
+    for node in reversed(graph.node):  # a graph's nodes are in topological order
+        if any(name in needed for name in node.output):
+            kept_nodes.append(node)
+            needed.update(name for name in node.input if name)
+    for field, keep in ((graph.node, kept_nodes[::-1]),
+                        (graph.initializer, [t for t in graph.initializer if t.name in needed]),
+                        (graph.input, [v for v in graph.input if v.name in needed]),
+                        (graph.value_info, [v for v in graph.value_info if v.name in needed])):
+        kept = list(keep)
+        del field[:]
+        field.extend(kept)
+
+
+def merged_graph(artifact: Artifact, span: Span, variant: str, boundaries: bool = False, head: bool = True) -> Path:
     """The path of the joined graph of ``span``, building it first if no earlier load did."""
-    path = merged_path(artifact, span, variant, boundaries)
+    path = merged_path(artifact, span, variant, boundaries, head)
     if path.is_file():
         return path
-    model = join_blocks(artifact, span, variant, boundaries)
+    model = join_blocks(artifact, span, variant, boundaries, head)
     return write_atomically(path, lambda out: out.write(model.SerializeToString()), binary=True)

@@ -41,11 +41,11 @@ def unpack_kv(packed: np.ndarray | None, layers: Span, like: SpanRunner, batch: 
 
 
 def recompute(pool: SessionPool, layers: Span, hidden: np.ndarray, mask: np.ndarray, variant: str | None = None,
-              keep_boundaries: bool = False) -> tuple[SpanRunner, np.ndarray]:
+              keep_boundaries: bool = False, head: bool = True) -> tuple[SpanRunner, np.ndarray]:
     """A runner for ``layers`` whose cache covers every position so far, computed in one pass from ``hidden``,
     the hidden states at ``layers.start`` (or the token ids when it is 0), under ``mask`` [B, past]; and the
     pass's output (the hidden states at ``layers.end`` when it is not the last layer)."""
-    runner = pool.runner(layers, variant, keep_boundaries)
+    runner = pool.runner(layers, variant, keep_boundaries, head)
     runner.reset(mask.shape[0])
     return runner, runner.run(hidden, mask, positions_from_mask(mask))
 
@@ -71,7 +71,7 @@ def resplit(pool: SessionPool, runner: SpanRunner, span: Span, incoming: dict[st
     """A runner for ``span`` that continues ``runner``'s sequences: layers in both spans keep their cache, the
     layers ``span`` gains take theirs from ``incoming``; kept boundary hidden states carry over likewise, from
     ``runner`` or ``boundaries``."""
-    moved = pool.runner(span, runner.variant, runner.keep_boundaries)
+    moved = pool.runner(span, runner.variant, runner.keep_boundaries, runner.head)
     moved.cache = {
         name: runner.cache[name] if name in runner.cache else incoming[name]
         for layer in span

@@ -23,6 +23,7 @@ PROBE_FINGERPRINT = ""  # a Hello with this fingerprint only probes the link (``
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 ALLOWED_DTYPES = frozenset({"float32", "float16", "int64", "int8", "uint8", "uint16"})
 MAX_DIM = (1 << 31) - 1  # numpy refuses larger dimensions even for an empty tensor
+PRIVATE_OUTPUT_CAPABILITY = "private-output"  # an edge that returns hidden states instead of tokens when asked
 
 
 class ProtocolError(SeamError):
@@ -76,6 +77,7 @@ class OpenSession(Message):
     kv: np.ndarray | None = None  # the cache of layers [split, L) when sequences are already running (see Resplit)
     hidden_states: np.ndarray | None = None  # or, instead of the cache, what to recompute it from (see Resplit)
     attention_mask: np.ndarray | None = None  # [B, past] int64 of the positions already run, with kv or hidden_states
+    private_output: bool = False  # the UE keeps the head and samples: results carry hidden states, never a token
 
 
 @dataclass
@@ -106,7 +108,8 @@ class StepResult(Message):
     session_id: str
     step: int
     edge_compute_s: float  # lets the UE separate network time from compute
-    tokens: np.ndarray  # [B] int64
+    tokens: np.ndarray | None = None  # [B] int64, sampled by the edge
+    hidden_states: np.ndarray | None = None  # or with private output [B, 1, H], the last layer's before the head
     draining: bool = False  # the edge is shutting down: the UE moves the session elsewhere before its next step
 
 
@@ -213,7 +216,6 @@ class TrainingOpened(Message):
 class TrainForward(Message):
     """The UE layers' output at the cut for one batch; the edge runs its layers and keeps the graph for the
     ``TrainBackward`` that follows."""
-
     kind = "train_forward"
     session_id: str
     step: int
@@ -262,7 +264,6 @@ class FetchAdapter(Message):
 @dataclass
 class AdapterWeights(Message):
     """LoRA weights as one flat float32 array, cut into ``names`` of ``shapes`` in order."""
-
     kind = "adapter_weights"
     session_id: str
     names: list
@@ -273,7 +274,6 @@ class AdapterWeights(Message):
 @dataclass
 class UploadAdapter(Message):
     """A UE's own adapters after a round of local training, for its job's federated average."""
-
     kind = "upload_adapter"
     session_id: str
     round: int

@@ -77,7 +77,7 @@ def _generate(service, job: Job) -> Answer:
     try:
         with service.lanes.lane(job.cancelled) as client:
             session = client.session(service.split, sampling, service.args.allow_token_upload,
-                                     service.args.fallback_local)
+                                     service.args.fallback_local, service.args.private_output)
             with session:
                 session.impairment = service.impairment
                 progress = Progress(service.hub, job.request_id, session)
@@ -141,6 +141,7 @@ def figures(session) -> dict:
     medians = stats.decode_medians_ms() if stats.timings else {}
     return {
         "split": session.split, "first_split": session.first_split, "layers": session.num_layers, "codec": session.codec,
+        "private_output": session.private_output,
         "tokens_per_s": _finite(stats.tokens_per_second),
         "time_to_first_token_ms": round(1e3 * stats.time_to_first_token_s, 2) if stats.arrivals else None,
         "per_token_ms": {part.removesuffix("_s"): round(ms, 3) for part, ms in medians.items()},

@@ -43,6 +43,8 @@ class Service:
         self.split = args.split if args.split is not None else self.artifact.default_split
         self.artifact.check_split(self.split, args.allow_token_upload)
         self.variant = self.artifact.check_variant(args.variant)
+        if args.private_output:
+            self.artifact.check_private_output()
         providers_for(args.device)
         self.tokenizer = load_tokenizer(self.artifact)
         self.eos = self.artifact.manifest.tokenizer.get("eos_token_id")

@@ -57,6 +57,9 @@ def add_split_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fallback-local", action="store_true",
                         help="generate on this device if the edge is down, or finish here if it stops answering")
     parser.add_argument("--allow-token-upload", action="store_true", help="permit --split 0 (sends token ids)")
+    parser.add_argument("--private-output", action="store_true",
+                        help="keep the final norm, the LM head and sampling on this device: the edge returns the "
+                             "last layer's hidden states and sees no generated token, logit or sampling setting")
     _add_policy_flags(parser)
     parser.add_argument("--codec", default="fp32", choices=list(CODECS),
                         help="how hidden states cross the link (falls back, with a warning, to one the edge has)")
@@ -125,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
     split = args.split if args.split is not None else artifact.default_split
     artifact.check_split(split, args.allow_token_upload)  # before the network: a wrong split is no network error
     variant = artifact.check_variant(args.variant)
+    if args.private_output:
+        artifact.check_private_output()
     providers_for(args.device)
     tokenizer = load_tokenizer(artifact)
     eos = artifact.manifest.tokenizer.get("eos_token_id")
@@ -141,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
         return generate_locally(artifact, args, variant, prompt_ids, sampling, stream)
     for warning in client.warnings:
         print(f"ue_client: warning: {warning}", file=sys.stderr)
-    with client, client.session(split, sampling, args.allow_token_upload, args.fallback_local) as session:
+    with client, client.session(split, sampling, args.allow_token_upload, args.fallback_local,
+                                args.private_output) as session:
         session.impairment, session.impairment_rng = impairment, np.random.default_rng(args.impair_seed)
         if args.chat:
             converse(session, args, eos, min(artifact.context_length or CHAT_LENGTH, CHAT_LENGTH), policy)

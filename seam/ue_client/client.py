@@ -27,7 +27,7 @@ from seam.runtime.emulation import EmulatedLink, connect
 from seam.runtime.errors import SeamError
 from seam.runtime.executor import SessionPool
 from seam.runtime.ort_options import providers_for
-from seam.runtime.protocol import PROTOCOL_VERSION, Hello
+from seam.runtime.protocol import PRIVATE_OUTPUT_CAPABILITY, PROTOCOL_VERSION, Hello
 from seam.runtime.registry import Registry
 from seam.runtime.sampling import SamplingParams
 from seam.runtime.text import load_tokenizer
@@ -97,9 +97,20 @@ class EdgeClient:
         """The artifact's tokenizer, loaded once for every chat of this client."""
         return load_tokenizer(self.artifact)
 
+    def check_private_output(self) -> None:
+        """Refuses private output when this artifact or the edge cannot serve it, saying which and why."""
+        self.artifact.check_private_output()
+        if PRIVATE_OUTPUT_CAPABILITY not in self.welcome.capabilities:
+            raise SeamError(f"the edge at {self.server} cannot keep the output private (an older version, an "
+                            "artifact exported before private output, or a stage of a pipeline); run without "
+                            "--private-output, or point at an edge that serves it")
+
     def session(self, split: int, sampling: SamplingParams | None = None, allow_token_upload: bool = False,
-                fallback_local: bool = False):
-        return RemoteSession(self, split, sampling or SamplingParams(), allow_token_upload, fallback_local)
+                fallback_local: bool = False, private_output: bool = False):
+        """A generation's sequences at ``split``; with ``private_output`` this device keeps the final norm, the
+        LM head and sampling, and the edge returns the last layer's hidden states instead of tokens."""
+        return RemoteSession(self, split, sampling or SamplingParams(), allow_token_upload, fallback_local,
+                             private_output)
 
     def connect_again(self, timeout_s: float) -> UeSocket:
         """A second connection to the same edge, for a thread of its own (a socket serves one thread)."""

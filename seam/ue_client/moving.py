@@ -77,7 +77,8 @@ def _take_from_edge(session: RemoteSession, split: int,
     old = session.split
     reply = session.request(Resplit(session.session_id, session.edge_step, split, send_kv=not rebuild), Resplitted)
     if split == session.num_layers:
-        session.sampler.state = reply.sampler_state
+        if not session.private_output:  # with private output this device sampled all along
+            session.sampler.state = reply.sampler_state
         session.open = False  # the edge closed the session when it handed the last layer over
     if rebuild:
         rebuilt = rebuild_layers(session, Span(old, split))

@@ -51,9 +51,13 @@ class RemoteSession:
     """
 
     def __init__(self, client: EdgeClient, split: int, sampling: SamplingParams, allow_token_upload: bool,
-                 fallback_local: bool = False):
+                 fallback_local: bool = False, private_output: bool = False):
         self.client = client
         self.fallback_local = fallback_local  # if the edge stops answering, finish on this device
+        # This device keeps the head and samples every token: the edge sees no token, logit or sampling setting.
+        self.private_output = private_output
+        if private_output:
+            client.check_private_output()
         self.num_layers = client.artifact.num_layers
         self.allow_token_upload = allow_token_upload
         client.check_split(split, allow_token_upload)
@@ -99,8 +103,9 @@ class RemoteSession:
         """Opens the session on the edge at the current split, with the cache of its layers (``kv``) or the hidden
         states to recompute it from when sequences are already running."""
         mask = self.mask[:, : self.past] if self.past else None  # the edge keeps the mask of the positions so far
-        opening = OpenSession(self.session_id, self.split, self.batch, vars(self.sampling), self.max_length,
-                              self.allow_token_upload, self.sampler.state, kv, hidden, mask)
+        sampling, state = ({}, {}) if self.private_output else (vars(self.sampling), self.sampler.state)
+        opening = OpenSession(self.session_id, self.split, self.batch, sampling, self.max_length,
+                              self.allow_token_upload, state, kv, hidden, mask, self.private_output)
         self.request(opening, SessionOpened)
         self.open = True
         self.edge_step = 0
@@ -275,11 +280,27 @@ class RemoteSession:
         result = self.request(Step(self.session_id, self.edge_step, unseen, positions, **carried), StepResult)
         arrived = time.perf_counter()
         self.edge_step += 1
-        self.sampler.skip(self.batch)  # the edge sampled: this device keeps its generator's position
         self.edge_draining = result.draining
-        timing = StepTiming(sent - began, max(arrived - sent - result.edge_compute_s, 0.0), result.edge_compute_s)
-        self.stats.record(timing, arrived)
+        network_s = max(arrived - sent - result.edge_compute_s, 0.0)
+        if self.private_output:
+            tokens = self.compute(lambda: self.sampler(self._head_logits(result)))
+            done = time.perf_counter()  # the head ran here: this device's time, not the network's
+            self.stats.record(StepTiming(sent - began + done - arrived, network_s, result.edge_compute_s), done)
+            return tokens
+        self.sampler.skip(self.batch)  # the edge sampled: this device keeps its generator's position
+        self.stats.record(StepTiming(sent - began, network_s, result.edge_compute_s), arrived)
+        if result.tokens is None or result.tokens.shape != (self.batch,):
+            raise SeamError(f"the edge's step result carries no token for each of the {self.batch} sequences")
         return result.tokens.astype(np.int64)
+
+    def _head_logits(self, result: StepResult) -> np.ndarray:
+        """The logits [B, V] of the last position from the last layer's hidden states the edge returned."""
+        expected = (self.batch, 1, self.client.artifact.manifest.dims.hidden_size)
+        hidden = result.hidden_states
+        if hidden is None or hidden.shape != expected or hidden.dtype != self.head.kv_dtype:
+            raise SeamError(f"the edge's step result carries no {self.head.kv_dtype.name} hidden states of shape "
+                            f"{list(expected)}; it does not serve private output as this version does")
+        return self.client.pool.head_logits(hidden)[:, -1, :]
 
     def _coded(self, hidden: np.ndarray) -> dict[str, object]:
         """The Step fields that carry ``hidden``: impaired first when an impairment is set, then coded."""
