@@ -412,6 +412,8 @@ def test_plan_prints_a_table_per_bandwidth(tiny, capsys):
     summary = [line for line in out.splitlines() if line.startswith("best split at")]
     assert [line.split(":")[0] for line in summary] == [f"best split at {b} Mbit/s" for b in (5, 20, 100)]
     assert all(int(line.split(": ")[1]) in range(blocks + 1) for line in summary)
+    private = [line for line in out.splitlines() if line.startswith("best split with private output at")]
+    assert len(private) == 3 and "private output" in out  # the artifact has the head's graph: priced beside
 
 
 def test_plan_with_a_link_profile_and_a_plot(tiny, tmp_path, capsys):

@@ -24,6 +24,9 @@ from seam.runtime.protocol import OpenSession, ProtocolError, Resplitted, StepRe
 from seam.runtime.sampling import SamplingParams
 from seam.runtime.spans import Span
 from seam.ue_client.client import EdgeClient
+from seam.planning.cost_model import DeviceModel, Link, predict
+from seam.planning.wire_sizes import downlink_bytes
+from test_cost_model import HIDDEN, block, decode_s, device
 from test_runtime import PROMPTS, local_tokens, remote_tokens
 
 GREEDY, SEEDED = SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=11)
@@ -278,3 +281,24 @@ def test_an_open_asking_for_private_output_of_an_edge_that_cannot_is_refused(art
     with pytest.raises(SeamError, match="cannot keep the output private"):
         check_open(request, limits)
     assert Resplitted("s", 4).sampler_state == {}
+
+
+def test_the_cost_model_prices_the_head_on_the_ue_and_the_hidden_states_coming_back():
+    link = Link.from_mbit(10, 20)
+    plain_ue, plain_edge = DeviceModel.from_profile(device(4.0)), DeviceModel.from_profile(device(1.0, name="edge"))
+    normal, private = (predict(plain_ue, plain_edge, link, 2, 128, private_output=flag).decode for flag in (False, True))
+    assert private.downlink_bytes - normal.downlink_bytes >= HIDDEN * 4
+    assert private.downlink_bytes == downlink_bytes(1, HIDDEN * 4)
+    # Unmeasured, the head costs the UE what its last block's step does; the edge's time stays as measured.
+    assert private.ue_s == pytest.approx(normal.ue_s + decode_s(4.0, 1))
+    assert private.edge_s == normal.edge_s and private.total_s > normal.total_s
+
+    def with_head(scale: float, name: str) -> DeviceModel:
+        profile = device(scale, name=name)
+        profile.head = block(-2, (4, 4), scale / 10)
+        return DeviceModel.from_profile(profile)
+
+    ue, edge = with_head(4.0, "ue"), with_head(1.0, "edge")
+    normal, private = (predict(ue, edge, link, 2, 128, private_output=flag).decode for flag in (False, True))
+    assert private.ue_s == pytest.approx(normal.ue_s + decode_s(0.4, 1))  # the head runs at past 1 here
+    assert private.edge_s == pytest.approx(normal.edge_s - decode_s(0.1, 1))  # and no longer there

@@ -12,7 +12,7 @@ import pytest
 from conftest import run_seam
 from seam.edge_server.process import edge_server
 from seam.profiler.measure import Grid, _call, _Inputs, profile_device
-from seam.planning.schema import DeviceProfile, LinkProfile, load
+from seam.planning.schema import DeviceProfile, LinkProfile, from_dict, load, to_json
 from seam.runtime.artifact import Artifact
 from seam.runtime.executor import SessionPool
 
@@ -69,6 +69,9 @@ def test_profile_with_io_binding(exported):
     assert profile.settings["io_binding"] is True
     assert all(t.median_s > 0 for block in profile.blocks for t in block.prefill + block.decode)
     assert profile.peak_cuda_bytes is None  # only a CUDA profile asks the GPU
+    # The head alone, which a UE keeping the output private runs: timed at every shape, and saved and read back.
+    assert profile.head.layers == (artifact.num_layers,) * 2 and len(profile.head.decode) == 2
+    assert from_dict(json.loads(to_json(profile))).head == profile.head
 
 
 @pytest.mark.gpu

@@ -132,6 +132,7 @@ class DeviceModel:
     blocks: tuple[BlockFit, ...]  # by first layer, tiling [0, num_layers)
     measured: tuple[int, int, int] = (0, 0, 0)  # longest prompt, longest past, largest batch every graph measured
     head_train: PrefillFit | None = None  # the head's fine-tuning forward and backward, when measured
+    head: BlockFit | None = None  # the final norm and LM head alone, when the profile measured them
 
     @classmethod
     def from_profile(cls, profile: DeviceProfile) -> DeviceModel:
@@ -162,8 +163,9 @@ class DeviceModel:
             min(max(t.batch for t in graph.prefill + graph.decode) for graph in graphs),
         )
         head_train = PrefillFit.from_timings(profile.head_train) if profile.trained else None
+        head = BlockFit.from_profile(profile.head) if profile.head is not None else None
         return cls(profile.key, profile.num_layers, profile.hidden_size, wire_dtype, prelude, blocks, measured,
-                   head_train)
+                   head_train, head)
 
     def beyond_measured(self, context: int, batch: int) -> list[str]:
         """What a prediction at ``context`` and ``batch`` extrapolates past this profile's grid, one line each."""
@@ -189,6 +191,12 @@ class DeviceModel:
         inside = [fit.train for fit in self.blocks if start <= fit.layers[0] and fit.layers[1] <= end]
         return sum(fit(sequence, micro_batch) for fit in inside) + (self.head_train(sequence, micro_batch) if head
                                                                       else 0.0)
+
+    def head_s(self, batch: int) -> float:
+        """The final norm and LM head for ``batch`` sequences; unmeasured, the last block's step, which holds them."""
+        if self.head is not None:
+            return self.head.latency("decode", 1, batch)
+        return self.blocks[-1].latency("decode", 1, batch)
 
     def compute_s(self, start: int, end: int, phase: str, length: int, batch: int) -> float:
         """Latency of layers [start, end) for one step: the prelude once, then each block inside."""
@@ -271,19 +279,23 @@ class SplitCost:
 
 
 def _step(ue: DeviceModel, edge: DeviceModel, link: Link, split: int, phase: str, new: int, past: int,
-          batch: int, codec: str | None = None) -> StepCost:
+          batch: int, codec: str | None = None, private_output: bool = False) -> StepCost:
     length = past if phase == "decode" else new
     L = ue.num_layers
     ue_s = ue.compute_s(0, split, phase, length, batch)
     if split == L:
         return StepCost(ue_s, 0, 0.0, 0.0, 0, 0.0, 0.0)
     up = uplink_bytes(split, batch, new, ue.hidden_size, DTYPE_BYTES[ue.wire_dtype], codec)
-    down = downlink_bytes(batch)
+    edge_s = edge.compute_s(split, L, phase, length, batch)
+    if private_output:  # the head moves from the edge's graph to this device, and hidden states come back
+        ue_s += ue.head_s(batch)
+        edge_s = max(edge_s - (edge.head.latency("decode", 1, batch) if edge.head is not None else 0.0), 0.0)
+    down = downlink_bytes(batch, ue.hidden_size * DTYPE_BYTES[ue.wire_dtype] if private_output else None)
     return StepCost(
         ue_s=ue_s,
         uplink_bytes=up,
         uplink_s=up / link.up_bytes_per_s,
-        edge_s=edge.compute_s(split, L, phase, length, batch),
+        edge_s=edge_s,
         downlink_bytes=down,
         downlink_s=down / link.down_bytes_per_s,
         rtt_s=link.rtt_s,
@@ -303,9 +315,10 @@ def check_pair(ue: DeviceProfile | DeviceModel, edge: DeviceProfile | DeviceMode
 
 
 def predict(ue: DeviceProfile | DeviceModel, edge: DeviceProfile | DeviceModel, link: Link, split: int,
-            context: int, batch: int = 1, codec: str | None = None) -> SplitCost:
+            context: int, batch: int = 1, codec: str | None = None, private_output: bool = False) -> SplitCost:
     """The cost of ``split`` for prompts of ``context`` tokens: decode at past = context, and their prefill;
-    hidden states coded with ``codec`` when given (its encoding time, microseconds, left out)."""
+    hidden states coded with ``codec`` when given (its encoding time, microseconds, left out); with
+    ``private_output`` the UE runs the head and the last layer's hidden states come back instead of a token."""
     ue, edge = _model(ue), _model(edge)
     check_pair(ue, edge)
     if ue.split_points != edge.split_points:
@@ -318,8 +331,8 @@ def predict(ue: DeviceProfile | DeviceModel, edge: DeviceProfile | DeviceModel, 
         split,
         context,
         batch,
-        decode=_step(ue, edge, link, split, "decode", 1, context, batch, codec),
-        prefill=_step(ue, edge, link, split, "prefill", context, 0, batch, codec),
+        decode=_step(ue, edge, link, split, "decode", 1, context, batch, codec, private_output),
+        prefill=_step(ue, edge, link, split, "prefill", context, 0, batch, codec, private_output),
     )
 
 
@@ -344,14 +357,17 @@ def best_split(costs: Sequence[SplitCost]) -> int:
 
 
 def plan(ue: DeviceProfile | DeviceModel, edge: DeviceProfile | DeviceModel,
-         links: Mapping[str, Link] | Sequence[Link], context: int, batch: int = 1) -> list[LinkPlan]:
-    """Each split's cost for each link (named by the mapping's keys, or by their bandwidth), with its best split."""
+         links: Mapping[str, Link] | Sequence[Link], context: int, batch: int = 1,
+         private_output: bool = False) -> list[LinkPlan]:
+    """Each split's cost for each link (named by the mapping's keys, or by their bandwidth), with its best split;
+    ``private_output`` prices every split with the head on the UE."""
     ue, edge = _model(ue), _model(edge)
     check_pair(ue, edge)
     named = links.items() if isinstance(links, Mapping) else [(link.label, link) for link in links]
     plans = []
     for name, link in named:
-        costs = tuple(predict(ue, edge, link, split, context, batch) for split in ue.split_points)
+        costs = tuple(predict(ue, edge, link, split, context, batch, private_output=private_output)
+                      for split in ue.split_points)
         plans.append(LinkPlan(name, link, costs, best_split(costs)))
     return plans
 

@@ -65,8 +65,8 @@ class Scales:
 
 
 def per_token_s(ue: DeviceModel, edge: DeviceModel, link: Link, split: int, context: int, batch: int,
-                scales: Scales = Scales(), codec: str | None = None) -> float:
-    step = predict(ue, edge, link, split, context, batch, codec).decode
+                scales: Scales = Scales(), codec: str | None = None, private_output: bool = False) -> float:
+    step = predict(ue, edge, link, split, context, batch, codec, private_output).decode
     network = step.uplink_s + step.downlink_s + step.rtt_s
     return step.ue_s * scales.ue + step.edge_s * scales.edge + network * scales.network
 
@@ -142,6 +142,7 @@ def choose_split(
     state_s: float | None = None,
     move_scales: tuple[float, float] = (1.0, 1.0),
     back_link: Link | None = None,
+    private_output: bool = False,
 ) -> Decision:
     """The split for the next step: the candidate with the largest net saving over the tokens to come, at most
     ``remaining`` and at most what the current split produces in the ``state_s`` seconds the link's present state
@@ -150,7 +151,7 @@ def choose_split(
     dtype); ``move_scales``: what moves towards the UE and towards the edge really took over their prediction;
     ``back_link``: the link the way back will likely cross, once the present state ends (default ``link``)."""
     codecs = codecs or {}
-    costs = {split: per_token_s(ue, edge, link, split, context, batch, scales, codecs.get(split))
+    costs = {split: per_token_s(ue, edge, link, split, context, batch, scales, codecs.get(split), private_output)
              for split in sorted({*candidates, current})}
     now = costs[current]
     tokens = remaining if state_s is None else max(min(remaining, int(state_s / now)), 1)
@@ -248,7 +249,7 @@ class CostModelPolicy:
             # the session in), which reads as a slow network: judged on them, one move would bring the next.
             return None
         predicted = predict(self.ue, self.edge, link, snapshot.split, snapshot.past, snapshot.batch,
-                            snapshot.codec).decode
+                            snapshot.codec, snapshot.private_output).decode
         # Steps, or alone on the UE step-sized probes, measure the network exactly where the link estimate is
         # weakest: small messages on a link whose rate has not been sampled lately.
         if not snapshot.alone:
@@ -291,7 +292,7 @@ class CostModelPolicy:
             boundary_bytes_per_token=facts.boundary_bytes_per_token, kept=snapshot.kept, scales=scales,
             margin=self.margin * 2 ** recent_moves, codecs=codecs, state_s=expected_remaining_s(found),
             move_scales=(move_scale(snapshot.move_costs, True), move_scale(snapshot.move_costs, False)),
-            back_link=self.back_link(link, found),
+            back_link=self.back_link(link, found), private_output=snapshot.private_output,
         )
         self.decisions.append(decision)
         return decision

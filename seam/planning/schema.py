@@ -79,6 +79,9 @@ class DeviceProfile:
     created: str = ""
     kind: str = "device"
     head_train: list[Timing] = field(default_factory=list)  # the final norm and LM head scoring every position
+    # The final norm and LM head alone (index -2, layers [L, L)): what a UE keeping the output private runs after
+    # each step, and what an edge serving it leaves out. Profiles of artifacts without a head graph have none.
+    head: BlockProfile | None = None
 
     @property
     def trained(self) -> bool:
@@ -95,7 +98,7 @@ class DeviceProfile:
             return replace(graph, **{phase: timings(getattr(graph, phase)) for phase in ("prefill", "decode", "train")})
 
         return replace(self, prelude=block(self.prelude), blocks=[block(b) for b in self.blocks],
-                       head_train=timings(self.head_train))
+                       head_train=timings(self.head_train), head=block(self.head) if self.head else None)
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ def from_dict(raw: dict) -> DeviceProfile | LinkProfile:
         body["prelude"] = _block(body["prelude"])
         body["blocks"] = [_block(block) for block in body["blocks"]]
         body["head_train"] = [Timing(**timing) for timing in body.get("head_train", [])]
+        body["head"] = _block(body["head"]) if body.get("head") else None
         return DeviceProfile(**body)
     if body.get("kind") == "link":
         body["samples"] = [LinkSample(**sample) for sample in body["samples"]]

@@ -38,6 +38,9 @@ def _header_bytes(tokens: bool) -> tuple[int, int]:
 
 STEP_HEADER_BYTES, RESULT_HEADER_BYTES = _header_bytes(tokens=False)
 TOKEN_STEP_HEADER_BYTES, _ = _header_bytes(tokens=True)
+# A private output's result: the last layer's hidden states in place of the tokens.
+HIDDEN_RESULT_HEADER_BYTES = len(encode(StepResult(uuid.uuid4().hex, 128, 1 / 81,
+                                                   hidden_states=np.zeros((1, 1, 4096), np.float32)))[0])
 
 
 def uplink_bytes(split: int, batch: int, new: int, hidden_size: int, dtype_bytes: int, codec: str | None = None) -> int:
@@ -52,6 +55,9 @@ def uplink_bytes(split: int, batch: int, new: int, hidden_size: int, dtype_bytes
     return first + 2 * batch * new * ID_BYTES
 
 
-def downlink_bytes(batch: int) -> int:
-    """Bytes of one StepResult: one sampled token per sequence."""
+def downlink_bytes(batch: int, hidden_bytes: int | None = None) -> int:
+    """Bytes of one StepResult: one sampled token per sequence, or with private output each sequence's last
+    hidden state of ``hidden_bytes``."""
+    if hidden_bytes is not None:
+        return batch * hidden_bytes + HIDDEN_RESULT_HEADER_BYTES
     return batch * ID_BYTES + RESULT_HEADER_BYTES

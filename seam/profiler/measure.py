@@ -29,7 +29,7 @@ import psutil
 from seam.profiler.host import describe
 from seam.planning.loading import profile_key
 from seam.planning.schema import BlockProfile, DeviceProfile, Timing, p90
-from seam.runtime.artifact import DTYPE_BYTES, NUMPY_DTYPES, Artifact
+from seam.runtime.artifact import DTYPE_BYTES, FINAL_HIDDEN, NUMPY_DTYPES, Artifact
 from seam.runtime.executor import SessionPool, SpanRunner, past_names
 from seam.runtime.ort_options import PROVIDERS, default_threads, providers_for
 from seam.runtime.shell import bar_disabled
@@ -151,6 +151,15 @@ def _prelude_run(session, inputs: _Inputs, device: str, bind: bool) -> Callable:
     return make_run
 
 
+def _head_run(session, inputs: _Inputs, device: str, bind: bool) -> Callable:
+    def make_run(batch: int, past: int, new: int) -> Callable[[], object]:
+        # Only the last position reaches the head, at a prefill as at a decode step.
+        final = inputs.rng.standard_normal((batch, 1, inputs.dims.hidden_size)).astype(inputs.dtype)
+        return _call(session, {FINAL_HIDDEN: final}, device, bind)
+
+    return make_run
+
+
 def _rss() -> int:
     return psutil.Process().memory_info().rss
 
@@ -221,6 +230,8 @@ def profile_device(
         pool.session(block.variants[variant])
         loads.append((time.perf_counter() - started, max(_rss() - before, 0)))
         graphs.append(_block_run(pool.runner(block.layers, variant), inputs, device, grid.io_binding))
+    if manifest.head is not None:  # timed last, after the last block, as a UE keeping the output private runs it
+        graphs.append(_head_run(pool.session(manifest.head), inputs, device, grid.io_binding))
 
     timings: list[dict[str, list[Timing]]] = [{"prefill": [], "decode": []} for _ in graphs]
     shapes = _shapes(grid)
@@ -230,6 +241,12 @@ def profile_device(
         for graph, (median, p90) in zip(timings, measured):
             graph[phase].append(Timing(batch, length, median, p90))
 
+    head = None
+    if manifest.head is not None:
+        layers = (manifest.dims.num_layers, manifest.dims.num_layers)
+        head = BlockProfile(index=-2, layers=layers, variant=manifest.dtype, weight_bytes=manifest.head.weight_bytes,
+                            load_s=0.0, load_rss_bytes=0, kv_bytes_per_token=0, activation_bytes_per_token=8,
+                            **timings.pop())
     prelude, blocks = _block_profiles(manifest, variant, loads, timings)
     return DeviceProfile(
         key=profile_key(artifact, device, threads, variant),
@@ -237,6 +254,7 @@ def profile_device(
         settings=grid.settings(),
         prelude=prelude,
         blocks=blocks,
+        head=head,
         num_layers=manifest.dims.num_layers,
         hidden_size=manifest.dims.hidden_size,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

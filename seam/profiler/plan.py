@@ -80,20 +80,27 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
 
-def plan_table(link_plan: LinkPlan) -> str:
+def plan_table(link_plan: LinkPlan, private: LinkPlan | None = None) -> str:
+    """One link's costs by split; with ``private``, the same link priced with the head on the UE (private
+    output), whose per-token total is a column of its own."""
     all_local = max(cost.split for cost in link_plan.costs)  # split L: nothing crosses the link
     rows = []
-    for cost in link_plan.costs:
+    for index, cost in enumerate(link_plan.costs):
         row = [str(cost.split)]
         for step in (cost.decode, cost.prefill):
             if cost.split == all_local:
                 row += [_ms(step.ue_s), "-", "-", "-", _ms(step.total_s)]
             else:
                 row += [_ms(part) for part in (step.ue_s, step.uplink_s, step.edge_s, step.downlink_s, step.total_s)]
+        if private is not None:
+            row.append(_ms(private.costs[index].decode.total_s) + (" *" if cost.split == private.best else ""))
         row.append("<- best" if cost.split == link_plan.best else "")
         rows.append(row)
-    headers = ["split", "UE", "up", "edge", "down", "total", "UE", "up", "edge", "down", "total", ""]
-    return table(headers, rows, groups=[("", 1), ("per token (decode)", 5), ("first token (prefill)", 5), ("", 1)])
+    headers = ["split", "UE", "up", "edge", "down", "total", "UE", "up", "edge", "down", "total",
+               *(["per token"] if private is not None else []), ""]
+    groups = [("", 1), ("per token (decode)", 5), ("first token (prefill)", 5),
+              *([("private output", 1)] if private is not None else []), ("", 1)]
+    return table(headers, rows, groups=groups)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -113,15 +120,21 @@ def run_plan(args: argparse.Namespace) -> int:
                   "(profile with longer --prefill-lengths, --past-lengths or --batches to measure it)",
                   file=sys.stderr)
     plans = plan(ue, edge, links, args.context, args.batch)
+    # Private output (the head on the UE, hidden states back) priced beside, where the artifact can serve it.
+    private = plan(ue, edge, links, args.context, args.batch, private_output=True) if artifact.manifest.head \
+        else [None] * len(plans)
     print(f"UE {ue.key.device} ({ue.key.provider}), edge {edge.key.device} ({edge.key.provider}), "
           f"{artifact.num_layers} layers {ue.key.dtype}; context {args.context}, batch {args.batch}")
-    for link_plan in plans:
+    for link_plan, private_plan in zip(plans, private):
         print(f"\n{link_plan.name}, rtt {link_plan.link.rtt_s * 1e3:g} ms: times in ms; "
-              "layers [0, split) on the UE; totals include the rtt")
-        print(plan_table(link_plan))
+              "layers [0, split) on the UE; totals include the rtt"
+              + ("; private output: the head on the UE (* its best split)" if private_plan else ""))
+        print(plan_table(link_plan, private_plan))
     print()
-    for link_plan in plans:
+    for link_plan, private_plan in zip(plans, private):
         print(f"best split at {link_plan.name}: {link_plan.best}")
+    for private_plan in filter(None, private):
+        print(f"best split with private output at {private_plan.name}: {private_plan.best}")
     if args.plot:
         plot(plans, args.plot)
         print(f"plot written to {args.plot}")

@@ -151,3 +151,181 @@ def _best_penalty(train: np.ndarray, train_labels: np.ndarray, valid: np.ndarray
     accuracies = [float(np.mean((valid @ weights + bias).argmax(axis=1) == valid_labels))
                   for weights, bias in _ridge(train, train_labels, classes, RIDGE)]
     return RIDGE[int(np.argmax(accuracies))]
+
+
+@dataclass(frozen=True)
+class CutStates:
+    """The hidden states at each cut for every position of a text, and the windows they came in: a variant codes
+    each window as one message, as a prompt crosses the link in one."""
+
+    tokens: np.ndarray  # [N] the token at each position
+    hidden: dict[int, np.ndarray]  # cut -> [N, H] float32
+    lengths: tuple[int, ...]  # positions per window, in order
+
+
+def cut_states(pool: SessionPool, ids: np.ndarray, cuts: Sequence[int], window: int, stride: int,
+               progress: Callable[[int], None] = lambda done: None) -> CutStates:
+    """Runs the whole model over windows of ``ids`` (``quality.windows``: every position once, each with at least
+    ``window - stride`` positions of context but the first) and keeps the hidden states at ``cuts``."""
+    whole = pool.runner(Span(0, pool.artifact.num_layers), keep_boundaries=True)
+    parts: dict[int, list[np.ndarray]] = {cut: [] for cut in cuts}
+    lengths = []
+    for begin, end, scored_from in windows(len(ids), window, stride):
+        first = 0 if begin == 0 else scored_from - begin  # the text's first position is received too
+        length = end - begin
+        whole.reset(1)
+        whole.run(ids[None, begin:end], np.ones((1, length), dtype=np.int64),
+                  np.arange(length, dtype=np.int64)[None, :], logits_to_keep=1)
+        for cut in cuts:
+            parts[cut].append(whole.boundary(cut)[0, first:].astype(np.float32))
+        lengths.append(length - first)
+        progress(length - first)
+    hidden = {cut: np.concatenate(chunks) for cut, chunks in parts.items()}
+    return CutStates(np.asarray(ids, dtype=np.int64), hidden, tuple(lengths))
+
+
+Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def crossings(chosen: Sequence[Variant]) -> list[tuple[str, Transform]]:
+    """``none`` (the hidden states as computed) and each variant's round trip, by label."""
+    return [(NONE, lambda hidden, rng: hidden), *((variant.label, variant.transform()) for variant in chosen)]
+
+
+def received(states: CutStates, cut: int, transform: Transform, rng: np.random.Generator) -> np.ndarray:
+    """What the edge receives of ``cut``'s hidden states through ``transform``, one window at a time."""
+    pieces = np.split(states.hidden[cut], np.cumsum(states.lengths)[:-1])
+    return np.concatenate([transform(piece[None], rng)[0].astype(np.float32, copy=False) for piece in pieces])
+
+
+def attack_cut(train: CutStates, test: CutStates, cut: int, chosen: Sequence[tuple[str, Transform]],
+               unit_table: np.ndarray, rng: np.random.Generator) -> list[dict]:
+    """Both attacks on ``cut``'s held-out hidden states through each crossing; the probe is trained on the same
+    crossing of the training part (the edge knows the codec it receives)."""
+    cells, seen = [], []
+    for label, transform in chosen:
+        heard = received(test, cut, transform, rng)
+        probe = LinearProbe.fit(received(train, cut, transform, rng), train.tokens)
+        cells.append(_cell(cut, label, PROBE, probe.predict(heard), test.tokens))
+        seen.append(heard)
+    # One pass over the table for every crossing: the vocabulary, not the rows, is what costs.
+    guesses = np.split(nearest_tokens(np.concatenate(seen), unit_table), len(seen))
+    nearest = [_cell(cut, label, NEAREST, guess, test.tokens) for (label, _), guess in zip(chosen, guesses)]
+    return [cell for pair in zip(nearest, cells) for cell in pair]
+
+
+def _cell(cut: int, label: str, attack: str, guesses: np.ndarray, tokens: np.ndarray) -> dict:
+    return {"cut": cut, "variant": label, "attack": attack, "recovered": round(float(np.mean(guesses == tokens)), 6),
+            "tokens": len(tokens)}
+
+
+@dataclass
+class PrivacyReport:
+    artifact_fingerprint: str
+    text: str
+    tokens: dict[str, int]  # train, test
+    cells: list[dict] = field(default_factory=list)  # cut, variant, attack, recovered, tokens
+
+    def to_dict(self) -> dict:
+        return {"kind": "privacy", "artifact_fingerprint": self.artifact_fingerprint, "text": self.text,
+                "tokens": dict(self.tokens), "cells": list(self.cells)}
+
+    def table(self) -> tuple[list[str], list[list[str]], list[tuple[str, int]]]:
+        """Headers, rows and column groups: per cut, each variant's share recovered by each attack, in %."""
+        labels = list(dict.fromkeys(cell["variant"] for cell in self.cells))
+        cuts = sorted({cell["cut"] for cell in self.cells})
+        share = {(cell["cut"], cell["variant"], cell["attack"]): cell["recovered"] for cell in self.cells}
+        headers = ["cut", *(name for _ in labels for name in ("NN", "probe"))]
+        rows = [[str(cut), *(f"{100 * share[cut, label, attack]:.1f}" for label in labels for attack in ATTACKS)]
+                for cut in cuts]
+        return headers, rows, [("", 1), *((label, 2) for label in labels)]
+
+
+def split_text(ids: np.ndarray, train: int, test: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``train`` tokens to train on and the ``test`` after them to attack; a shorter text is shared
+    between the two in the same proportion."""
+    if len(ids) < train + test:
+        test = max(1, len(ids) * test // (train + test))
+        train = len(ids) - test
+    if train < 2 or test < 1:
+        raise SeamError(f"the text encodes to {len(ids)} tokens, too few to train and test a probe on; "
+                        "give a text of at least a few hundred tokens")
+    return ids[:train], ids[train:train + test]
+
+
+def analyze_privacy(artifact: Artifact, train_ids: np.ndarray, test_ids: np.ndarray, cuts: Sequence[int],
+                    chosen: Sequence[Variant], window: int = 128, stride: int = 64, seed: int = 0,
+                    text: str = "", pool: SessionPool | None = None, progress: Callable[[int], None] = lambda d: None,
+                    ) -> PrivacyReport:
+    """Both attacks at every cut of ``cuts`` through ``none`` and each of ``chosen``, trained on ``train_ids``
+    and scored on ``test_ids``; ``progress`` is told of every position run and of every cut attacked."""
+    pool = pool or SessionPool(artifact)
+    train = cut_states(pool, np.asarray(train_ids), cuts, window, stride, progress)
+    test = cut_states(pool, np.asarray(test_ids), cuts, window, stride, progress)
+    unit_table = unit_rows(embedding_table(artifact))
+    rng = np.random.default_rng(seed)
+    report = PrivacyReport(artifact.manifest.artifact_fingerprint, text,
+                           {"train": len(train.tokens), "test": len(test.tokens)})
+    crossing = crossings(chosen)
+    for cut in cuts:
+        report.cells += attack_cut(train, test, cut, crossing, unit_table, rng)
+        progress(1)
+    return report
+
+
+def plot_recovery(report: PrivacyReport, path: Path) -> Path:
+    figure = recovery_figure(report)
+    return write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=110), binary=True)
+
+
+def recovery_figure(report: PrivacyReport):
+    """Share of held-out tokens recovered against the cut, one panel per attack, one line per variant."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = list(dict.fromkeys(cell["variant"] for cell in report.cells))
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(1, len(ATTACKS), sharey=True)
+    for axes, attack in zip(panels, ATTACKS):
+        for label in labels:
+            points = sorted((cell["cut"], cell["recovered"]) for cell in report.cells
+                            if cell["attack"] == attack and cell["variant"] == label)
+            axes.plot(*zip(*points), marker="o", markersize=3, label=label,
+                      linewidth=2.2 if label == NONE else 1.2)
+        axes.set(title=attack, xlabel="cut (layers on the UE)", ylim=(-0.02, 1.02))
+        axes.grid(alpha=0.3)
+    panels[0].set_ylabel(f"share of {report.tokens['test']} held-out tokens recovered")
+    panels[-1].legend(fontsize="small", title="what the edge receives")
+    figure.suptitle(f"What the edge learns at the cut ({report.text})", fontsize="medium")
+    return figure
+
+
+def run_privacy(args: argparse.Namespace, artifact: Artifact, cuts: Sequence[int]) -> int:
+    """The ``--privacy`` side of ``seam analyze``, given the opened artifact and the checked cuts."""
+    from tqdm import tqdm
+
+    from seam.runtime.shell import table
+    from seam.runtime.text import load_tokenizer
+
+    if args.plot:
+        require_extra("plot")
+    chosen = variants(args.codecs, args.erasure, args.awgn)
+    text, description = (read_text(args.text), args.text.name) if args.text else default_text()
+    ids = np.array(load_tokenizer(artifact).encode(text).ids, dtype=np.int64)
+    train_ids, test_ids = split_text(ids, args.privacy_tokens, args.privacy_test_tokens)
+    total = len(train_ids) + len(test_ids) + len(cuts)
+    with tqdm(total=total, disable=bar_disabled(args.quiet), file=sys.stderr, desc="privacy") as bar:
+        report = analyze_privacy(artifact, train_ids, test_ids, cuts, chosen, args.window, args.stride, args.seed,
+                                 description, progress=bar.update)
+    stem = args.text.stem if args.text else "pydoc-topics"
+    out = args.out or artifact.root / "analysis" / f"privacy-{stem}.json"
+    write_atomically(out, lambda stream: stream.write(json.dumps(report.to_dict(), indent=1) + "\n"))
+    headers, rows, groups = report.table()
+    print(f"share of {report.tokens['test']} held-out tokens recovered in % (probe trained on "
+          f"{report.tokens['train']}), per cut and what the edge receives:")
+    print(table(headers, rows, groups))
+    print(f"results: {out}")
+    if args.plot:
+        print(f"plot: {plot_recovery(report, args.plot)}")
+    return 0

@@ -180,9 +180,17 @@ def read_text(path: Path) -> str:
 
 
 def add_analyze_parser(commands) -> None:
-    parser = commands.add_parser("analyze", help="perplexity of the split model per cut, codec and impairment")
+    parser = commands.add_parser("analyze", help="perplexity of the split model per cut, codec and impairment; "
+                                 "with --privacy, the input tokens an edge recovers from the hidden states")
     parser.add_argument("directory", type=Path, help="an exported artifact")
-    parser.add_argument("--text", type=Path, required=True, help="UTF-8 text to measure perplexity on")
+    parser.add_argument("--text", type=Path, default=None,
+                        help="UTF-8 text to measure perplexity on (with --privacy: default the pydoc help topics)")
+    parser.add_argument("--privacy", action="store_true",
+                        help="measure instead the share of input tokens two inversion attacks recover at each cut")
+    parser.add_argument("--privacy-tokens", type=number(int, 2), default=4096,
+                        help="with --privacy: tokens of the text the probe trains on (default 4096)")
+    parser.add_argument("--privacy-test-tokens", type=number(int, 1), default=1024,
+                        help="with --privacy: held-out tokens after them that both attacks guess (default 1024)")
     parser.add_argument("--cuts", type=comma_list(allow_empty=True), default=None,
                         help="cuts to analyse (default: every inner cut)")
     parser.add_argument("--codecs", type=comma_list(allow_empty=True), default=DEFAULT_CODECS,
@@ -198,8 +206,10 @@ def add_analyze_parser(commands) -> None:
     parser.add_argument("--max-tokens", type=number(int, 2), default=8192,
                         help="analyse at most this many tokens of the text")
     parser.add_argument("--seed", type=number(int, 0), default=0, help="seeds the impairments")
-    parser.add_argument("--out", type=Path, default=None, help="JSON results (default DIR/analysis/TEXT.json)")
-    parser.add_argument("--plot", type=Path, default=None, metavar="PNG", help="also draw the heatmap here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON results (default DIR/analysis/TEXT.json; with --privacy, privacy-TEXT.json)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                        help="also draw the heatmap (with --privacy, recovery per cut) here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_analyze)
 
@@ -222,6 +232,11 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise SeamError(f"--cuts must be integers; this artifact has {inner}") from None
     if not cuts or any(cut not in inner for cut in cuts):
         raise SeamError(f"--cuts must be among this artifact's inner cuts {inner}")
+    if args.privacy:
+        from seam.profiler.privacy import run_privacy
+        return run_privacy(args, artifact, cuts)
+    if args.text is None:
+        raise SeamError("--text is required: give a UTF-8 text to measure perplexity on")
     chosen = variants(args.codecs, args.erasure, args.awgn)
     if not chosen:
         raise SeamError("nothing to analyse: give at least one of --codecs, --erasure, --awgn")

@@ -231,6 +231,7 @@ class RemoteSession:
             served=tuple(self.client.welcome.split_points),
             move_costs=tuple((move.to_split > move.from_split, move.predicted_s, move.seconds)
                              for move in self.moves if move.predicted_s is not None),
+            private_output=self.private_output,
         )
 
     def apply(self, decision: Decision | None) -> None:
