@@ -302,3 +302,30 @@ def test_the_cost_model_prices_the_head_on_the_ue_and_the_hidden_states_coming_b
     normal, private = (predict(ue, edge, link, 2, 128, private_output=flag).decode for flag in (False, True))
     assert private.ue_s == pytest.approx(normal.ue_s + decode_s(0.4, 1))  # the head runs at past 1 here
     assert private.edge_s == pytest.approx(normal.edge_s - decode_s(0.1, 1))  # and no longer there
+
+
+def privacy_report(artifact: Artifact, path, recovered: dict[int, float]):
+    cells = [{"cut": cut, "variant": "none", "attack": attack, "recovered": share * scale, "tokens": 100}
+             for cut, share in recovered.items() for attack, scale in (("nearest-neighbour", 1.0),
+                                                                         ("linear-probe", 0.5))]
+    path.write_text(json.dumps({"kind": "privacy", "artifact_fingerprint": artifact.manifest.artifact_fingerprint,
+                                "text": "synthetic", "tokens": {"train": 100, "test": 100}, "cells": cells}))
+    return path
+
+
+def test_max_token_recovery_bounds_the_split_given_and_the_policy_s(artifact, tmp_path):
+    from seam.ue_client.cli import build_parser, checked_split, private_splits
+
+    report = privacy_report(artifact, tmp_path / "privacy.json", {1: 0.9, 2: 0.3, 3: 0.05})
+    base = [str(artifact.root), "--privacy-report", str(report), "--max-token-recovery", "0.1"]
+    assert private_splits(build_parser().parse_args(base), artifact) == (3, artifact.num_layers)
+    assert checked_split(build_parser().parse_args(base), artifact) == 3  # the middle split 2 is not allowed
+    with pytest.raises(SeamError, match=r"recovers more than 0.1 of the input tokens; choose one of \[3, 4\]"):
+        checked_split(build_parser().parse_args([*base, "--split", "1"]), artifact)
+    result = subprocess.run([sys.executable, "-m", "seam.ue_client.cli", *base, "--split", "2", "--prompt", "hi"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1 and "choose one of" in result.stderr
+    lenient = [str(artifact.root), "--privacy-report", str(report), "--max-token-recovery", "0.5"]
+    assert private_splits(build_parser().parse_args(lenient), artifact) == (2, 3, artifact.num_layers)
+    with pytest.raises(SeamError, match="goes with --max-token-recovery"):
+        private_splits(build_parser().parse_args([str(artifact.root), "--privacy-report", str(report)]), artifact)

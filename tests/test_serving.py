@@ -218,6 +218,18 @@ def test_not_json_an_unknown_path_and_a_wrong_key(served, name):
     assert httpx.get(url + "/health").status_code == 200  # health needs none, for load balancers
 
 
+def test_private_output_through_the_endpoint_gives_the_same_answer(served, client, model, name):
+    """``ue_client serve --private-output``: the head on this device, the same greedy answer as the edge's."""
+    with http_endpoint(model, served[2], "--private-output") as (_, url):
+        wait_ready(url)
+        private = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = chat(private, name, seed=5, temperature=0.7)
+    expected = chat(client, name, seed=5, temperature=0.7)
+    assert reply.choices[0].message.content == expected.choices[0].message.content
+    assert reply.usage.model_extra["seam"]["private_output"] is True
+    assert expected.usage.model_extra["seam"]["private_output"] is False
+
+
 def test_keep_alive_comments_while_a_slow_prefill_runs(model, name):
     with edge_server(model) as (_, address):
         with http_endpoint(model, address, "--keep-alive", "0.05", "--ue-slowdown", "60") as (_, url):

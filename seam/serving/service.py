@@ -22,7 +22,7 @@ from seam.runtime.transport import TransportTimeout
 from seam.serving.events import EventHub
 from seam.serving.lanes import Lanes
 from seam.serving.requests import ApiError, Completion, bad
-from seam.ue_client.cli import choose_policy, open_client
+from seam.ue_client.cli import checked_split, choose_policy, open_client
 
 log = logging.getLogger("seam.serving")
 UNSTATED_CONTEXT = 2048  # positions a model whose config names no context is allowed
@@ -40,8 +40,7 @@ class Service:
         split or edge fails at startup rather than at the first request; then sets ``ready``."""
         args = self.args
         self.artifact = Artifact.open(args.artifact)
-        self.split = args.split if args.split is not None else self.artifact.default_split
-        self.artifact.check_split(self.split, args.allow_token_upload)
+        self.split = checked_split(args, self.artifact)
         self.variant = self.artifact.check_variant(args.variant)
         if args.private_output:
             self.artifact.check_private_output()

@@ -87,6 +87,12 @@ def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--link-profile", type=Path, default=None, help="a 'seam probe' profile to start the link estimate from")
     parser.add_argument("--min-ue-layers", type=number(int, 0), default=1,
                         help="layers that always stay on this device (default 1; 0 needs --allow-token-upload)")
+    parser.add_argument("--max-token-recovery", type=number(float, 0, 1), default=None, metavar="SHARE",
+                        help="the split (given or chosen by a policy) stays at cuts where the attacks of 'seam "
+                             "analyze --privacy' recovered at most this share of the input tokens from the hidden "
+                             "states, sent uncoded (e.g. 0.1)")
+    parser.add_argument("--privacy-report", type=Path, default=None, metavar="JSON",
+                        help="the 'seam analyze --privacy' result to read (default: DIR/privacy.json)")
     parser.add_argument("--ue-memory-mb", type=number(float, 0, above=True), default=None,
                         help="memory budget for weights and KV on this device")
     parser.add_argument("--link-trace", type=Path, default=None,
@@ -125,8 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     artifact = Artifact.open(args.artifact)
-    split = args.split if args.split is not None else artifact.default_split
-    artifact.check_split(split, args.allow_token_upload)  # before the network: a wrong split is no network error
+    split = checked_split(args, artifact)  # before the network: a wrong split is no network error
     variant = artifact.check_variant(args.variant)
     if args.private_output:
         artifact.check_private_output()
@@ -213,6 +218,35 @@ def generate_locally(artifact, args: argparse.Namespace, variant: str, prompt_id
     return 0
 
 
+def private_splits(args: argparse.Namespace, artifact) -> tuple[int, ...] | None:
+    """The splits ``--max-token-recovery`` leaves, from the privacy analysis; None without the flag."""
+    from seam.planning.privacy import read_privacy, splits_within_recovery
+
+    if args.max_token_recovery is None:
+        if args.privacy_report is not None:
+            raise SeamError("--privacy-report goes with --max-token-recovery: the analysis and the share it allows")
+        return None
+    path = args.privacy_report or artifact.root / "privacy.json"
+    report = read_privacy(path, artifact.manifest.artifact_fingerprint)
+    # Uncoded hidden states: what an edge learns most from, whatever codec a policy switches to later.
+    return splits_within_recovery(report["cells"], args.max_token_recovery, num_layers=artifact.num_layers)
+
+
+def checked_split(args: argparse.Namespace, artifact) -> int:
+    """The split to start at: ``--split``, else the artifact's middle one, or with ``--max-token-recovery``
+    the first split at or past it that the privacy analysis allows; refused in one line when it is no split
+    point or gives the edge more than the share allowed."""
+    allowed = private_splits(args, artifact)
+    split = args.split if args.split is not None else artifact.default_split
+    artifact.check_split(split, args.allow_token_upload)
+    if allowed is not None and split not in allowed:
+        if args.split is not None:
+            raise SeamError(f"at split {split} the privacy analysis recovers more than {args.max_token_recovery:g} "
+                            f"of the input tokens; choose one of {list(allowed)}")
+        split = min(cut for cut in allowed if cut >= split)
+    return split
+
+
 def choose_policy(args: argparse.Namespace, artifact):
     """The split policy (None = static) and the link prior the arguments ask for, refusing half a cost model."""
     from seam.planning.cost_model import Link
@@ -236,7 +270,7 @@ def choose_policy(args: argparse.Namespace, artifact):
         raise SeamError("--min-ue-layers 0 lets the policy send token ids; it needs --allow-token-upload")
     ue, edge = device_models(artifact, ue_path, args.edge_profile, args.ue_slowdown)
     memory = None if args.ue_memory_mb is None else int(args.ue_memory_mb * 2**20)
-    constraints = Constraints(args.min_ue_layers, memory)
+    constraints = Constraints(args.min_ue_layers, memory, private_splits(args, artifact))
     if args.policy in ("learned", "planner"):
         return learned_policy(args, artifact, ue, edge, constraints), prior
     return CostModelPolicy(ue, edge, constraints, quality=quality_budget(args)), prior
