@@ -327,5 +327,12 @@ def test_max_token_recovery_bounds_the_split_given_and_the_policy_s(artifact, tm
     assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1 and "choose one of" in result.stderr
     lenient = [str(artifact.root), "--privacy-report", str(report), "--max-token-recovery", "0.5"]
     assert private_splits(build_parser().parse_args(lenient), artifact) == (2, 3, artifact.num_layers)
+    (artifact.root / "analysis").mkdir(exist_ok=True)
+    privacy_report(artifact, artifact.root / "analysis" / "privacy-synthetic.json", {1: 0.9, 2: 0.3, 3: 0.05})
+    found = [str(artifact.root), "--max-token-recovery", "0.1"]
+    assert private_splits(build_parser().parse_args(found), artifact) == (3, artifact.num_layers)
+    (artifact.root / "analysis" / "privacy-synthetic.json").unlink()
+    with pytest.raises(SeamError, match="no privacy analyses; name the one"):
+        private_splits(build_parser().parse_args(found), artifact)
     with pytest.raises(SeamError, match="goes with --max-token-recovery"):
         private_splits(build_parser().parse_args([str(artifact.root), "--privacy-report", str(report)]), artifact)

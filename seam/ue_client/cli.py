@@ -92,7 +92,7 @@ def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
                              "analyze --privacy' recovered at most this share of the input tokens from the hidden "
                              "states, sent uncoded (e.g. 0.1)")
     parser.add_argument("--privacy-report", type=Path, default=None, metavar="JSON",
-                        help="the 'seam analyze --privacy' result to read (default: DIR/privacy.json)")
+                        help="the 'seam analyze --privacy' result to read (default: the one in DIR/analysis)")
     parser.add_argument("--ue-memory-mb", type=number(float, 0, above=True), default=None,
                         help="memory budget for weights and KV on this device")
     parser.add_argument("--link-trace", type=Path, default=None,
@@ -226,10 +226,19 @@ def private_splits(args: argparse.Namespace, artifact) -> tuple[int, ...] | None
         if args.privacy_report is not None:
             raise SeamError("--privacy-report goes with --max-token-recovery: the analysis and the share it allows")
         return None
-    path = args.privacy_report or artifact.root / "privacy.json"
+    path = args.privacy_report or _only_privacy_report(artifact)
     report = read_privacy(path, artifact.manifest.artifact_fingerprint)
     # Uncoded hidden states: what an edge learns most from, whatever codec a policy switches to later.
     return splits_within_recovery(report["cells"], args.max_token_recovery, num_layers=artifact.num_layers)
+
+
+def _only_privacy_report(artifact) -> Path:
+    """The privacy analysis ``seam analyze --privacy`` wrote into the artifact, when it wrote exactly one."""
+    found = sorted((artifact.root / "analysis").glob("privacy-*.json"))
+    if len(found) != 1:
+        raise SeamError(f"{artifact.root / 'analysis'} holds {len(found) or 'no'} privacy analyses; name the one to "
+                        "follow with --privacy-report, or write one with 'seam analyze DIR --privacy'")
+    return found[0]
 
 
 def checked_split(args: argparse.Namespace, artifact) -> int:
