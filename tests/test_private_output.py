@@ -27,7 +27,7 @@ from seam.ue_client.client import EdgeClient
 from seam.planning.cost_model import DeviceModel, Link, predict
 from seam.planning.wire_sizes import downlink_bytes
 from test_cost_model import HIDDEN, block, decode_s, device
-from test_runtime import PROMPTS, local_tokens, remote_tokens
+from test_runtime import PROMPTS, concurrent_ues, local_tokens, remote_tokens
 
 GREEDY, SEEDED = SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=11)
 
@@ -219,30 +219,11 @@ def test_the_tap_sees_the_tokens_of_the_normal_path(artifact):
 
 def test_private_sessions_batch_together_with_their_solo_tokens(artifact):
     expected = local_tokens(artifact, PROMPTS, SEEDED)
-    results: dict[int, np.ndarray] = {}
-    batched: dict[int, int] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
-
-    def ue(index: int, address: str) -> None:
-        try:
-            with EdgeClient(artifact, address) as client:
-                barrier.wait(timeout=30)
-                with client.session(2, SEEDED, private_output=True) as session:
-                    results[index] = np.stack(list(session.generate(PROMPTS, expected.shape[1])), axis=1)
-                batched[index] = session.edge_stats["batched_steps"]
-        except BaseException as error:  # surfaced in the main thread
-            errors.append(error)
-
     with edge_server(artifact.root) as (_, address):
-        threads = [threading.Thread(target=ue, args=(index, address)) for index in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-    assert not errors, errors
+        results, batched = concurrent_ues(artifact, address, [{"split": 2, "sampling": SEEDED, "private_output": True}]
+                                          * 4, [PROMPTS] * 4, expected.shape[1])
     assert len(results) == 4 and all((tokens == expected).all() for tokens in results.values())
-    assert sum(batched.values()) > 0, "no decode steps were batched"
+    assert batched > 0, "no decode steps were batched"
 
 
 def test_the_head_graph_gives_the_last_block_s_logits(artifact):

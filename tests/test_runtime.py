@@ -49,36 +49,44 @@ def test_every_split_matches_local_generation(exported, preset):
                 assert (produced == expected[params]).all(), f"split {split}, {params}"
 
 
+def concurrent_ues(artifact: Artifact, address: str, sessions: list[dict], prompts: list, new_tokens: int = NEW_TOKENS):
+    """Each of ``sessions`` (``client.session``'s arguments) generating from its ``prompts`` entry on a client of
+    its own, all starting together: their tokens and how many of their steps the edge batched."""
+    results: dict[int, np.ndarray] = {}
+    batched: dict[int, int] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(sessions))
+
+    def ue(index: int) -> None:
+        try:
+            with EdgeClient(artifact, address) as client:
+                barrier.wait(timeout=30)
+                with client.session(**sessions[index]) as session:
+                    results[index] = np.stack(list(session.generate(prompts[index], new_tokens)), axis=1)
+                batched[index] = session.edge_stats["batched_steps"]
+        except BaseException as error:  # surfaced in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=ue, args=(index,)) for index in range(len(sessions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    return results, sum(batched.values())
+
+
 def test_eight_concurrent_ues_get_their_solo_tokens(exported):
     artifact = Artifact.open(exported("tiny-llama"))
     prompts = [[[3 + ue, 40 + 2 * ue, 7, 100 + ue][: 1 + ue % 4]] for ue in range(8)]  # batched steps need padding
     params = [SamplingParams(temperature=0.7, seed=ue) if ue % 2 else SamplingParams() for ue in range(8)]
     solo = [local_tokens(artifact, prompts[ue], params[ue]) for ue in range(8)]
-    results: dict[int, np.ndarray] = {}
-    batched: dict[int, int] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(8)
-
-    def ue(index: int, address: str) -> None:
-        try:
-            with EdgeClient(artifact, address) as client:
-                barrier.wait(timeout=30)
-                with client.session(1 + index % 3, params[index]) as session:
-                    results[index] = np.stack(list(session.generate(prompts[index], NEW_TOKENS)), axis=1)
-                batched[index] = session.edge_stats["batched_steps"]
-        except BaseException as error:  # surfaced in the main thread
-            errors.append(error)
-
     with edge_server(artifact.root) as (_, address):
-        threads = [threading.Thread(target=ue, args=(i, address)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-    assert not errors, errors
+        results, batched = concurrent_ues(artifact, address, [{"split": 1 + ue % 3, "sampling": params[ue]}
+                                                              for ue in range(8)], prompts)
     for index in range(8):
         assert (results[index] == solo[index]).all(), f"UE {index}"
-    assert sum(batched.values()) > 0, "no decode steps were batched"
+    assert batched > 0, "no decode steps were batched"
 
 
 def test_edge_never_receives_token_ids(exported, tmp_path):
