@@ -109,6 +109,30 @@ def test_a_killed_edge_mid_generation_loses_nothing(exported, params):
     assert f"the edge at {first} was lost" in failover.reason and "went on at" in failover.reason
 
 
+def test_a_restarted_edge_on_its_address_is_picked_up_again(exported):
+    """Two edges: the first is killed and the session goes on at the second; the first restarts on the same
+    address; the second is killed and the session comes back to the first, the tokens those of one run."""
+    artifact = Artifact.open(exported("tiny-llama"))
+    expected = expected_tokens(artifact, SEEDED, LONG)
+    with ExitStack() as stack:
+        fleet = edges(stack, artifact, 2)
+        with EdgeClient(artifact, ",".join(fleet), TransportConfig(timeout_s=2)) as client:
+            first = client.server
+            (second,) = set(fleet) - {first}
+            session = client.session(2, SEEDED)
+            steps = session.generate(PROMPTS, LONG)
+            produced = [next(steps) for _ in range(LONG // 3)]
+            fleet[first].kill()
+            fleet[first].wait()
+            produced += [next(steps) for _ in range(LONG // 3)]
+            stack.enter_context(edge_server(artifact.root, bind=first))  # the same address, a new process
+            fleet[second].kill()
+            fleet[second].wait()
+            produced += list(steps)
+    assert (np.stack(produced, axis=1) == expected).all()
+    assert [move.edge for move in session.moves] == [second, first]
+
+
 def test_a_draining_edge_hands_its_sessions_on_and_exits(exported):
     artifact = Artifact.open(exported("tiny-llama"))
     expected = expected_tokens(artifact, SEEDED, LONG)
