@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     from seam.export.cli import add_export_parser, add_models_parser, add_validate_parser
     from seam.export.corpus import add_corpus_parser
     from seam.finetune.pipeline_cli import add_train_pipeline_parser
+    from seam.finetune.plan_fleet import add_plan_fleet_parser
     from seam.finetune.plan_round import add_plan_round_parser
     from seam.profiler.cli import add_probe_parser, add_profile_parser, add_traces_parser
     from seam.profiler.pipeline_plan import add_plan_pipeline_parser
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_traces_parser(commands)
     add_corpus_parser(commands)
     add_plan_round_parser(commands)
+    add_plan_fleet_parser(commands)
     add_train_pipeline_parser(commands)
     add_fleet_parser(commands)
     return parser

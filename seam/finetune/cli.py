@@ -9,7 +9,9 @@ import hashlib
 import json
 import os
 import socket
+import statistics
 import sys
+import time
 from pathlib import Path
 
 from seam.runtime.errors import SeamError
@@ -22,8 +24,9 @@ from seam.runtime.shell import (CommandParser, add_log_level, bar_disabled, chec
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="ue_client DIR train", description=__doc__)
     parser.add_argument("artifact", type=Path, help="the exported artifact (its source model is what trains)")
-    parser.add_argument("--server", required=True, type=checked(check_address),
-                        help="edge_server address, e.g. tcp://10.0.0.2:5555")
+    parser.add_argument("--server", default=None, type=checked(check_address),
+                        help="edge_server address, e.g. tcp://10.0.0.2:5555 (or the one a 'seam plan-fleet' plan "
+                             "assigns this UE)")
     parser.add_argument("--data", type=Path, required=True,
                         help="UTF-8 text, one sample per line (or .jsonl of {\"text\": ...})")
     parser.add_argument("--cut", type=number(int, 1), default=None,
@@ -52,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seeds the adapters' initialisation and the data order")
     parser.add_argument("--out", type=Path, default=None, help="where the adapter goes (default DIR/adapters/split)")
     parser.add_argument("--plan", type=Path, default=None,
-                        help="a 'seam plan-round' plan: train at this UE's (--name) cut, the link held to its rate")
+                        help="a 'seam plan-round' plan: train at this UE's (--name) cut, the link held to its rate; "
+                             "or a 'seam plan-fleet' plan: train on the edge it assigns this UE, at its rate")
     parser.add_argument("--rate-mbit", type=number(float, 0, above=True), default=None,
                         help="hold this UE's link to this rate both ways (the transport's rate limiter)")
     parser.add_argument("--checkpoint-every", type=number(int, 0), default=0, metavar="STEPS",
@@ -65,24 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def checked_plan(args: argparse.Namespace, num_layers: int) -> tuple[int, float | None]:
-    """The cut and link rate to train at, from the flags or the ``--plan``; refuses flags that do not go together."""
+def checked_plan(args: argparse.Namespace, num_layers: int) -> tuple[int, float | None, dict]:
+    """The cut and link rate to train at, from the flags or the ``--plan``, and the plan's row of this UE ({}
+    without one); refuses flags that do not go together. A fleet plan sets the edge (``args.server``) and the
+    rate, and leaves the cut to ``--cut``."""
     from seam.finetune.plan_round import planned
 
     if args.rounds > 1 and not args.job:
         raise SeamError("--rounds are federated rounds: give the --job this UE trains in")
     if args.job and (args.resume or args.checkpoint_every):
         raise SeamError("checkpoints cover runs without --job for now; a federated run restarts from its rounds")
-    cut, rate_mbit = args.cut if args.cut is not None else num_layers // 2, args.rate_mbit
+    cut, rate_mbit, row = args.cut if args.cut is not None else num_layers // 2, args.rate_mbit, {}
     if args.plan is not None:
-        if not args.name or args.cut is not None or args.rate_mbit is not None:
-            raise SeamError("--plan sets the cut and the rate of the UE it names: give --name, not --cut or "
+        if not args.name or args.rate_mbit is not None:
+            raise SeamError("--plan sets the rate (and the cut or the edge) of the UE it names: give --name, not "
                             "--rate-mbit")
         row = planned(args.plan, args.name)
-        cut, rate_mbit = row["cut"], row["rate_mbit"]
+        if "server" in row:  # a fleet plan: the edge is the plan's
+            if args.server is not None and args.server != row["server"]:
+                raise SeamError(f"the plan assigns {args.name} to {row['server']}, not {args.server}; leave "
+                                "--server out")
+            args.server = row["server"]
+        elif args.cut is not None:
+            raise SeamError("--plan sets the cut of the UE it names: give --name, not --cut")
+        cut, rate_mbit = row.get("cut", cut), row["rate_mbit"]
+    if args.server is None:
+        raise SeamError("give the edge to train with: --server tcp://HOST:PORT, or a 'seam plan-fleet' --plan")
     if rate_mbit is not None and not rate_mbit > 0:
         raise SeamError(f"the link rate must be positive, got {rate_mbit!r} Mbit/s")
-    return cut, rate_mbit
+    return cut, rate_mbit, row
 
 
 def train_round(args: argparse.Namespace, trainer, data, losses: list[float], number: int, checkpoints: Path,
@@ -127,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from seam.ue_client.client import EdgeClient
 
     artifact = Artifact.open(args.artifact)
-    cut, rate_mbit = checked_plan(args, artifact.num_layers)
+    cut, rate_mbit, planned_row = checked_plan(args, artifact.num_layers)
     if not has("matplotlib"):  # said now, not after the training
         print(f"ue_client: note: no loss.png without matplotlib ({missing_extra('matplotlib')})", file=sys.stderr)
     # The data is read and checked before anything reaches the edge.
@@ -149,8 +164,11 @@ def run(args: argparse.Namespace) -> int:
         trainer = SplitTrainer(artifact, client, cut, args.mode, args.rank, args.alpha, args.lr, args.weight_decay,
                                args.seed, args.job, args.name or f"{socket.gethostname()}-{os.getpid()}",
                                (resumed.parts["ue"], resumed.parts["edge"]) if resumed else None, args.job_size)
+        rounds_s = []
         for number in range(args.rounds):
+            started = time.perf_counter()
             train_round(args, trainer, data, losses, number, checkpoints, settings)
+            rounds_s.append(time.perf_counter() - started)
         edge_weights = split_weights(trainer.edge.adapter())
         stats = trainer.edge.close()
 
@@ -165,6 +183,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"ue_client: {len(losses)} steps at cut {cut}/{artifact.num_layers} ({args.mode}); loss {losses[0]:.4f} -> "
           f"{losses[-1]:.4f}; edge compute {stats['edge_compute_s']:.2f} s{limit}\nue_client: adapter: {out}",
           file=sys.stderr)
+    if "delay_s" in planned_row:
+        measured = statistics.median(rounds_s)
+        print(f"ue_client: a round took {measured:.2f} s (median of {len(rounds_s)}) on {args.server}; the plan "
+              f"predicted {planned_row['delay_s']:.2f} s ({measured / planned_row['delay_s']:.2f}x)", file=sys.stderr)
     return 0
 
 
