@@ -251,14 +251,15 @@ def test_an_artifact_without_a_head_graph_is_refused_in_one_line(artifact, tmp_p
     result = subprocess.run([sys.executable, "-m", "seam.ue_client.cli", str(old), "--private-output", "--prompt",
                              "hi", "--server", "tcp://127.0.0.1:9"], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "re-export" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert "before private output" in private_output_refusal(False, False)
-    assert "pipeline" in private_output_refusal(True, True) and private_output_refusal(True, False) == ""
+    manifest, last = artifact.manifest, artifact.num_layers
+    assert "before private output" in private_output_refusal(Artifact.open(old).manifest, last)
+    assert "pipeline" in private_output_refusal(manifest, last - 1) and private_output_refusal(manifest, last) == ""
 
 
 def test_an_open_asking_for_private_output_of_an_edge_that_cannot_is_refused(artifact):
     request = OpenSession("s", 2, 1, {}, 16, private_output=True)
     limits = Limits(artifact.num_layers, 64, 320, np.dtype(np.float32), 8, 64, ("fp32",), artifact.check_split,
-                    private_output_refusal(True, True))
+                    private_output_refusal(artifact.manifest, 2))
     with pytest.raises(SeamError, match="cannot keep the output private"):
         check_open(request, limits)
     assert Resplitted("s", 4).sampler_state == {}
@@ -267,7 +268,8 @@ def test_an_open_asking_for_private_output_of_an_edge_that_cannot_is_refused(art
 def test_the_cost_model_prices_the_head_on_the_ue_and_the_hidden_states_coming_back():
     link = Link.from_mbit(10, 20)
     plain_ue, plain_edge = DeviceModel.from_profile(device(4.0)), DeviceModel.from_profile(device(1.0, name="edge"))
-    normal, private = (predict(plain_ue, plain_edge, link, 2, 128, private_output=flag).decode for flag in (False, True))
+    normal, private = (predict(plain_ue, plain_edge, link, 2, 128, private_output=flag).decode
+                       for flag in (False, True))
     assert private.downlink_bytes - normal.downlink_bytes >= HIDDEN * 4
     assert private.downlink_bytes == downlink_bytes(1, HIDDEN * 4)
     # Unmeasured, the head costs the UE what its last block's step does; the edge's time stays as measured.

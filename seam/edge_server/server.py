@@ -53,7 +53,7 @@ class EdgeServer:
         self.limits = Limits(self.artifact.num_layers, self.manifest.dims.hidden_size, self.manifest.dims.vocab_size,
                              np.dtype(NUMPY_DTYPES[self.manifest.dtype]), config.max_batch, config.max_length,
                              tuple(self.offered_codecs), self._check_split,
-                             private_output_refusal(self.manifest.head is not None, self.end < self.artifact.num_layers))
+                             private_output_refusal(self.manifest, self.end))
         self.compute = EdgeCompute(self.artifact, self.pool, self.table, self.limits, config.prefill_chunk, self.end)
         self.prefills: list[tuple[Ready, int]] = []  # long prefills under way, oldest first: positions run so far
         self.welcomed: set[bytes] = set()  # peers holding this artifact: they may open sessions

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from seam.runtime.artifact import Manifest
 from seam.runtime.codecs import from_message_fields
 from seam.runtime.errors import SeamError
 from seam.runtime.migration import check_boundary
@@ -49,11 +50,12 @@ class CheckedStep:
         return self.first.shape[1]
 
 
-def private_output_refusal(has_head_graph: bool, is_stage: bool) -> str:
-    """Why an edge cannot return hidden states instead of tokens (``Limits.private_output_refusal``), or ""."""
-    if not has_head_graph:
+def private_output_refusal(manifest: Manifest, end: int) -> str:
+    """Why an edge running its sessions' layers up to ``end`` cannot return hidden states instead of tokens
+    (``Limits.private_output_refusal``), or ""."""
+    if manifest.head is None:
         return "its artifact was exported before private output existed; re-export it with 'seam export --force'"
-    if is_stage:
+    if end < manifest.dims.num_layers:
         return "it is a stage of a pipeline, and private output is served by a single edge in this version"
     return ""
 

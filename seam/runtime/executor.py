@@ -220,8 +220,9 @@ class SpanRunner:
         return chunks[0]
 
     @property
-    def ends_in_logits(self) -> bool:
-        return self.span.end == self.num_layers and self.head
+    def ends_at_last_layer(self) -> bool:
+        """Whether a step's output is the last position's logits, or without the head its hidden states there."""
+        return self.span.end == self.num_layers
 
     @property
     def past_length(self) -> int:
@@ -262,7 +263,7 @@ class SpanRunner:
             end = min(start + chunk, new)
             outputs.append(self.run(first_input[:, start:end], attention_mask[:, : past + end],
                                     position_ids[:, start:end]))
-        return outputs[-1] if self.span.end == self.num_layers or len(outputs) == 1 else np.concatenate(outputs, axis=1)
+        return outputs[-1] if self.ends_at_last_layer or len(outputs) == 1 else np.concatenate(outputs, axis=1)
 
     def shared_inputs(self, attention_mask, position_ids, logits_to_keep: int = 1) -> dict[str, np.ndarray]:
         """The inputs every block of one step shares: the prelude's bias and position features, and the mask."""
