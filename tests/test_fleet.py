@@ -53,6 +53,10 @@ def test_rank_edges_prefers_the_fastest_predicted_and_leaves_draining_ones_out()
     firsts = [rank_edges(idle, chooser=f"ue{index}")[0].address for index in range(300)]
     assert all(firsts.count(name) > 60 for name in "pqr")  # UEs arriving at an idle fleet spread over it
     assert rank_edges(idle, chooser="ue7") == rank_edges(idle[::-1], chooser="ue7")
+    # Sessions just opened on an edge have run no step yet: it is not predicted as instant, so arrivals spread.
+    warm, fresh = EdgeOffer("warm", 0.001, sessions=1, step_s=0.020), EdgeOffer("fresh", 0.001, sessions=3)
+    assert [o.address for o in rank_edges([warm, fresh])] == ["warm", "fresh"]
+    assert rank_edges([warm, EdgeOffer("fresh", 0.001)])[0].address == "fresh"  # truly idle: no step to wait for
     odd = EdgeOffer.from_load("z", 0.001, {"sessions": "many", "step_s": True, "free_kv_bytes": 1.5, "draining": 1})
     assert (odd.sessions, odd.step_s, odd.free_kv_bytes, odd.draining) == (0, 0.0, None, False)
 

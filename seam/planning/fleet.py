@@ -3,9 +3,12 @@ reported of its load and the round trip the UE measured to it. Pure functions ov
 
 A session's per-token time on an edge is the round trip of its step plus the edge's own step time, which with
 batched decoding grows with the sessions the edge already runs: the edge reports the median of its last
-seconds' steps, so an edge busy with many UEs ranks behind an idle one a few milliseconds further away. Edges
-whose predictions differ by less than a handshake's noise count as equal, and of those the one with the fewest
-sessions comes first, so that UEs arriving at once spread over an idle fleet.
+seconds' steps, so an edge busy with many UEs ranks behind an idle one a few milliseconds further away. An edge
+that holds sessions but ran no step lately (they have only just opened) is predicted at the quickest step another
+edge reports, not at no time at all: else every UE arriving meanwhile would herd onto it before its first step
+could say otherwise. Edges whose predictions differ
+by less than a handshake's noise count as equal, and of those the one with the fewest sessions comes first, so
+that UEs arriving at once spread over an idle fleet.
 """
 
 from __future__ import annotations
@@ -38,10 +41,11 @@ class EdgeOffer:
         return cls(address, round_trip_s, int(number("sessions", 0)), float(number("step_s", 0.0)),
                    number("free_kv_bytes", None, int), load.get("draining") is True)
 
-    @property
-    def per_token_s(self) -> float:
-        """Predicted time per token of a session opened here: its step's round trip and the edge's step."""
-        return self.round_trip_s + max(self.step_s, 0.0)
+    def per_token_s(self, unknown_step_s: float = 0.0) -> float:
+        """Predicted time per token of a session opened here: its step's round trip and the edge's step
+        (``unknown_step_s`` when it holds sessions but ran no step lately; none when it holds none)."""
+        step_s = self.step_s if self.step_s > 0 else unknown_step_s if self.sessions else 0.0
+        return self.round_trip_s + step_s
 
 
 def _mixed(chooser: str, address: str) -> bytes:
@@ -62,10 +66,15 @@ def rank_edges(offers: Iterable[EdgeOffer], kv_bytes: int = 0, chooser: str = ""
     usable = [offer for offer in offers if not offer.draining and math.isfinite(offer.round_trip_s)]
     room = [offer for offer in usable if offer.free_kv_bytes is None or offer.free_kv_bytes >= kv_bytes]
     full = [offer for offer in usable if offer not in room]
-    by_time = sorted(room, key=lambda offer: (offer.per_token_s, offer.address))
+    unknown = min((offer.step_s for offer in usable if offer.step_s > 0), default=0.0)
+
+    def predicted(offer: EdgeOffer) -> float:
+        return offer.per_token_s(unknown)
+
+    by_time = sorted(room, key=lambda offer: (predicted(offer), offer.address))
     if not by_time:
-        return sorted(full, key=lambda offer: offer.per_token_s)
-    limit = by_time[0].per_token_s * (1 + NEAR_SHARE) + NEAR_S
-    near = sorted((offer for offer in by_time if offer.per_token_s <= limit),
+        return sorted(full, key=predicted)
+    limit = predicted(by_time[0]) * (1 + NEAR_SHARE) + NEAR_S
+    near = sorted((offer for offer in by_time if predicted(offer) <= limit),
                   key=lambda offer: (offer.sessions, _mixed(chooser, offer.address), offer.address))
-    return near + [offer for offer in by_time if offer not in near] + sorted(full, key=lambda offer: offer.per_token_s)
+    return near + [offer for offer in by_time if offer not in near] + sorted(full, key=predicted)
