@@ -25,6 +25,7 @@ import numpy as np
 
 from seam.runtime.errors import SeamError
 from seam.runtime.files import write_atomically
+from seam.runtime.shell import number
 
 
 def read_fleet_setup(path: Path):
@@ -61,7 +62,7 @@ def add_plan_fleet_parser(commands) -> None:
     parser = commands.add_parser("plan-fleet", help="assign training UEs to the fleet's edges (DASHF)",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("setup", type=Path, help="the fleet's setup (JSON, see above)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the solver's randomised rounding")
+    parser.add_argument("--seed", type=number(int, 0), default=0, help="seeds the solver's randomised rounding")
     parser.add_argument("--out", type=Path, default=Path("plan.json"))
     parser.set_defaults(handler=run_plan_fleet, extra="allocation")
 
