@@ -30,32 +30,31 @@ from seam.runtime.shell import number
 
 def read_fleet_setup(path: Path):
     """(UE names, edge addresses, ``DashfSetup``) from a setup file; one line on what is wrong with a bad one."""
+    from seam.finetune.plan_round import read_setup_file
+
+    return read_setup_file(path, "plan-fleet", _dashf_setup)
+
+
+def _dashf_setup(setup: dict):
     from seam.finetune.dashf import DashfSetup
 
-    try:
-        setup = json.loads(path.read_text())
-        edges, ues = setup["edges"], setup["ues"]
+    edges, ues = setup["edges"], setup["ues"]
 
-        def per_ue(key: str) -> np.ndarray:
-            return np.array([ue[key] for ue in ues], float)
+    def per_ue(key: str) -> np.ndarray:
+        return np.array([ue[key] for ue in ues], float)
 
-        return [ue["name"] for ue in ues], [edge["address"] for edge in edges], DashfSetup(
-            gains=10 ** (np.array([ue["gain_db"] for ue in ues], float) / 10),
-            powers_w=10 ** ((per_ue("power_dbm") - 30) / 10), upload_bits=8 * per_ue("upload_bytes"),
-            local_flop=per_ue("local_flop"), server_flop=per_ue("server_flop"), top_flops=per_ue("top_flops"),
-            energy_coeff=per_ue("energy_coeff"), quality=per_ue("quality"),
-            server_flops=np.array([edge["flops"] for edge in edges], float),
-            bandwidth_hz=np.array([edge["bandwidth_mhz"] for edge in edges], float) * 1e6,
-            capacity=np.array([edge["capacity"] for edge in edges]),
-            noise_w_per_hz=10 ** ((float(setup["noise_dbm_per_hz"]) - 30) / 10),
-            delay_weight=float(setup.get("delay_weight", 1.0)), energy_weight=float(setup.get("energy_weight", 1.0)),
-            offload_gain=float(setup.get("offload_gain", 1.0)),
-        )
-    except OSError as error:
-        raise SeamError(f"cannot read the setup {path}: {error.strerror or error}") from None
-    except (ValueError, KeyError, TypeError) as error:
-        raise SeamError(f"the setup {path} is malformed ({type(error).__name__}: {error}); see seam plan-fleet "
-                        "--help for its fields") from None
+    return [ue["name"] for ue in ues], [edge["address"] for edge in edges], DashfSetup(
+        gains=10 ** (np.array([ue["gain_db"] for ue in ues], float) / 10),
+        powers_w=10 ** ((per_ue("power_dbm") - 30) / 10), upload_bits=8 * per_ue("upload_bytes"),
+        local_flop=per_ue("local_flop"), server_flop=per_ue("server_flop"), top_flops=per_ue("top_flops"),
+        energy_coeff=per_ue("energy_coeff"), quality=per_ue("quality"),
+        server_flops=np.array([edge["flops"] for edge in edges], float),
+        bandwidth_hz=np.array([edge["bandwidth_mhz"] for edge in edges], float) * 1e6,
+        capacity=np.array([edge["capacity"] for edge in edges]),
+        noise_w_per_hz=10 ** ((float(setup["noise_dbm_per_hz"]) - 30) / 10),
+        delay_weight=float(setup.get("delay_weight", 1.0)), energy_weight=float(setup.get("energy_weight", 1.0)),
+        offload_gain=float(setup.get("offload_gain", 1.0)),
+    )
 
 
 def add_plan_fleet_parser(commands) -> None:

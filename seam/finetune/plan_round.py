@@ -25,30 +25,39 @@ from seam.runtime.errors import SeamError
 from seam.runtime.files import write_atomically
 
 
-def read_setup(path: Path):
-    from seam.finetune.fedsllm import FedsllmSetup
-
+def read_setup_file(path: Path, command: str, build):
+    """``build(setup)`` of the JSON setup at ``path``; one line on what is wrong with a file that cannot be read or
+    a setup ``build`` finds malformed, naming the ``command`` whose --help lists its fields."""
     try:
-        setup = json.loads(path.read_text())
-        ues = setup["ues"]
-        return [ue["name"] for ue in ues], FedsllmSetup(
-            ue_layer_s=np.array([ue["layer_s"] for ue in ues], float),
-            edge_layer_s=np.array(setup["edge_layer_s"], float),
-            cut_bits=8 * np.array(setup["cut_bytes"], float),
-            adapter_bits=8 * np.array(setup["adapter_bytes"], float),
-            samples=np.array([ue["samples"] for ue in ues], float),
-            gains=10 ** (np.array([ue["gain_db"] for ue in ues], float) / 10),
-            powers_w=10 ** ((np.array([ue["power_dbm"] for ue in ues], float) - 30) / 10),
-            noise_w_per_hz=10 ** ((float(setup["noise_dbm_per_hz"]) - 30) / 10),
-            bandwidth_hz=float(setup["bandwidth_mhz"]) * 1e6,
-            iterations=float(setup["iterations"]),
-            min_cut=int(setup.get("min_cut", 1)),
-        )
+        return build(json.loads(path.read_text()))
     except OSError as error:
         raise SeamError(f"cannot read the setup {path}: {error.strerror or error}") from None
     except (ValueError, KeyError, TypeError) as error:
-        raise SeamError(f"the setup {path} is malformed ({type(error).__name__}: {error}); see seam plan-round "
+        raise SeamError(f"the setup {path} is malformed ({type(error).__name__}: {error}); see seam {command} "
                         "--help for its fields") from None
+
+
+def read_setup(path: Path):
+    return read_setup_file(path, "plan-round", _fedsllm_setup)
+
+
+def _fedsllm_setup(setup: dict):
+    from seam.finetune.fedsllm import FedsllmSetup
+
+    ues = setup["ues"]
+    return [ue["name"] for ue in ues], FedsllmSetup(
+        ue_layer_s=np.array([ue["layer_s"] for ue in ues], float),
+        edge_layer_s=np.array(setup["edge_layer_s"], float),
+        cut_bits=8 * np.array(setup["cut_bytes"], float),
+        adapter_bits=8 * np.array(setup["adapter_bytes"], float),
+        samples=np.array([ue["samples"] for ue in ues], float),
+        gains=10 ** (np.array([ue["gain_db"] for ue in ues], float) / 10),
+        powers_w=10 ** ((np.array([ue["power_dbm"] for ue in ues], float) - 30) / 10),
+        noise_w_per_hz=10 ** ((float(setup["noise_dbm_per_hz"]) - 30) / 10),
+        bandwidth_hz=float(setup["bandwidth_mhz"]) * 1e6,
+        iterations=float(setup["iterations"]),
+        min_cut=int(setup.get("min_cut", 1)),
+    )
 
 
 def add_plan_round_parser(commands) -> None:
