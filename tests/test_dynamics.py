@@ -3,6 +3,7 @@ learned from the session's own history, and how a decision weighs a move by it."
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,24 @@ def test_every_policy_weighs_its_move_by_the_link_dynamics_and_what_moves_cost(n
     assert policy(held).split == 4 and "expected to last 8.0 s" in policy.decisions[-1].reason
     dear = outage_snapshot(history((5, GOOD), (8, BAD)), 13.0, move_costs=[(True, 0.1, 5.0), (False, 0.1, 5.0)])
     assert policy(dear).split == 1  # moves took fifty times their prediction: this one would not pay
+
+
+def test_the_learned_policy_scores_the_downlink_as_the_move_test_prices_it():
+    """A downlink measured before the fade is taken to have faded with the uplink for the learned policy's choice
+    of where to go too, not only for whether the move pays."""
+    import numpy as np
+
+    from seam.planning.learned import LearnedPolicy, PolicyFile
+    from seam.planning.planner import LOSSLESS, actions
+
+    ue, edge = models()
+    choices = actions(ue.split_points[1:], [LOSSLESS], ue.split_points[-1])
+    # The actor wants the UE alone only over a slow downlink (the observation's second entry: log10 of Mbit/s).
+    weights = np.zeros((len(choices), 7), dtype=np.float32)
+    weights[[split for split, _ in choices].index(ue.split_points[-1]), 1] = -5.0
+    policy_file = PolicyFile(Path("."), "synthetic", ue.split_points[-1], choices, {}, 10.0, 1.0,
+                             {"w0": weights, "b0": np.zeros(len(choices), dtype=np.float32)})
+    policy = LearnedPolicy(ue, edge, policy_file)
+    held = outage_snapshot(history((5, GOOD), (8, BAD)), 13.0)
+    stale_downlink = replace(held, link=Link(held.link.rtt_s, BAD, GOOD), down_measured_at=1.0)
+    assert policy(stale_downlink).split == ue.split_points[-1]

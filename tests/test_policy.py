@@ -92,6 +92,23 @@ def test_stale_directions_and_probe_size():
     assert estimator.probe_bytes("up") >= 160_000  # the link got faster: the next probe is eight times larger
 
 
+def test_probes_of_a_steady_direction_grow_rarer_and_any_change_starts_over():
+    from seam.ue_client.probing import MAX_QUIET, LinkProber
+
+    estimator = LinkEstimator(prior=Link(0.02, 10 * MBIT, 10 * MBIT), stale_s=2.0)
+    prober = LinkProber(estimator, HIDDEN, 4)
+    assert prober.due("up", 0.0, back_off=True)  # never measured: due at once
+    for sample in traffic(estimator.prior, [(64_000, 100)]):
+        estimator.observe(sample)
+    for _ in range(5):  # each probe finds the same rate
+        prober.quiet["up"] = prober.next_quiet("up", 10 * MBIT, 11 * MBIT)
+    assert prober.quiet["up"] == MAX_QUIET
+    assert not prober.due("up", 10.0, back_off=True) and prober.due("up", 10.0, back_off=False)
+    assert prober.due("up", 2.0 * MAX_QUIET + 0.1, back_off=True)
+    assert prober.next_quiet("up", 10 * MBIT, 3 * MBIT) == 1  # the rate changed: probe as often as before
+    assert prober.next_quiet("up", None, 10 * MBIT) == 1  # outrun or unmeasured before
+
+
 def test_a_message_that_outruns_the_estimate_makes_its_direction_stale():
     collapsed, recovered = Link(0.02, 0.2 * MBIT, 0.2 * MBIT), Link(0.02, 50 * MBIT, 50 * MBIT)
     estimator = LinkEstimator(prior=Link(0.02, 10 * MBIT, 10 * MBIT))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seam.planning.cost_model import DeviceModel
+from seam.planning.cost_model import DeviceModel, Link
 from seam.runtime.errors import SeamError
 from seam.planning.planner import Objective, evaluate, increase_of, observation
 from seam.planning.policy import Constraints, CostModelPolicy, Scales
@@ -96,21 +96,22 @@ class LearnedPolicy(CostModelPolicy):
         self.objective = Objective(policy.alpha, policy.beta, max_increase_pct)
         self.table = measured if measured is not None else policy.table  # what the budget is checked against
 
-    def scores(self, snapshot: SessionSnapshot, scales: Scales) -> np.ndarray:
+    def scores(self, snapshot: SessionSnapshot, scales: Scales, link: Link) -> np.ndarray:
         if self.planner:
-            scored = evaluate(self.ue, self.edge, snapshot.link, self.policy.actions, self.table, self.objective,
+            scored = evaluate(self.ue, self.edge, link, self.policy.actions, self.table, self.objective,
                               snapshot.past, max(snapshot.batch, 1), scales)
             return np.array([choice.reward for choice in scored])
-        state = observation(snapshot.link, scales, snapshot.past, self.objective.max_increase_pct)
+        state = observation(link, scales, snapshot.past, self.objective.max_increase_pct)
         return actor_logits(self.policy.weights, state)
 
-    def targets(self, snapshot: SessionSnapshot, scales: Scales,
-                candidates: list[int]) -> tuple[list[int], dict[int, str]]:
-        """The best allowed action's split, and each split's best allowed codec."""
+    def targets(self, snapshot: SessionSnapshot, scales: Scales, candidates: list[int],
+                link: Link) -> tuple[list[int], dict[int, str]]:
+        """The best allowed action's split, and each split's best allowed codec, scored on ``link``: the link
+        the move test prices the move on (its downlink cut as the link's state fell)."""
         num_layers = snapshot.artifact.num_layers
         allowed = allowed_actions(self.policy.actions, self.table, self.objective.max_increase_pct, candidates,
                                   list(snapshot.offered_codecs), num_layers)
         if not allowed.any():
             return [snapshot.split], {}
-        best = best_actions(self.scores(snapshot, scales), self.policy.actions, allowed)
+        best = best_actions(self.scores(snapshot, scales, link), self.policy.actions, allowed)
         return [next(iter(best))], {split: codec for split, codec in best.items() if split < num_layers}

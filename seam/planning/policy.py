@@ -226,10 +226,10 @@ class CostModelPolicy:
         return candidate_splits(self.ue, constraints, [layers * per_layer for layers in facts.block_layers],
                                 max(snapshot.batch, 1), snapshot.max_length, facts.block_weight_bytes)
 
-    def targets(self, snapshot: SessionSnapshot, scales: Scales,
-                candidates: list[int]) -> tuple[list[int], dict[int, str]]:
+    def targets(self, snapshot: SessionSnapshot, scales: Scales, candidates: list[int],
+                link: Link) -> tuple[list[int], dict[int, str]]:
         """The splits a move may go to and the codec each would send its hidden states in: every candidate, and
-        with a quality budget the cheapest codec it allows there."""
+        with a quality budget the cheapest codec it allows there. ``link``: the link as the move is priced on."""
         if self.quality is None:
             return candidates, {}
         return candidates, {split: self.quality.codec(split, snapshot.offered_codecs)
@@ -281,10 +281,10 @@ class CostModelPolicy:
         if scales is None:
             return None
         facts = snapshot.artifact
-        targets, codecs = self.targets(snapshot, scales, candidates)
         recent_moves = sum(step > snapshot.step - self.settle_tokens for step in snapshot.move_steps)
         found = states(snapshot.link_history, snapshot.now_s)
         link = downlink_following(snapshot.link, found, snapshot.down_measured_at)
+        targets, codecs = self.targets(snapshot, scales, candidates, link)
         decision = choose_split(
             self.ue, self.edge, link, current=snapshot.split, candidates=targets, context=snapshot.past,
             remaining=min(snapshot.max_length - snapshot.past - 1, self.horizon), batch=snapshot.batch,

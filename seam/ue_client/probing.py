@@ -19,6 +19,11 @@ from seam.runtime.replies import expect
 from seam.ue_client.connection import exchange
 
 PROBE_TRIES = 3  # sizes grow 8x a try: from 8 KiB to 512 KiB, enough for hundreds of Mbit/s
+# A probe that finds a direction's rate within this factor of the last one doubles the wait before the next, up to
+# ``MAX_QUIET`` times the estimate's staleness: a steady link needs few probes, and each costs the UE's CPU and,
+# on a real link, the steps queued behind it. Any other finding, or a rate a message outran, starts over.
+STEADY_RATIO = 2.0
+MAX_QUIET = 8
 
 
 class LinkProber:
@@ -28,14 +33,18 @@ class LinkProber:
         self.link = link
         self.hidden_size, self.dtype_bytes = hidden_size, dtype_bytes
         self.pings = 0
+        self.quiet = {"up": 1, "down": 1}  # per direction: the staleness a probe waits for, in ``stale_s``
         self.step_probes: deque[tuple[float, float]] = deque(maxlen=5)  # (at, seconds) of step-sized pings
 
     def probe(self, socket: UeSocket, batch: int, step_sized: bool = False,
-              directions: Sequence[str] = ("up", "down")) -> None:
+              directions: Sequence[str] = ("up", "down"), back_off: bool = False) -> None:
         """Measures those of ``directions`` whose bandwidth estimate is stale with one ping each, sized to measure
         it, after an empty ping that pins the round trip the rates are measured against; with ``step_sized``,
-        also a ping the size of a decode step of ``batch`` sequences."""
-        stale = [direction for direction in self.link.stale(time.perf_counter()) if direction in directions]
+        also a ping the size of a decode step of ``batch`` sequences; with ``back_off``, a direction is stale
+        only after the wait its steadiness earned (``STEADY_RATIO``)."""
+        now = time.perf_counter()
+        stale = [direction for direction in directions if self.due(direction, now, back_off)]
+        before = {direction: self.rate(direction) for direction in stale}
         if stale:
             self.ping(socket, 0, 0)
         if step_sized:
@@ -48,6 +57,24 @@ class LinkProber:
                 self.ping(socket, *((size, 0) if direction == "up" else (0, size)))
                 if direction not in self.link.stale(time.perf_counter()):
                     break
+            self.quiet[direction] = self.next_quiet(direction, before[direction], self.rate(direction))
+
+    def due(self, direction: str, now_s: float, back_off: bool) -> bool:
+        measured_at = self.link.measured_at(direction)
+        wait = self.link.stale_s * (self.quiet[direction] if back_off else 1)
+        return measured_at is None or now_s - measured_at > wait
+
+    def rate(self, direction: str) -> float | None:
+        """``direction``'s measured rate in bytes/s, None while it rests on the prior or was outrun."""
+        if self.link.measured_at(direction) is None:
+            return None
+        link = self.link.link()
+        return link.up_bytes_per_s if direction == "up" else link.down_bytes_per_s
+
+    def next_quiet(self, direction: str, before: float | None, after: float | None) -> int:
+        if before is None or after is None or max(before, after) > STEADY_RATIO * min(before, after):
+            return 1
+        return min(2 * self.quiet[direction], MAX_QUIET)
 
     def ping(self, socket: UeSocket, up: int, down: int) -> float:
         """Network seconds of one ping carrying ``up`` bytes and asking for ``down`` back."""
@@ -62,7 +89,8 @@ class BackgroundProber:
 
     While the edge has layers it probes a direction only once its estimate is stale (``LinkEstimator.stale``,
     two seconds without a rate sample): a probe sharing the link with steps queues them behind it, so it stays
-    rare, and sized to a few round trips of the link as last measured."""
+    rare, sized to a few round trips of the link as last measured, and rarer as probes find the link steady (a
+    collapse shows in the steps' own times first)."""
 
     def __init__(self, prober: LinkProber, socket: UeSocket, alone: Callable[[], bool], batch: Callable[[], int],
                  period_s: float = 0.25, timeout_s: float = 5.0, server: str = ""):
@@ -92,7 +120,7 @@ class BackgroundProber:
                     # A decode step's few KiB up and one token down measure neither direction on a link whose
                     # round trip dwarfs their transfer, yet a move crosses one of them with a whole cache or
                     # every position's hidden states: a probe of each direction once its estimate is stale.
-                    self.prober.probe(self.socket, self.batch())
+                    self.prober.probe(self.socket, self.batch(), back_off=True)
             except SeamError:
                 pass  # a lost edge shows in the steps themselves; the estimate just stays as it was
             self.stopping.wait(self.period_s)
