@@ -128,7 +128,7 @@ def compact(runners: list[SpanRunner], extra_arenas=()) -> tuple[int, int]:
     arenas = {id(arena): arena for arena in extra_arenas}
     for runner in runners:
         if runner.buffers is not None:  # rows of an arena, which compacts itself
-            live += sum(view.nbytes for view in runner.buffers.views().values())
+            live += runner.buffers.live_bytes
             arenas[id(runner.buffers.arena)] = runner.buffers.arena
             continue
         for name, array in runner.cache.items():

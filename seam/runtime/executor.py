@@ -17,7 +17,7 @@ import numpy as np
 
 from seam.runtime.artifact import FINAL_HIDDEN, NUMPY_DTYPES, Artifact
 from seam.runtime.errors import SeamError
-from seam.runtime.kv_buffers import KvArena, KvBuffers
+from seam.runtime.kv_buffers import DeviceMemory, HostMemory, KvArena, KvBuffers
 from seam.runtime.merged_graphs import merged_graph
 from seam.runtime.ort_options import open_session
 from seam.runtime.spans import Span
@@ -61,13 +61,20 @@ class SessionPool:
     """
 
     def __init__(self, artifact: Artifact, threads: int | None = None, device: str = "cpu", shared_rows: bool = False,
-                 merge: bool = True):
+                 merge: bool = True, kv_on_device: bool | None = None):
         self.artifact = artifact
         self.threads = threads
         self.device = device
-        if artifact.manifest.kv_layout == "shared-buffer" and device != "cpu":
-            raise SeamError(f"{artifact.root} keeps its KV cache in shared buffers, which run on the CPU in this "
-                            "version; export it with --kv-layout concat for --device cuda")
+        if artifact.manifest.kv_layout == "shared-buffer" and device != "cpu" and artifact.manifest.dtype == "fp32":
+            # onnxruntime's CUDA GroupQueryAttention takes fp16 and bf16 only: an fp32 one would run on the CPU,
+            # away from the buffers it must write in place.
+            raise SeamError(f"{artifact.root} keeps its KV cache in shared fp32 buffers, which onnxruntime's "
+                            f"GroupQueryAttention does not run on {device}; export it with --dtype fp16 (or "
+                            "--kv-layout concat)")
+        # The shared-buffer layout's caches live where the blocks run, so a step on a GPU moves only its hidden
+        # states across PCIe; ``kv_on_device`` also keeps them in OrtValues on the CPU, to test that path there.
+        on_device = device != "cpu" if kv_on_device is None else kv_on_device
+        self.kv_memory = DeviceMemory(device) if on_device else HostMemory()
         self._sessions: dict[str, object] = {}
         # With ``shared_rows`` (an edge) every runner of a span keeps its cache in that span's one arena, so
         # sessions stepping together run as one batch over their rows.
@@ -125,7 +132,7 @@ class SessionPool:
         """The arena every runner of ``span`` shares, or None where each keeps its own."""
         if self.arenas is None:
             return None
-        return self.arenas.setdefault(span, KvArena(names, kv_shape, dtype))
+        return self.arenas.setdefault(span, KvArena(names, kv_shape, dtype, self.kv_memory))
 
 
 class SpanRunner:
@@ -199,7 +206,7 @@ class SpanRunner:
         """Buffers for ``batch`` sequences: in the span's shared arena where the pool keeps one, unless ``own``."""
         names = [name for layer in self.span for name in past_names(layer)]
         arena = None if own else self.pool.arena(self.span, names, self.kv_shape, self.kv_dtype)
-        return KvBuffers(names, batch, self.kv_shape, self.kv_dtype, arena)
+        return KvBuffers(names, batch, self.kv_shape, self.kv_dtype, arena, self.pool.kv_memory)
 
     def reset(self, batch: int) -> None:
         """Start new sequences: an empty cache (past length 0) for every layer of the span."""
@@ -337,7 +344,8 @@ class SpanRunner:
             binding = loaded.session.io_binding()
             for name in loaded.input_names:
                 if name in values:
-                    binding.bind_ortvalue_input(name, values[name])
+                    at = values[name]
+                    binding.bind_input(name, at.device, at.device_id, at.dtype, at.shape, at.pointer)
                 else:
                     fed = output if name in FIRST_INPUTS else shared[name]
                     # (ascontiguousarray would make a scalar, logits_to_keep, one-dimensional)
@@ -346,7 +354,8 @@ class SpanRunner:
             for _, name in loaded.inner_cuts:
                 binding.bind_output(name)
             for present, past in loaded.cache_moves:
-                binding.bind_ortvalue_output(present, values[past])
+                at = values[past]
+                binding.bind_output(present, at.device, at.device_id, at.dtype, at.shape, at.pointer)
             loaded.session.run_with_iobinding(binding)
             produced = binding.get_outputs()
             output = produced[0].numpy()

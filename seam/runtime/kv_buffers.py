@@ -8,13 +8,20 @@ filled. An edge keeps one arena per span for all its sessions there, so sessions
 batch over their rows, each row attending to its own length (``seam.runtime.batching.run_together``); elsewhere
 each batch has an arena of its own. An arena that runs out of rows or positions moves into one twice as large,
 so growing to ``n`` positions copies fewer than ``2 n`` in all: a constant per token, where the concat layout
-copies the whole cache every step. The memory is a numpy array onnxruntime reads and writes directly;
-``views`` and ``assign`` are how moves, the wire and the memory accounting see it.
+copies the whole cache every step.
+
+The memory lives where the blocks run (``HostMemory`` on the CPU, ``DeviceMemory`` on CUDA): a step binds rows
+of it by address (``RowsAt``), one code path for both, so that on a GPU a step moves only its hidden states
+across PCIe. ``views`` and ``assign`` are how moves and the wire see a cache: views of the arena on the host, and
+copies of its rows on a device, as rare as the moves themselves.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -22,12 +29,114 @@ import onnxruntime as ort
 MIN_CAPACITY = 64  # positions: a short chat's cache fits at once, and doubling from here copies little
 
 
+@dataclass(frozen=True)
+class RowsAt:
+    """Rows of one arena buffer as a step binds them: where they are and their shape."""
+
+    device: str
+    device_id: int
+    pointer: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+class HostMemory:
+    """Arena buffers in host memory: numpy arrays that onnxruntime reads and writes in place."""
+
+    device, device_id = "cpu", 0
+
+    def allocate(self, host: np.ndarray) -> np.ndarray:
+        return host
+
+    def pointer(self, buffer: np.ndarray) -> int:
+        return buffer.ctypes.data
+
+    def to_host(self, buffer: np.ndarray) -> np.ndarray:
+        return buffer
+
+    def read_rows(self, buffer: np.ndarray, rows: slice, length: int) -> np.ndarray:
+        return buffer[rows, :, :length]
+
+    def write_rows(self, buffer: np.ndarray, first: int, values: np.ndarray) -> None:
+        buffer[first: first + values.shape[0], :, : values.shape[2]] = values
+
+
+class DeviceMemory:
+    """Arena buffers on an onnxruntime device (CUDA, or the CPU to test this path): ``OrtValue``s that stay there
+    between steps. Rows cross to and from the host only when a cache moves or is sent, through a one-node copy
+    graph bound to their address; a resize goes through the host, which doubling makes rare."""
+
+    def __init__(self, device: str, device_id: int = 0):
+        self.device, self.device_id = device, device_id
+        self._copies: dict[str, ort.InferenceSession] = {}
+        self._lock = threading.Lock()
+
+    def allocate(self, host: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id)
+
+    def pointer(self, buffer: ort.OrtValue) -> int:
+        return buffer.data_ptr()
+
+    def to_host(self, buffer: ort.OrtValue) -> np.ndarray:
+        return buffer.numpy()
+
+    def read_rows(self, buffer: ort.OrtValue, rows: slice, length: int) -> np.ndarray:
+        shape, dtype = (rows.stop - rows.start, *buffer.shape()[1:]), self._dtype(buffer)
+        copy = self._copy(dtype)
+        binding = copy.io_binding()
+        binding.bind_input("x", self.device, self.device_id, dtype, shape,
+                           self.pointer(buffer) + rows.start * _row_bytes(buffer.shape(), dtype))
+        binding.bind_output("y", "cpu")
+        copy.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[:, :, :length]
+
+    def write_rows(self, buffer: ort.OrtValue, first: int, values: np.ndarray) -> None:
+        full = np.zeros((values.shape[0], *buffer.shape()[1:]), dtype=values.dtype)
+        full[:, :, : values.shape[2]] = values
+        copy = self._copy(values.dtype)
+        binding = copy.io_binding()
+        binding.bind_cpu_input("x", full)
+        binding.bind_output("y", self.device, self.device_id, values.dtype, full.shape,
+                            self.pointer(buffer) + first * _row_bytes(buffer.shape(), values.dtype))
+        copy.run_with_iobinding(binding)
+
+    @staticmethod
+    def _dtype(buffer: ort.OrtValue) -> np.dtype:
+        return np.dtype({"tensor(float)": np.float32, "tensor(float16)": np.float16}[buffer.data_type()])
+
+    def _copy(self, dtype: np.dtype) -> ort.InferenceSession:
+        """A session of one Identity node for ``dtype`` on this device (built on first use; onnx only here)."""
+        with self._lock:
+            if dtype.name not in self._copies:
+                from onnx import TensorProto, helper
+
+                from seam.runtime.ort_options import providers_for, session_options
+
+                element = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[dtype.name]
+                dims = ["rows", "heads", "capacity", "head_dim"]
+                graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "copy",
+                                          [helper.make_tensor_value_info("x", element, dims)],
+                                          [helper.make_tensor_value_info("y", element, dims)])
+                model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                model.ir_version = 8
+                self._copies[dtype.name] = ort.InferenceSession(model.SerializeToString(), session_options(1),
+                                                                providers=providers_for(self.device))
+            return self._copies[dtype.name]
+
+
+def _row_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return math.prod(shape[1:]) * np.dtype(dtype).itemsize
+
+
 class KvArena:
     """Rows of buffers shared by the ``KvBuffers`` that hold them; a row whose buffers were dropped is free."""
 
-    def __init__(self, names: list[str], kv_shape: tuple[int, int], dtype: np.dtype):
+    def __init__(self, names: list[str], kv_shape: tuple[int, int], dtype: np.dtype,
+                 memory: HostMemory | DeviceMemory | None = None):
         self.names, self.kv_shape, self.dtype = names, kv_shape, dtype
-        self.arrays: dict[str, np.ndarray] = {}
+        self.memory = memory or HostMemory()
+        self.arrays: dict[str, object] = {}  # per name the buffer: [rows, kv_heads, capacity, head_dim]
+        self.shape = (0, kv_shape[0], 0, kv_shape[1])
         self.owners: list[weakref.ref | None] = []  # per row: the buffers holding it
         self.generation = 0  # bumped whenever the arrays move, so that buffers rebuild their OrtValues
 
@@ -37,20 +146,31 @@ class KvArena:
 
     @property
     def capacity(self) -> int:
-        return next(iter(self.arrays.values())).shape[2] if self.arrays else 0
+        return self.shape[2]
 
     @property
     def nbytes(self) -> int:
-        return sum(array.nbytes for array in self.arrays.values())
+        """What the arena holds, where it lives (device memory on CUDA)."""
+        return len(self.arrays) * math.prod(self.shape) * self.dtype.itemsize
+
+    def _rearrange(self, rows: int, capacity: int, moves: list[tuple[slice, int, int]]) -> None:
+        """New buffers of ``rows`` x ``capacity`` holding, for each (old rows, new first row, positions) of
+        ``moves``, those positions of those rows: through the host, since a resize is rare."""
+        shape = (rows, self.kv_shape[0], capacity, self.kv_shape[1])
+        arrays = {}
+        for name in self.names:
+            host = np.zeros(shape, dtype=self.dtype)
+            if name in self.arrays:
+                old = self.memory.to_host(self.arrays[name])
+                for rows_from, first, positions in moves:
+                    host[first: first + rows_from.stop - rows_from.start, :, :positions] = old[rows_from, :, :positions]
+            arrays[name] = self.memory.allocate(host)
+        self.arrays, self.shape = arrays, shape
+        self.generation += 1
 
     def _resize(self, rows: int, capacity: int) -> None:
-        shape = (rows, self.kv_shape[0], capacity, self.kv_shape[1])
-        old, kept = self.arrays, min(self.capacity, capacity)
-        self.arrays = {name: np.zeros(shape, dtype=self.dtype) for name in self.names}
-        for name, array in old.items():
-            self.arrays[name][: array.shape[0], :, :kept] = array[:, :, :kept]
+        self._rearrange(rows, capacity, [(slice(0, self.rows), 0, min(self.capacity, capacity))])
         self.owners += [None] * (rows - len(self.owners))
-        self.generation += 1
 
     def reserve(self, total: int) -> None:
         """Room for ``total`` positions in every row."""
@@ -83,22 +203,21 @@ class KvArena:
         if 4 * used > self.rows and 4 * needed > self.capacity:
             return
         rows, capacity = 2 * used, min(self.capacity, 2 * needed)
-        shape = (rows, self.kv_shape[0], capacity, self.kv_shape[1])
-        arrays = {name: np.zeros(shape, dtype=self.dtype) for name in self.names}
-        self.owners, first = [None] * rows, 0
-        for buffers in sorted(holders, key=lambda b: b.first_row):
-            for name, array in arrays.items():
-                kept = self.arrays[name][buffers.rows, :, : buffers.length]
-                array[first: first + buffers.batch, :, : buffers.length] = kept
+        holders.sort(key=lambda b: b.first_row)
+        firsts = np.cumsum([0] + [buffers.batch for buffers in holders]).tolist()
+        self._rearrange(rows, capacity, [(b.rows, first, b.length) for b, first in zip(holders, firsts)])
+        self.owners = [None] * rows
+        for buffers, first in zip(holders, firsts):
             buffers.first_row = first
             self.owners[first: first + buffers.batch] = [weakref.ref(buffers)] * buffers.batch
-            first += buffers.batch
-        self.arrays = arrays
-        self.generation += 1
 
-    def values(self, start: int, end: int) -> dict[str, ort.OrtValue]:
-        """Rows [start, end) of every buffer as OrtValues sharing the arena's memory."""
-        return {name: ort.OrtValue.ortvalue_from_numpy(array[start:end]) for name, array in self.arrays.items()}
+    def values(self, start: int, end: int) -> dict[str, RowsAt]:
+        """Rows [start, end) of every buffer, as a step binds them in place."""
+        row_bytes = _row_bytes(self.shape, self.dtype)
+        return {name: RowsAt(self.memory.device, self.memory.device_id,
+                             self.memory.pointer(buffer) + start * row_bytes, (end - start, *self.shape[1:]),
+                             self.dtype)
+                for name, buffer in self.arrays.items()}
 
 
 class KvBuffers:
@@ -106,8 +225,8 @@ class KvBuffers:
     positions so far."""
 
     def __init__(self, names: list[str], batch: int, kv_shape: tuple[int, int], dtype: np.dtype,
-                 arena: KvArena | None = None):
-        self.arena = arena or KvArena(names, kv_shape, dtype)
+                 arena: KvArena | None = None, memory: HostMemory | DeviceMemory | None = None):
+        self.arena = arena or KvArena(names, kv_shape, dtype, memory)
         self.batch, self.length = batch, 0
         self.first_row = self.arena.take(self)
         self._values: dict[str, ort.OrtValue] = {}
@@ -127,7 +246,13 @@ class KvBuffers:
         return self.arena.nbytes * self.batch // max(self.arena.rows, 1)
 
     @property
-    def values(self) -> dict[str, ort.OrtValue]:
+    def live_bytes(self) -> int:
+        """The bytes of its positions so far."""
+        heads, head_dim = self.arena.kv_shape
+        return len(self.arena.names) * self.batch * self.length * heads * head_dim * self.arena.dtype.itemsize
+
+    @property
+    def values(self) -> dict[str, RowsAt]:
         """Each buffer's rows of this batch as the OrtValues a step binds."""
         if self._generation != self.arena.generation:
             self._values, self._generation = self.arena.values(self.rows.start, self.rows.stop), self.arena.generation
@@ -137,8 +262,10 @@ class KvBuffers:
         self.arena.reserve(total)
 
     def views(self) -> dict[str, np.ndarray]:
-        """Each buffer's positions so far, [B, kv_heads, length, head_dim] views of the arena."""
-        return {name: array[self.rows, :, : self.length] for name, array in self.arena.arrays.items()}
+        """Each buffer's positions so far, [B, kv_heads, length, head_dim]: views of the arena on the host, copies
+        of its rows from a device."""
+        return {name: self.arena.memory.read_rows(buffer, self.rows, self.length)
+                for name, buffer in self.arena.arrays.items()}
 
     def assign(self, cache: dict[str, np.ndarray]) -> None:
         """Holds ``cache`` (every name, [B, kv_heads, past, head_dim] arrays) from now on."""
@@ -148,10 +275,10 @@ class KvBuffers:
             self.batch = first.shape[0]
             self.first_row = self.arena.take(self)
         self.arena.reserve(first.shape[2])
-        for name, array in self.arena.arrays.items():
-            array[self.rows, :, : first.shape[2]] = cache[name]
+        for name, buffer in self.arena.arrays.items():
+            self.arena.memory.write_rows(buffer, self.first_row, np.asarray(cache[name], self.arena.dtype))
         self.length = first.shape[2]
 
-    def row_values(self, row: int) -> dict[str, ort.OrtValue]:
+    def row_values(self, row: int) -> dict[str, RowsAt]:
         """Each buffer's row ``row`` of this batch as a batch of one, sharing the arena's memory."""
         return self.arena.values(self.first_row + row, self.first_row + row + 1)
