@@ -107,10 +107,10 @@ def work_export(name: str, model: str, **options) -> Path:
     return out
 
 
-def small_llama_every_layer(kv_layout: str | None = None):
+def small_llama_every_layer(kv_layout: str | None = None, dtype: str = "fp32"):
     """small-llama exported at every cut (shared by the benchmarks)."""
-    return work_export("small-llama-cuts-all" + (f"-{kv_layout}" if kv_layout else ""), "small-llama", cuts="all",
-                       kv_layout=kv_layout)
+    name = "small-llama-cuts-all" + (f"-{kv_layout}" if kv_layout else "") + ("" if dtype == "fp32" else f"-{dtype}")
+    return work_export(name, "small-llama", cuts="all", kv_layout=kv_layout, dtype=dtype)
 
 
 def real_model_every_layer():

@@ -23,7 +23,7 @@ from _common import report, small_llama_every_layer
 
 from seam.edge_server.process import edge_server
 from seam.runtime.shell import table
-from seam.runtime.artifact import Artifact
+from seam.runtime.artifact import NUMPY_DTYPES, Artifact
 from seam.runtime.batching import run_together
 from seam.runtime.executor import SessionPool
 from seam.runtime.protocol import PROTOCOL_VERSION, Close, Hello, OpenSession, SessionOpened, Step, StepResult, Welcome
@@ -36,19 +36,19 @@ def one_ue(index: int, address: str, artifact: Artifact, split: int, prompt_leng
            start: threading.Barrier, finished: list[float], errors: list[BaseException]) -> None:
     try:
         socket = UeSocket(address, TransportConfig(timeout_s=120))
-        hidden = artifact.manifest.dims.hidden_size
+        hidden, dtype = artifact.manifest.dims.hidden_size, NUMPY_DTYPES[artifact.manifest.dtype]
         rng = np.random.default_rng(index)
         expect(socket.request(Hello(PROTOCOL_VERSION, artifact.manifest.artifact_fingerprint)), Welcome)
         session = uuid.uuid4().hex
         expect(socket.request(OpenSession(session, split, 1, {}, prompt_length + steps + 1)), SessionOpened)
         mask = np.ones((1, prompt_length), np.int64)
-        prompt = rng.standard_normal((1, prompt_length, hidden)).astype(np.float32)
+        prompt = rng.standard_normal((1, prompt_length, hidden)).astype(dtype)
         expect(socket.request(Step(session, 0, mask, np.arange(prompt_length)[None], hidden_states=prompt)), StepResult)
         start.wait(timeout=120)
         for step in range(1, steps + 1):
             mask = np.ones((1, 1), np.int64)  # the new position's column: the edge holds the rest
             position = np.array([[prompt_length + step - 1]])
-            state = rng.standard_normal((1, 1, hidden)).astype(np.float32)
+            state = rng.standard_normal((1, 1, hidden)).astype(dtype)
             expect(socket.request(Step(session, step, mask, position, hidden_states=state)), StepResult)
         finished.append(time.perf_counter())
         socket.request(Close(session))
@@ -79,23 +79,24 @@ def tokens_per_second(address: str, artifact: Artifact, split: int, ues: int, pr
     return ues * steps / (max(finished) - began)
 
 
-def ceiling(artifact: Artifact, split: int, ues: int, prompt_length: int, steps: int) -> float:
+def ceiling(artifact: Artifact, split: int, ues: int, prompt_length: int, steps: int, device: str) -> float:
     """Tokens per second of ``ues`` sequences decoding as one batch in this process (rows of one arena in the
-    shared-buffer layout), each after a prompt of ``prompt_length``."""
-    pool = SessionPool(artifact, shared_rows=True)
+    shared-buffer layout) on ``device``, each after a prompt of ``prompt_length``."""
+    pool = SessionPool(artifact, device=device, shared_rows=True)
     span, hidden = Span(split, artifact.num_layers), artifact.manifest.dims.hidden_size
+    dtype = NUMPY_DTYPES[artifact.manifest.dtype]
     rng = np.random.default_rng(0)
     runners = []
     for _ in range(ues):
         runner = pool.runner(span)
         runner.reset(1)
-        runner.run(rng.standard_normal((1, prompt_length, hidden)).astype(np.float32),
+        runner.run(rng.standard_normal((1, prompt_length, hidden)).astype(dtype),
                    np.ones((1, prompt_length), np.int64), np.arange(prompt_length)[None])
         runners.append(runner)
     began = time.perf_counter()
     for step in range(steps):
         past = prompt_length + step
-        run_together(runners, [rng.standard_normal((1, 1, hidden)).astype(np.float32) for _ in runners],
+        run_together(runners, [rng.standard_normal((1, 1, hidden)).astype(dtype) for _ in runners],
                      [np.ones((1, past + 1), np.int64)] * ues, [np.array([[past]])] * ues)
     return ues * steps / (time.perf_counter() - began)
 
@@ -108,11 +109,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--layouts", default="shared-buffer,concat", help="KV layouts to serve, side by side")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16"],
+                        help="the export's dtype (default fp16 on CUDA, whose GroupQueryAttention takes no fp32)")
     args = parser.parse_args()
+    args.dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
     counts = [int(count) for count in args.ues.split(",")]
 
     layouts = args.layouts.split(",")
-    artifacts = {layout: Artifact.open(small_llama_every_layer(layout)) for layout in layouts}
+    artifacts = {layout: Artifact.open(small_llama_every_layer(layout, args.dtype)) for layout in layouts}
     split = artifacts[layouts[0]].num_layers // 2
     modes = [(layout, batching) for layout in layouts for batching in ("batched", "one at a time")]
     samples = {(mode, count): [] for mode in modes for count in counts}
@@ -131,10 +135,11 @@ def main() -> None:
                 for (layout, batching), address in addresses.items():
                     rate = tokens_per_second(address, artifacts[layout], split, count, args.prompt_length, args.steps)
                     samples[((layout, batching), count)].append(rate)
-                ceilings[count].append(ceiling(artifacts[layouts[0]], split, count, args.prompt_length, args.steps))
+                ceilings[count].append(ceiling(artifacts[layouts[0]], split, count, args.prompt_length, args.steps,
+                                               args.device))
 
     rows, result = [], {"model": artifacts[layouts[0]].manifest.source, "split": split, "device": args.device,
-                        "prompt_length": args.prompt_length, "steps_per_ue": args.steps, "rounds": args.rounds,
+                        "dtype": args.dtype, "prompt_length": args.prompt_length, "steps_per_ue": args.steps, "rounds": args.rounds,
                         "tokens_per_second": {}}
     for count in counts:
         result["tokens_per_second"][str(count)] = entry = {"ceiling": round(statistics.median(ceilings[count]), 1)}
@@ -152,7 +157,7 @@ def main() -> None:
     headers = ["UEs"] + [f"{layout}: {column}" for layout in layouts
                          for column in ("batched tok/s", "one at a time", "ratio", "of ceiling")]
     print(table(headers + [f"ceiling tok/s ({layouts[0]})"], rows))
-    report(f"edge_throughput_{args.device}", result)
+    report(f"edge_throughput_{args.device}" + ("" if args.dtype == "fp32" else f"_{args.dtype}"), result)
 
 
 if __name__ == "__main__":
