@@ -10,6 +10,7 @@ Several sessions' steps as one batch are ``seam.runtime.batching``'s.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import Future
 
@@ -23,6 +24,7 @@ from seam.runtime.ort_options import open_session
 from seam.runtime.spans import Span
 
 FIRST_INPUTS = ("input_ids", "hidden_states")
+BACKGROUND_NICENESS = 10  # of the thread joining a span's graphs while its blocks run: a tenth of a busy CPU
 log = logging.getLogger("seam.runtime")
 
 
@@ -115,12 +117,16 @@ class SessionPool:
                 self._merged[key] = Future()
                 # Not a daemon: a process that ends meanwhile waits for it, since onnxruntime building a session
                 # while the interpreter tears down aborts the process (and the next load finds the file).
-                threading.Thread(target=lambda: self._merged[key].set_result(self._build_merged(key)),
+                threading.Thread(target=lambda: self._merged[key].set_result(self._build_merged(key, not wait)),
                                  name="join-graphs").start()
             building = self._merged[key]
         return building.result() if wait or building.done() else None
 
-    def _build_merged(self, key: tuple[Span, str, bool, bool]):
+    def _build_merged(self, key: tuple[Span, str, bool, bool], in_background: bool):
+        if in_background and hasattr(os, "setpriority"):
+            # Built while the span's blocks run on, it takes only CPU the steps leave idle: on a device whose
+            # cores the steps keep busy, a join at the same priority slowed every step until it was done.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
         try:
             return open_session(str(merged_graph(self.artifact, *key)), self.threads, self.device)
         except Exception as error:  # the blocks keep running: slower, never wrong
