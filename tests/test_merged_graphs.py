@@ -74,3 +74,26 @@ def test_the_joined_graph_is_built_once_and_a_runner_switches_to_it_between_step
     again.join_blocks(wait=True)  # another process, another pool: it opens the file the first one wrote
     assert len(again.blocks) == 1 and os.stat(path).st_mtime_ns == written
     assert [entry.name for entry in path.parent.iterdir() if entry.name.startswith(".")] == []  # no scratch left
+
+
+def test_a_span_joined_in_the_background_runs_below_the_steps_priority(exported):
+    """The steps keep running the blocks while the join is built; it takes only the CPU they leave idle."""
+    import threading
+
+    from seam.runtime.executor import BACKGROUND_NICENESS
+
+    artifact = Artifact.open(exported("tiny-llama"))
+    pool = SessionPool(artifact)
+    key = (Span(0, artifact.num_layers), artifact.manifest.dtype, False, True)
+    seen = []
+
+    def build(in_background: bool) -> None:
+        assert pool._build_merged(key, in_background) is not None
+        seen.append(os.getpriority(os.PRIO_PROCESS, 0))  # 0: this thread
+
+    for in_background in (True, False):
+        thread = threading.Thread(target=build, args=(in_background,))
+        thread.start()
+        thread.join()
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert seen == [min(ours + BACKGROUND_NICENESS, 19), ours]

@@ -9,6 +9,7 @@ Several sessions' steps as one batch are ``seam.runtime.batching``'s.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -24,7 +25,7 @@ from seam.runtime.ort_options import open_session
 from seam.runtime.spans import Span
 
 FIRST_INPUTS = ("input_ids", "hidden_states")
-BACKGROUND_NICENESS = 10  # of the thread joining a span's graphs while its blocks run: a tenth of a busy CPU
+BACKGROUND_NICENESS = 10  # added to the niceness of a thread joining a span's graphs while its blocks run
 log = logging.getLogger("seam.runtime")
 
 
@@ -126,7 +127,10 @@ class SessionPool:
         if in_background and hasattr(os, "setpriority"):
             # Built while the span's blocks run on, it takes only CPU the steps leave idle: on a device whose
             # cores the steps keep busy, a join at the same priority slowed every step until it was done.
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+            thread = threading.get_native_id()
+            with contextlib.suppress(OSError):  # a priority it may not change leaves it as it is
+                os.setpriority(os.PRIO_PROCESS, thread,
+                               min(os.getpriority(os.PRIO_PROCESS, thread) + BACKGROUND_NICENESS, 19))
         try:
             return open_session(str(merged_graph(self.artifact, *key)), self.threads, self.device)
         except Exception as error:  # the blocks keep running: slower, never wrong
