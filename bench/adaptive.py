@@ -73,13 +73,18 @@ def compressed(trace: Trace, seconds: float) -> Trace:
 
 
 def run_once(name: str, artifact: Artifact, address: str, trace: Trace, seconds: float, split: int, slowdown: float,
-             policy=None) -> Run:
+             policy=None, join_first: bool = False) -> Run:
+    """One generation over ``trace`` from ``split``; with ``join_first`` every span [0, cut) the UE may run is
+    joined into one graph before the prompt, as a long-lived process would hold them."""
     prompt = list(np.random.default_rng(0).integers(0, artifact.manifest.dims.vocab_size, PROMPT_LENGTH))
     emulated = EmulatedLink(trace)
     run = Run(name)
     with EdgeClient(artifact, address, TransportConfig(timeout_s=60), threads=1, emulated=emulated,
                     ue_slowdown=slowdown) as client:
         client.pool.preload(Span(0, artifact.num_layers))  # every run starts with every block loaded
+        for cut in artifact.split_points if join_first else ():
+            if len(artifact.blocks_for(Span(0, cut))) > 1:  # a single block runs as it is
+                client.pool.merged_session(Span(0, cut), client.variant, True, wait=True)
         with client.session(split) as session:
             emulated.started = time.monotonic()  # the trace starts with the generation
             for _ in session.generate([prompt], 3000, policy):
