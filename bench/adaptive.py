@@ -5,7 +5,8 @@ with one thread and slowed down ``--slowdown`` times (a phone next to an edge bo
 otherwise be equally fast and offloading could never pay), and the link follows
 each trace through the transport's emulator, the trace's time compressed so that each run takes ``--seconds``.
 Every run generates as fast as it can until the trace ends: the adaptive policy (``--policy``: the cost model's,
-the planner's or a learned one, starting from the UE's default split) and each static split, all in one process, one after another, and all of them again
+the planner's or a learned one, starting from the UE's default split) and each static split, all in one process,
+one after another (each repeat and each trace starting one place further along the list), and all of them again
 ``--repeats`` times; ratios are taken within a repeat and the median reported, since this shared machine drifts
 by ten percent between runs.
 
@@ -209,26 +210,29 @@ class Bench:
     new_policy: Callable[[], CostModelPolicy]  # a fresh adaptive policy for each run
     address: str = ""
 
-    def play(self, trace: Trace, repeats: int, fixed_horizon: bool = False) -> list[Round]:
-        """Every policy over ``trace``, ``repeats`` times: the adaptive run first, then each static split; with
+    def play(self, trace: Trace, repeats: int, fixed_horizon: bool = False, rotation: int = 0) -> list[Round]:
+        """Every policy over ``trace``, ``repeats`` times: the adaptive run and each static split; with
         ``fixed_horizon`` also the adaptive policy blind to the link's dynamics and to what moves cost (as it
-        was before it learned them), kept apart from the statics."""
+        was before it learned them), kept apart from the statics. Each repeat starts its runs ``rotation`` plus
+        its index places further along, so that none always goes first after the edge sat idle or always
+        follows the same neighbour: on this machine a run's place in the order moves it by a few percent."""
         artifact, manifest = self.artifact, self.artifact.manifest
         statics = [split for split in artifact.split_points if split > 0]
+        plays = [("adaptive", artifact.default_split, self.new_policy)]
+        plays += [(f"static {s}", s, lambda: None) for s in statics]
+        if fixed_horizon:
+            plays.append(("fixed horizon", artifact.default_split, lambda: Blind(self.new_policy())))
         rounds = []
-        for _ in range(repeats):
-            blind = None
-            if fixed_horizon:
-                blind = run_once("fixed horizon", artifact, self.address, trace, self.seconds,
-                                 artifact.default_split, self.slowdown, Blind(self.new_policy()))
-            runs = [run_once("adaptive", artifact, self.address, trace, self.seconds, artifact.default_split,
-                             self.slowdown, self.new_policy())]
-            runs += [run_once(f"static {s}", artifact, self.address, trace, self.seconds, s, self.slowdown)
-                     for s in statics]
+        for repeat in range(repeats):
+            start = (rotation + repeat) % len(plays)
+            done = {name: run_once(name, artifact, self.address, trace, self.seconds, split, self.slowdown, make())
+                    for name, split, make in plays[start:] + plays[:start]}
+            runs = [done[name] for name, _, _ in plays if name != "fixed horizon"]
             oracle_ms, oracle_path = oracle(dict(zip(statics, runs[1:])), trace, self.seconds, self.ue, self.edge,
                                             manifest.kv_bytes_per_token_per_layer,
                                             manifest.dims.hidden_size * 4 + ID_BYTES)
-            rounds.append(Round(runs, oracle_ms, oracle_path, min(runs[1:], key=lambda run: run.mean_ms), blind))
+            rounds.append(Round(runs, oracle_ms, oracle_path, min(runs[1:], key=lambda run: run.mean_ms),
+                                done.get("fixed horizon")))
         return rounds
 
 
@@ -274,7 +278,7 @@ def shipped(bench: Bench, args, suffix: str) -> None:
     rows, results = [], {}
     for name in args.traces.split(","):
         trace = compressed(load_trace(TRACES / f"{name}.csv"), args.seconds)
-        rounds = bench.play(trace, args.repeats)
+        rounds = bench.play(trace, args.repeats, rotation=len(results))
         results[name] = summary(rounds)
         typical = rounds[median_index([r.runs[0].mean_ms / r.oracle_ms for r in rounds])]
         for position, run in enumerate(typical.runs):
@@ -305,7 +309,8 @@ def families(bench: Bench, args, suffix: str) -> None:
     for family in args.families.split(","):
         per_trace = {}
         for seed in range(args.seed, args.seed + args.count):
-            (round_,) = bench.play(compressed(family_trace(family, seed), args.seconds), 1, fixed_horizon=True)
+            (round_,) = bench.play(compressed(family_trace(family, seed), args.seconds), 1, fixed_horizon=True,
+                                   rotation=seed)
             adaptive, blind = round_.runs[0], round_.fixed_horizon
             per_trace[seed] = {"vs_oracle": round(adaptive.mean_ms / round_.oracle_ms, 3),
                                "vs_best_static": round(adaptive.mean_ms / round_.best_static.mean_ms, 3),
@@ -335,7 +340,8 @@ def families(bench: Bench, args, suffix: str) -> None:
 
 @dataclass
 class Round:
-    """One repeat on one trace: the adaptive run first, then each static split, and the oracle from them."""
+    """One repeat on one trace: the adaptive run first, then each static split (listed so, whatever order they
+    ran in), and the oracle from them."""
 
     runs: list[Run]
     oracle_ms: float

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from seam.edge_server.process import edge_server
-from seam.planning.cost_model import DeviceModel, Link
+from seam.planning.cost_model import DeviceModel, Link, predict
 from seam.planning.schema import save
 from seam.runtime.artifact import Artifact
 from seam.runtime.errors import SeamError
@@ -23,8 +23,8 @@ from test_cost_model import HIDDEN, device
 from test_runtime import NEW_TOKENS, PROMPTS, local_tokens
 from seam.ue_client.client import EdgeClient
 from seam.planning.link_estimate import LinkEstimator, Sample, harmonic_mean
-from seam.planning.policy import (Constraints, CostModelPolicy, QualityBudget, Scales, calibration, candidate_splits,
-                              choose_split, move_s, rebuild_s)
+from seam.planning.policy import (PAYBACK, Constraints, CostModelPolicy, QualityBudget, Scales, calibration,
+                              candidate_splits, choose_split, move_s, per_token_s, rebuild_s)
 
 MBIT = 1e6 / 8
 
@@ -185,7 +185,7 @@ def test_no_move_when_the_gain_is_within_the_margin_or_cannot_pay_for_itself():
     assert moved.split != 4 and "ms/token" in moved.reason and "saves" in moved.reason
 
 
-def test_a_move_must_also_pay_for_the_way_back():
+def test_a_move_must_pay_for_the_way_back_and_a_multiple_of_its_own_cost():
     ue, edge = models()
     link, boundary = Link.from_mbit(0.5, 100), HIDDEN * 4 + 8  # bad enough to run alone, too slow to come back cheaply
     options = dict(current=1, candidates=[1, 4], context=64, batch=1, kv_bytes_per_token_per_layer=KV_PER_LAYER,
@@ -193,12 +193,16 @@ def test_a_move_must_also_pay_for_the_way_back():
     costs = choose_split(ue, edge, link, remaining=1, **options).per_token_s
     there = min(move_s(link, 1, 4, KV_PER_LAYER, 1, 64), rebuild_s(ue, edge, link, 1, 4, 1, 64, Scales(), boundary, [1]))
     back = min(move_s(link, 4, 1, KV_PER_LAYER, 1, 64), rebuild_s(ue, edge, link, 4, 1, 1, 64, Scales(), boundary, [1]))
-    paying_there = math.ceil(there / (costs[1] - costs[4])) + 1
-    paying_both = math.ceil((there + back) / (costs[1] - costs[4])) + 1
-    assert paying_there < paying_both
+    saving = costs[1] - costs[4]
+    paying_there = math.ceil(there / saving) + 1
+    paying_both = math.ceil((there + back) / saving) + 1  # a net saving, but less than the payback asks
+    paying_back = math.ceil((PAYBACK * there + back) / saving) + 1
+    assert paying_there < paying_both < paying_back
 
     assert choose_split(ue, edge, link, remaining=paying_there, **options).split == 1
-    decision = choose_split(ue, edge, link, remaining=paying_both, **options)
+    assert choose_split(ue, edge, link, remaining=paying_both, **options).split == 1
+    assert choose_split(ue, edge, link, remaining=paying_both, payback=1.0, **options).split == 4
+    decision = choose_split(ue, edge, link, remaining=paying_back, **options)
     assert decision.split == 4 and "the way back" in decision.reason
 
 
@@ -208,6 +212,31 @@ def test_calibration_scales_a_side_by_its_median_and_is_bounded():
     assert calibration([10.0], 0.01) == 4.0
     assert calibration([10.0], 0.01, (0.05, 50.0)) == 50.0
     assert calibration([], 0.01) == 1.0
+
+
+def test_a_speed_up_measured_on_some_layers_is_credited_as_time_saved_not_as_a_rate_for_the_rest():
+    ue, edge = models()
+    link = Link.from_mbit(10, 20)
+
+    def cost(split: int, scales: Scales = Scales()) -> float:
+        return per_token_s(ue, edge, link, split, 64, 1, scales)
+
+    def compute(split: int) -> tuple[float, float]:
+        step = predict(ue, edge, link, split, 64, 1).decode
+        return step.ue_s, step.edge_s
+
+    # The UE ran split 1 in half its profile's time: split 1 is as measured, and split 4 gains only those
+    # milliseconds, not half of its three more layers.
+    quick_ue = Scales(ue=0.5, measured_at=1)
+    assert cost(1, quick_ue) == pytest.approx(cost(1, Scales(ue=0.5)))
+    assert cost(4, quick_ue) == pytest.approx(cost(4) - 0.5 * compute(1)[0])
+    assert cost(4, Scales(ue=0.5)) < cost(4, quick_ue)
+    # The same for the edge taking layers over, and slowness holds for every layer.
+    quick_edge = Scales(edge=0.5, measured_at=3)
+    assert cost(1, quick_edge) == pytest.approx(cost(1) - 0.5 * compute(3)[1])
+    assert cost(4, Scales(ue=2.0, measured_at=1)) == pytest.approx(cost(4, Scales(ue=2.0)))
+    assert Scales(ue=0.5, edge=3.0, measured_at=1).unmeasured() == Scales(ue=1.0, edge=3.0, measured_at=1)
+    assert Scales(ue=0.5).unmeasured() == Scales(ue=0.5)
 
 
 def test_a_slow_network_seen_by_the_steps_brings_the_layers_home():
@@ -223,8 +252,9 @@ def test_the_side_taking_layers_over_recomputes_them_when_that_beats_carrying_th
     boundary = HIDDEN * 4 + 8  # hidden states and the mask, per position
     link = Link.from_mbit(2, 1)  # the cache of three layers takes a while to cross this uplink
 
-    carried = decide(link, current=4, candidates=[1, 4], boundary_bytes_per_token=boundary)
-    recomputed = decide(link, current=4, candidates=[1, 4], boundary_bytes_per_token=boundary, kept=[1])
+    carried = decide(link, current=4, candidates=[1, 4], boundary_bytes_per_token=boundary, remaining=300)
+    recomputed = decide(link, current=4, candidates=[1, 4], boundary_bytes_per_token=boundary, kept=[1],
+                        remaining=300)
 
     assert carried.split == recomputed.split == 1
     assert not carried.rebuild and recomputed.rebuild and "recomputing the cache there" in recomputed.reason

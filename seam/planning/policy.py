@@ -26,6 +26,8 @@ from seam.planning.snapshot import Decision, SessionSnapshot
 from seam.runtime.codecs import CODECS, encoded_bytes
 from seam.runtime.errors import SeamError
 
+# What a move's saving, less the way back, must come to, in multiples of the move's own predicted time.
+PAYBACK = 2.0
 STEP_PROBE_AGE_S = 2.0  # step-sized probes older than this no longer describe the link
 # Measured network time over predicted may range this far: a collapsed link makes steps a hundred times slower
 # than the estimate from before, and a recovered one the other way round, before any rate sample shows it.
@@ -57,18 +59,36 @@ def candidate_splits(ue: DeviceModel, constraints: Constraints, kv_bytes_per_tok
 
 @dataclass(frozen=True)
 class Scales:
-    """Measured over predicted, per part of a step, from the running session (1 = as predicted)."""
+    """Measured over predicted, per part of a step, from the running session (1 = as predicted).
+
+    ``measured_at``: the split the compute was measured at (None: the scales hold for every layer alike). A side
+    measured quicker than its profile is credited, at another split, with the time its measured layers saved,
+    not with that speed for layers it has not run: one small block beating its profile by a third says little
+    of a dozen layers, and priced as a rate it would pull every layer onto a device that then runs them at the
+    profile's speed. Slowness is extrapolated, since a device busier than profiled is busy for every layer."""
 
     ue: float = 1.0
     edge: float = 1.0
     network: float = 1.0
+    measured_at: int | None = None
+
+    def unmeasured(self) -> Scales:
+        """The scales of compute the session has not measured (a prefill of layers it never ran)."""
+        if self.measured_at is None:
+            return self
+        return replace(self, ue=max(self.ue, 1.0), edge=max(self.edge, 1.0))
 
 
 def per_token_s(ue: DeviceModel, edge: DeviceModel, link: Link, split: int, context: int, batch: int,
                 scales: Scales = Scales(), codec: str | None = None, private_output: bool = False) -> float:
     step = predict(ue, edge, link, split, context, batch, codec, private_output).decode
     network = step.uplink_s + step.downlink_s + step.rtt_s
-    return step.ue_s * scales.ue + step.edge_s * scales.edge + network * scales.network
+    ue_s, edge_s = step.ue_s * scales.ue, step.edge_s * scales.edge
+    if scales.measured_at not in (None, split) and min(scales.ue, scales.edge) < 1:
+        measured = predict(ue, edge, link, scales.measured_at, context, batch, None, private_output).decode
+        ue_s = max(ue_s, step.ue_s - measured.ue_s * (1 - scales.ue))
+        edge_s = max(edge_s, step.edge_s - measured.edge_s * (1 - scales.edge))
+    return ue_s + edge_s + network * scales.network
 
 
 # Bytes rank the codecs alike at any hidden size; of two as small, the better one (first in CODECS) comes first.
@@ -116,11 +136,12 @@ def rebuild_s(ue: DeviceModel, edge: DeviceModel, link: Link, current: int, spli
     ``split``, which the UE must have kept (``kept``) and sends: ``boundary_bytes_per_token`` per position."""
     if split > current:
         start = current if current in kept else 0
-        return ue.compute_s(start, split, "prefill", context, batch) * scales.ue + link.rtt_s * scales.network
+        recompute = ue.compute_s(start, split, "prefill", context, batch) * scales.unmeasured().ue
+        return recompute + link.rtt_s * scales.network
     if split not in kept:
         return math.inf
     upload = batch * context * boundary_bytes_per_token / link.up_bytes_per_s
-    return link.rtt_s + upload + edge.compute_s(split, current, "prefill", context, batch) * scales.edge
+    return link.rtt_s + upload + edge.compute_s(split, current, "prefill", context, batch) * scales.unmeasured().edge
 
 
 def choose_split(
@@ -137,6 +158,7 @@ def choose_split(
     boundary_bytes_per_token: int = 0,
     kept: Collection[int] = (),
     margin: float = 0.1,
+    payback: float = PAYBACK,
     scales: Scales = Scales(),
     codecs: Mapping[int, str] | None = None,
     state_s: float | None = None,
@@ -146,7 +168,9 @@ def choose_split(
 ) -> Decision:
     """The split for the next step: the candidate with the largest net saving over the tokens to come, at most
     ``remaining`` and at most what the current split produces in the ``state_s`` seconds the link's present state
-    is expected to last. ``kept``: the cuts where the UE holds the hidden states of every position so far (see
+    is expected to last, less the way back, must come to ``payback`` times what the move is predicted to take: a
+    move's cost is known to within a factor of a few, and one that saves barely more than it costs is lost to
+    any error in either. ``kept``: the cuts where the UE holds the hidden states of every position so far (see
     ``rebuild_s``); ``codecs``: the codec each split's hidden states would cross in (none: the artifact's own
     dtype); ``move_scales``: what moves towards the UE and towards the edge really took over their prediction;
     ``back_link``: the link the way back will likely cross, once the present state ends (default ``link``)."""
@@ -171,8 +195,9 @@ def choose_split(
         # the cache of every token produced meanwhile; without that, when it comes is anyone's guess.
         back = min(carry_and_recompute_s(split, current, back_link or link, context + tokens * bool(back_link)))
         back *= move_scales[1 if split > current else 0]
-        gain = (now - costs[split]) * tokens - there - back
-        if gain > best_gain and costs[split] < now * (1 - margin):
+        saving = (now - costs[split]) * tokens
+        gain = saving - there - back
+        if gain > best_gain and saving - back >= payback * there and costs[split] < now * (1 - margin):
             best, best_gain, best_rebuild, best_move = split, gain, rebuilding < moving, min(moving, rebuilding)
     label = f"link up {link.up_mbit:.1f}, down {link.down_mbit:.1f} Mbit/s, rtt {link.rtt_s * 1e3:.1f} ms"
     if best == current:
@@ -260,6 +285,7 @@ class CostModelPolicy:
             network = probed
             offloaded = predict(self.ue, self.edge, link, min(candidates), snapshot.past, snapshot.batch).decode
         return Scales(
+            measured_at=snapshot.split,
             ue=calibration([t.ue_s for t in recent], predicted.ue_s),
             edge=calibration([t.edge_s for t in recent], predicted.edge_s),
             network=calibration(network, offloaded.uplink_s + offloaded.downlink_s + offloaded.rtt_s,
