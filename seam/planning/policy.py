@@ -166,14 +166,12 @@ def choose_split(
     back_link: Link | None = None,
     private_output: bool = False,
 ) -> Decision:
-    """The split for the next step: the candidate with the largest net saving over the tokens to come, at most
-    ``remaining`` and at most what the current split produces in the ``state_s`` seconds the link's present state
-    is expected to last, less the way back, must come to ``payback`` times what the move is predicted to take: a
-    move's cost is known to within a factor of a few, and one that saves barely more than it costs is lost to
-    any error in either. ``kept``: the cuts where the UE holds the hidden states of every position so far (see
-    ``rebuild_s``); ``codecs``: the codec each split's hidden states would cross in (none: the artifact's own
-    dtype); ``move_scales``: what moves towards the UE and towards the edge really took over their prediction;
-    ``back_link``: the link the way back will likely cross, once the present state ends (default ``link``)."""
+    """The split for the next step: the candidate with the largest net saving over the tokens to come (at most
+    ``remaining``, and what the current split makes in the ``state_s`` s the link's present state is expected to
+    last), its saving less the way back ``payback`` times the move's predicted time: a move's cost is known to a
+    factor of a few. ``kept``: cuts where the UE holds every position's hidden states (``rebuild_s``); ``codecs``:
+    each split's codec; ``move_scales``: moves' (towards the UE, the edge) measured over predicted time;
+    ``back_link``: the link the way back will likely cross once the present state ends."""
     codecs = codecs or {}
     costs = {split: per_token_s(ue, edge, link, split, context, batch, scales, codecs.get(split), private_output)
              for split in sorted({*candidates, current})}
@@ -185,20 +183,18 @@ def choose_split(
                 rebuild_s(ue, edge, over, start, end, batch, at, scales, boundary_bytes_per_token, kept))
 
     best, best_gain, best_rebuild, best_move = current, 0.0, False, 0.0
-    for split in candidates:
-        if split == current:
-            continue
+    for split in (other for other in candidates if other != current):
         moving, rebuilding = carry_and_recompute_s(current, split)
         there = min(moving, rebuilding) * move_scales[0 if split > current else 1]
-        # Links rarely hold still: a move must also pay for the way back, which a move onto a link that is
-        # merely worse (not gone) makes dear. Expected once the present state ends (``back_link``), it carries
-        # the cache of every token produced meanwhile; without that, when it comes is anyone's guess.
+        # Links rarely hold still: a move must also pay for the way back, dear after a move onto a link merely
+        # worse (not gone). Expected once the present state ends (``back_link``), it carries the cache of
+        # every token produced meanwhile; without that, when it comes is anyone's guess.
         back = min(carry_and_recompute_s(split, current, back_link or link, context + tokens * bool(back_link)))
         back *= move_scales[1 if split > current else 0]
-        saving = (now - costs[split]) * tokens
-        gain = saving - there - back
-        if gain > best_gain and saving - back >= payback * there and costs[split] < now * (1 - margin):
-            best, best_gain, best_rebuild, best_move = split, gain, rebuilding < moving, min(moving, rebuilding)
+        saving = (now - costs[split]) * tokens - back
+        if saving - there > best_gain and saving >= payback * there and costs[split] < now * (1 - margin):
+            best, best_gain, best_rebuild = split, saving - there, rebuilding < moving
+            best_move = min(moving, rebuilding)
     label = f"link up {link.up_mbit:.1f}, down {link.down_mbit:.1f} Mbit/s, rtt {link.rtt_s * 1e3:.1f} ms"
     if best == current:
         return Decision(current, costs, f"{label}: split {current} stays ({1e3 * now:.1f} ms/token)",
