@@ -204,6 +204,37 @@ def test_killed_edge_gives_a_clear_error_within_the_timeout(exported):
         client.close()
 
 
+PARENT = """
+import sys, time
+from seam.edge_server.process import edge_server
+with edge_server(sys.argv[1]) as (process, address):
+    print(process.pid, flush=True)
+    time.sleep(300)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a child asks Linux's prctl to stop with its parent")
+def test_an_edge_started_by_a_program_killed_outright_stops_with_it(exported):
+    """A program killed by SIGKILL runs no cleanup: the edge_server it started must not live on without it."""
+    import psutil
+
+    artifact = Artifact.open(exported("tiny-llama"))
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(artifact.root)], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        child = psutil.Process(int(parent.stdout.readline()))
+        assert child.is_running() and child.ppid() == parent.pid
+        parent.kill()
+        parent.wait(10)
+        child.wait(15)  # raises psutil.TimeoutExpired while it still runs
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if child is not None and child.is_running():
+            child.kill()  # the edge this test started, through its parent
+
+
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, seed=5)], ids=["greedy", "seeded"])
 def test_a_killed_edge_with_fallback_finishes_on_the_ue_with_the_same_tokens(exported, params):
     artifact = Artifact.open(exported("tiny-llama"))

@@ -1,18 +1,28 @@
 """Runs a Seam server as a child process and waits for the line that names its address; the edge server, the
-UE's HTTP endpoint, the demo, the benchmarks and the tests start their servers through it."""
+UE's HTTP endpoint, the demo, the benchmarks and the tests start their servers through it.
+
+A child stops with its parent: a parent killed outright (SIGKILL, or SIGTERM to a program that does not catch it)
+runs no cleanup, and its server would otherwise hold its port and its memory on until someone finds it. The child
+learns who started it from ``STOP_WITH_PARENT`` and asks the kernel for its stop signal when that parent ends.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
 
 from seam.runtime.errors import SeamError
+
+STOP_WITH_PARENT = "SEAM_STOP_WITH_PARENT"  # "PID:SIGNAL" of the process that started this one, and how to stop
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when the thread that started it ends
 
 
 @contextmanager
@@ -22,7 +32,8 @@ def child_server(command: list[str], listening: re.Pattern, log, startup_timeout
     stops the child with ``stop_signal`` on exit, also on Ctrl-C. The child's standard error after that line
     goes to ``log``."""
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                               env={**os.environ, "PYTHONWARNINGS": "ignore",
+                                    STOP_WITH_PARENT: f"{os.getpid()}:{int(stop_signal)}"})
     try:
         address = _wait_for_address(process, log, startup_timeout, listening, name)
         yield process, address
@@ -67,3 +78,18 @@ def _forward(stream, log, startup: queue.Queue, listening: re.Pattern) -> None:
             started = listening.search(line) is not None
     if not started:
         startup.put(None)
+
+
+def stop_with_parent() -> None:
+    """In a child ``child_server`` started, has the kernel send it the stop signal once its parent ends (Linux;
+    elsewhere nothing changes). The child is the parent's only while its parent id is the one ``child_server``
+    named: under a launcher that forks, or once that parent has gone, it is left as it is."""
+    parent, _, signum = os.environ.pop(STOP_WITH_PARENT, "").partition(":")
+    if not signum or not parent.isdigit() or os.getppid() != int(parent) or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    except (OSError, AttributeError, ValueError):
+        return  # a libc without prctl: the child outlives a parent killed outright, as before
+    if os.getppid() != int(parent):  # the parent ended before the kernel was asked
+        os.kill(os.getpid(), int(signum))

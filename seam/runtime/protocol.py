@@ -9,6 +9,7 @@ artifact (hidden size, split points) belong to the server.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -22,6 +23,8 @@ PROTOCOL_VERSION = 3
 PROBE_FINGERPRINT = ""  # a Hello with this fingerprint only probes the link (``seam probe``): no sessions
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 ALLOWED_DTYPES = frozenset({"float32", "float16", "int64", "int8", "uint8", "uint16"})
+_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}  # numpy's dtype.name runs Python code on each call
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 MAX_DIM = (1 << 31) - 1  # numpy refuses larger dimensions even for an empty tensor
 PRIVATE_OUTPUT_CAPABILITY = "private-output"  # an edge that returns hidden states instead of tokens when asked
 
@@ -41,8 +44,11 @@ class Message:
         _KINDS[cls.kind] = cls
 
 
-def _is_tensor(annotation) -> bool:
-    return "ndarray" in str(annotation)
+@functools.cache
+def _layout(cls: type[Message]) -> dict[str, str | None]:
+    """A message class's fields in order, each with its annotation, None for a tensor: read once per class,
+    since every step encodes and decodes a message."""
+    return {spec.name: None if "ndarray" in str(spec.type) else spec.type for spec in fields(cls)}
 
 
 @dataclass
@@ -90,7 +96,6 @@ class SessionOpened(Message):
 class Step(Message):
     """One prefill or decode step: the UE's boundary output for positions it has not sent before. The edge keeps
     the mask of the positions before (from the open and the steps): a whole mask would grow 8 bytes a token."""
-
     kind = "step"
     session_id: str
     step: int
@@ -122,7 +127,6 @@ class Resplit(Message):
     [B, past] for the edge to recompute it; when the UE gains layers the edge answers with their cache, unless
     ``send_kv`` is off because the UE recomputes it.
     """
-
     kind = "resplit"
     session_id: str
     step: int  # the next step: a split moves only between steps
@@ -189,7 +193,6 @@ class OpenTraining(Message):
     """Opens a split fine-tuning session: the edge trains LoRA adapters on layers [cut, L). In ``edge-loss``
     mode it also computes the loss, from the labels each step sends; ``u-shaped`` returns the last layer's hidden
     states instead, and the UE keeps the head, the labels and the loss."""
-
     kind = "open_training"
     session_id: str
     cut: int
@@ -238,7 +241,6 @@ class TrainForwarded(Message):
 class TrainBackward(Message):
     """The gradient of the loss with respect to what the edge returned: [1] (the loss's own) in edge-loss mode,
     [B, S, H] u-shaped. The edge backpropagates, steps its optimizer and answers with the gradient at the cut."""
-
     kind = "train_backward"
     session_id: str
     step: int
@@ -294,7 +296,6 @@ class FetchRound(Message):
 class RoundAverage(Message):
     """A round's FedAvg of the UEs' adapters, once every UE of the job uploaded or the round's time ran out;
     until then ``done`` is False and the UE asks again."""
-
     kind = "round_average"
     session_id: str
     round: int
@@ -313,16 +314,17 @@ def encode(message: Message) -> list:
     """Header frame plus one frame per tensor; tensors are handed to the socket without a copy."""
     header = {"kind": message.kind, "fields": {}, "tensors": []}
     frames: list = [b""]
-    for spec in fields(message):
-        value = getattr(message, spec.name)
-        if _is_tensor(spec.type):
+    for name, annotation in _layout(type(message)).items():
+        value = getattr(message, name)
+        if annotation is None:
             if value is None:
                 continue
             array = np.ascontiguousarray(value)
-            header["tensors"].append({"name": spec.name, "dtype": array.dtype.name, "shape": list(array.shape)})
+            header["tensors"].append({"name": name, "dtype": _DTYPE_NAMES.get(array.dtype) or array.dtype.name,
+                                      "shape": list(array.shape)})
             frames.append(memoryview(array).cast("B") if array.size else b"")
         else:
-            header["fields"][spec.name] = value
+            header["fields"][name] = value
     frames[0] = json.dumps(header, separators=(",", ":")).encode()
     return frames
 
@@ -362,18 +364,15 @@ def decode(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     raw_fields, raw_tensors = header["fields"], header["tensors"]
     if not isinstance(raw_fields, dict) or not isinstance(raw_tensors, list):
         raise ProtocolError("header 'fields' must be an object and 'tensors' a list")
-    specs = {spec.name: spec for spec in fields(cls)}
-    scalar_names = {name for name, spec in specs.items() if not _is_tensor(spec.type)}
-    unknown = set(raw_fields) - scalar_names
+    layout = _layout(cls)
+    unknown = {name for name in raw_fields if layout.get(name) is None}
     if unknown:
         raise ProtocolError(f"{cls.kind} has no field(s) {sorted(unknown)}")
     for name, value in raw_fields.items():
-        _check_field(cls.kind, name, specs[name].type, value)
+        _check_field(cls.kind, name, layout[name], value)
     if len(raw_tensors) != len(frames) - 1:
         raise ProtocolError(f"header lists {len(raw_tensors)} tensors but {len(frames) - 1} tensor frames arrived")
-    tensors = {}
-    for spec, frame in zip(raw_tensors, frames[1:]):
-        tensors.update([_tensor(cls, specs, spec, frame)])
+    tensors = dict(_tensor(cls, layout, spec, frame) for spec, frame in zip(raw_tensors, frames[1:]))
     try:
         return cls(**raw_fields, **tensors)
     except TypeError as error:  # a required field is missing
@@ -385,16 +384,16 @@ def _shown(value) -> str:  # a peer's value for an error line, cut short: a host
     return text if len(text) <= 64 else text[:61] + "..."
 
 
-def _tensor(cls, specs, spec, frame) -> tuple[str, np.ndarray]:
+def _tensor(cls, layout: dict[str, str | None], spec, frame) -> tuple[str, np.ndarray]:
     if not isinstance(spec, dict) or set(spec) != {"name", "dtype", "shape"}:
         raise ProtocolError("each tensor header needs exactly 'name', 'dtype' and 'shape'")
     name, dtype, shape = spec["name"], spec["dtype"], spec["shape"]
-    if not isinstance(name, str) or name not in specs or not _is_tensor(specs[name].type):
+    if not isinstance(name, str) or name not in layout or layout[name] is not None:
         raise ProtocolError(f"{cls.kind} has no tensor {_shown(name)}")
     if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
         raise ProtocolError(f"tensor {name!r} has dtype {_shown(dtype)}; allowed: {sorted(ALLOWED_DTYPES)}")
     if not isinstance(shape, list) or len(shape) > 4 or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
         raise ProtocolError(f"tensor {name!r} has an invalid shape {_shown(shape)}")
-    if len(frame) != (expected := math.prod(shape) * np.dtype(dtype).itemsize):
+    if len(frame) != (expected := math.prod(shape) * _DTYPES[dtype].itemsize):
         raise ProtocolError(f"tensor {name!r} of shape {shape} {dtype} needs {expected} bytes, got {len(frame)}")
-    return name, np.frombuffer(frame, dtype=dtype).reshape(shape)
+    return name, np.frombuffer(frame, dtype=_DTYPES[dtype]).reshape(shape)

@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from seam.runtime.children import stop_with_parent
 from seam.runtime.errors import SeamError
 from seam.runtime.version import DISTRIBUTION, VERSION
 
@@ -75,6 +76,7 @@ def _terminate(signum, frame):
 def run_cli(prog: str, body: Callable[[], int]) -> int:
     """Runs a command's ``body`` and returns its exit code, reporting failures as one line prefixed ``prog``."""
     signal.signal(signal.SIGTERM, _terminate)
+    stop_with_parent()
     try:
         return body()
     except SeamError as error:
