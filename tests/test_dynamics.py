@@ -3,6 +3,7 @@ learned from the session's own history, and how a decision weighs a move by it."
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,6 +49,15 @@ def test_a_state_is_expected_to_last_as_long_again_as_it_has_held():
     assert expected_remaining_s(changed, 3.1) == pytest.approx(0.1)  # just changed: staying may be worth it
     assert expected_remaining_s(changed, 4.5) == pytest.approx(1.5)
     assert expected_remaining_s(history((3, GOOD), (8, BAD)), 11.0) == pytest.approx(8.0)
+
+
+def test_a_first_state_far_below_the_expected_link_is_priced_as_a_drop():
+    """The session may start inside a fade: a first state far slower than its prior began before the session,
+    so it is priced by its age like any unseen state, not held for ``INITIAL_STATE_S``."""
+    found = states(history((2, BAD)), 2.0)
+    assert remaining_of(found) == pytest.approx(INITIAL_STATE_S - 2.0)
+    assert remaining_of(found, prior_rate=10e6 / 8) == pytest.approx(2.0)
+    assert remaining_of(states(history((2, GOOD)), 2.0), prior_rate=10e6 / 8) == pytest.approx(INITIAL_STATE_S - 2.0)
 
 
 def test_a_drop_is_left_once_staying_has_cost_what_the_move_costs():
@@ -108,14 +118,39 @@ def test_a_generation_measures_both_directions_of_the_link(exported):
     with edge_server(artifact) as (_, address), EdgeClient(artifact, address, TransportConfig(timeout_s=30),
                                                            emulated=link) as client:
         with client.session(2) as session:
-            for _ in session.generate([[5, 6, 7, 8]], 80, policy=lambda snapshot: None):
-                pass
+            first_token_at = None
+            # A prompt long enough that its prefill measures the uplink (40 positions of 64 floats).
+            for _ in session.generate([list(range(5, 45))], 80, policy=lambda snapshot: None):
+                first_token_at = first_token_at or time.perf_counter()
             estimate = session.link.link()
             recorded = len(session.link_history)
             down_measured_at = session.snapshot(80).down_measured_at
     assert 20 < estimate.down_mbit < 80 and 2 < estimate.up_mbit < 8, estimate
     assert down_measured_at is not None and down_measured_at > session.link_history[0][0]
     assert 60 < recorded <= 79  # an estimate before every step after the first, once the uplink was measured
+    # The state the link was found in dates from the prefill that measured it, not from the first decode step.
+    assert session.link_history[0][0] < first_token_at
+
+
+def test_the_edge_s_own_work_on_an_open_is_not_the_link_s_time(exported):
+    """Opening a span's blocks or recomputing a moved cache takes the edge a while; counted as network time it
+    made the first round-trip estimate seconds long."""
+    from seam.edge_server.process import edge_server
+    from seam.planning.link_estimate import LinkEstimator
+    from seam.runtime.artifact import Artifact
+    from seam.runtime.protocol import OpenSession, SessionOpened
+    from seam.ue_client.connection import exchange
+    from test_runtime_faults import raw_socket
+
+    artifact = exported("tiny-llama")
+    with edge_server(artifact) as (_, address):
+        socket, link = raw_socket(address, Artifact.open(artifact)), LinkEstimator(Link.from_mbit(10, 20))
+        started = time.perf_counter()
+        opened, network_s = exchange(socket, OpenSession("s1", 1, 1, {}, 32), SessionOpened, link)
+        elapsed = time.perf_counter() - started
+        socket.close()
+    assert opened.edge_compute_s > 0
+    assert network_s == pytest.approx(elapsed - opened.edge_compute_s, abs=1e-3)
 
 
 def test_the_way_back_is_priced_on_the_link_before_the_fade():

@@ -356,7 +356,7 @@ class EdgeServer:
         if self.draining_until is not None:
             return Error("draining", "this edge_server is shutting down; open the session on another edge",
                          request.session_id)
-        past = check_open(request, self.limits)
+        past, started = check_open(request, self.limits), time.perf_counter()
         session, victims, onward = self.compute.open((peer, request.session_id), request, past)
         for victim in victims:
             self._log_close(victim, "evicted for room")
@@ -368,13 +368,13 @@ class EdgeServer:
                 raise
         log.info("open  %s peer=%s split=%d batch=%d max_length=%d sessions=%d", request.session_id, peer.hex()[:8],
                  request.split, request.batch, request.max_length, len(self.table.sessions))
-        return SessionOpened(request.session_id)
+        return SessionOpened(request.session_id, time.perf_counter() - started)
 
     def _resplit(self, peer: bytes, request: Resplit) -> Message:
         """Moves a session's split; the edge keeps serving it from the next step, or hands it over at split L."""
         session = self.table.get((peer, request.session_id), time.monotonic())
         check_resplit(session, request, self.limits)
-        old, past = session.split, session.runner.past_length
+        old, past, started = session.split, session.runner.past_length, time.perf_counter()
         reply = self.compute.resplit(session, request)
         if self.next_stage is not None and request.split == self.artifact.num_layers:
             onward = self.next_stage.hand_over(session.key, request)
@@ -384,7 +384,7 @@ class EdgeServer:
                  request.split, past)
         if request.split == self.artifact.num_layers:  # nothing left to run here: the UE generates alone
             self._log_close(self.table.remove(session.key), "moved to the UE")
-        return reply
+        return replace(reply, edge_compute_s=time.perf_counter() - started)
 
     def _close(self, peer: bytes, request: Close) -> Message:
         session = self.table.get((peer, request.session_id), time.monotonic())

@@ -10,8 +10,10 @@ level lasted beyond its present age, or, when none outlasted it, its age (a stat
 as it has held: the longer a link has held, the longer it tends to hold). A state the session has seen nothing like
 is then priced as ski rental prices an unknown stay: a move pays once staying has cost as much as the move, so a
 short outage is ridden out and a lasting drop is left after a delay the move's own cost sets. After two outages of a
-kind, the next is priced as they went. The state the session started in is expected to hold ``INITIAL_STATE_S``. A
-downlink not measured since the present state began is taken to have fallen as the uplink did.
+kind, the next is priced as they went. The state the session started in is expected to hold ``INITIAL_STATE_S``,
+unless it is far slower than the link the session was told to expect (its prior): then it is a drop whose start
+came before the session, priced as any unseen state. A downlink not measured since the present state began is
+taken to have fallen as the uplink did.
 
 **Move costs**: the ratio of what each earlier move took to what the profiles predicted, per direction (towards
 this device or towards the edge), scales the next prediction the same way. Pure functions of explicit values.
@@ -65,13 +67,16 @@ def states(history: Sequence[tuple[float, float]], now_s: float) -> list[State]:
     return found
 
 
-def expected_remaining_s(found: Sequence[State]) -> float:
-    """Seconds the present state of ``found`` (from ``states``) is expected to last."""
+def expected_remaining_s(found: Sequence[State], prior_rate: float | None = None) -> float:
+    """Seconds the present state of ``found`` (from ``states``) is expected to last; ``prior_rate``: the uplink
+    rate (bytes/s) the session expected before it measured any."""
     if not found:
         return INITIAL_STATE_S
     *completed, present = found
     age = present.seconds
     if not completed:
+        if prior_rate is not None and present.level < prior_rate and not same_level(present.level, prior_rate):
+            return age
         return max(INITIAL_STATE_S - age, age)
     beyond = [state.seconds - age for state in completed
               if same_level(state.level, present.level) and state.seconds > age]

@@ -312,7 +312,7 @@ class CostModelPolicy:
             remaining=min(snapshot.max_length - snapshot.past - 1, self.horizon), batch=snapshot.batch,
             kv_bytes_per_token_per_layer=facts.kv_bytes_per_token_per_layer,
             boundary_bytes_per_token=facts.boundary_bytes_per_token, kept=snapshot.kept, scales=scales,
-            margin=self.margin * 2 ** recent_moves, codecs=codecs, state_s=expected_remaining_s(found),
+            margin=self.margin * 2 ** recent_moves, codecs=codecs, state_s=expected_remaining_s(found, snapshot.prior and snapshot.prior.up_bytes_per_s),
             move_scales=(move_scale(snapshot.move_costs, True), move_scale(snapshot.move_costs, False)),
             back_link=self.back_link(link, found), private_output=snapshot.private_output,
         )

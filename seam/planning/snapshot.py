@@ -65,6 +65,7 @@ class SessionSnapshot:
     link_history: tuple[tuple[float, float], ...] = ()  # (at, uplink bytes/s) before each step once measured
     move_costs: tuple[tuple[bool, float, float], ...] = ()  # (towards the UE, predicted s, measured s) per move
     down_measured_at: float | None = None  # when the downlink estimate was last measured (None: the prior)
+    prior: Link | None = None  # the link the session expected before measuring any
     served: tuple[int, ...] = ()  # the splits the edge serves (a pipeline stage serves fewer); () = every one
     private_output: bool = False  # the UE runs the head and the edge returns hidden states instead of tokens
 

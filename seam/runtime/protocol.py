@@ -19,7 +19,7 @@ import numpy as np
 
 from seam.runtime.errors import SeamError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 PROBE_FINGERPRINT = ""  # a Hello with this fingerprint only probes the link (``seam probe``): no sessions
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 ALLOWED_DTYPES = frozenset({"float32", "float16", "int64", "int8", "uint8", "uint16"})
@@ -90,6 +90,7 @@ class OpenSession(Message):
 class SessionOpened(Message):
     kind = "opened"
     session_id: str
+    edge_compute_s: float = 0.0  # opening a span's blocks, recomputing a cache: not the link's time
 
 
 @dataclass
@@ -122,10 +123,9 @@ class StepResult(Message):
 class Resplit(Message):
     """Moves a running session's split between two steps; the layers that change side take their KV cache along.
 
-    When the edge gains layers the UE sends their cache here, packed as [2 * layers * B, kv_heads, past, head_dim]
-    (each layer's keys then values), or the hidden states at the new split [B, past, H] with the attention mask
-    [B, past] for the edge to recompute it; when the UE gains layers the edge answers with their cache, unless
-    ``send_kv`` is off because the UE recomputes it.
+    When the edge gains layers the UE sends their cache, [2 * layers * B, kv_heads, past, head_dim] (each layer's
+    keys then values), or the hidden states at the new split [B, past, H] and the mask [B, past] to recompute it
+    from; when the UE gains layers the edge answers with their cache, unless ``send_kv`` is off (the UE recomputes).
     """
     kind = "resplit"
     session_id: str
@@ -144,6 +144,7 @@ class Resplitted(Message):
     split: int
     sampler_state: dict = field(default_factory=dict)  # at split L the edge hands its sampler over and closes
     kv: np.ndarray | None = None
+    edge_compute_s: float = 0.0  # recomputing the cache of the layers the edge took over
 
 
 @dataclass

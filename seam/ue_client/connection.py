@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from seam.planning.link_estimate import LinkEstimator, Sample
-from seam.runtime.protocol import Message, StepResult
+from seam.runtime.protocol import Message
 from seam.runtime.replies import expect
 from seam.runtime.transport import UeSocket
 
@@ -16,7 +16,7 @@ def exchange(socket: UeSocket, message: Message, kind: type, link: LinkEstimator
     which ``link`` observes together with the bytes each way."""
     sent, received, started = socket.bytes_sent, socket.bytes_received, time.perf_counter()
     reply = expect(socket.request(message), kind)
-    compute = reply.edge_compute_s if isinstance(reply, StepResult) else 0.0
+    compute = getattr(reply, "edge_compute_s", 0.0)  # steps, opens and moves report the edge's own time
     seconds = time.perf_counter() - started - compute
     link.observe(Sample(started, socket.bytes_sent - sent, socket.bytes_received - received, seconds))
     return reply, seconds

@@ -174,14 +174,16 @@ class RemoteSession:
         prober = None
         if policy is not None:
             self.preload(policy, self.snapshot(0))
-            prober = self._background_prober()
         self.stats = GenerationStats(started=time.perf_counter())
         self.sequence, self.mask = sequence, mask
         try:
             for step in range(max_new_tokens):
                 if step and policy is not None:
-                    if self.link.measured("up"):  # the prior giving way to a measurement is no change of the link
-                        self.link_history.append((time.perf_counter(), self.link.link().up_bytes_per_s))
+                    # Probing starts after the prefill, which measures the uplink itself: a probe sent beside it
+                    # waits for this device's CPU, and a small one so delayed reads as a link ten times slower.
+                    if prober is None:
+                        prober = self._background_prober()
+                    self.record_link()
                     self.apply(policy(self.snapshot(step)))
                 try:
                     if self.edge_draining and self.open:
@@ -206,6 +208,15 @@ class RemoteSession:
             if prober is not None:
                 prober.close()
 
+    def record_link(self) -> None:
+        """Adds the uplink estimate to the link's history, from its first measurement on (the prior giving way
+        to one is no change of the link), the first entry dated when that measurement was taken, so that the
+        state the session found the link in is as old as what it has seen of it."""
+        if not self.link.measured("up"):
+            return
+        first = None if self.link_history else self.link.measured_at("up")
+        self.link_history.append((first or time.perf_counter(), self.link.link().up_bytes_per_s))
+
     def _background_prober(self) -> BackgroundProber:
         return BackgroundProber(self.prober, self.client.connect_again(5.0), lambda: self.split == self.num_layers,
                                 lambda: self.batch, server=self.client.server)
@@ -228,6 +239,7 @@ class RemoteSession:
             step_probes=tuple(self.prober.step_probes), move_steps=tuple(move.before_step for move in self.moves),
             kept=frozenset(cut for cut in range(self.num_layers + 1) if self.kept_boundary(cut)),
             link_history=tuple(self.link_history), down_measured_at=self.link.measured_at("down"),
+            prior=self.link.prior,
             served=tuple(self.client.welcome.split_points),
             move_costs=tuple((move.to_split > move.from_split, move.predicted_s, move.seconds)
                              for move in self.moves if move.predicted_s is not None),
