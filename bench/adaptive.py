@@ -98,6 +98,17 @@ def run_once(name: str, artifact: Artifact, address: str, trace: Trace, seconds:
     return run
 
 
+def warm_edge(artifact: Artifact, address: str) -> None:
+    """A short generation at every split the edge serves, so that no run pays for the edge's first session at
+    a split (loading and joining that span's blocks took it 1.7-2.1 s), as a long-running edge would have."""
+    prompt = list(range(1, PROMPT_LENGTH + 1))
+    with EdgeClient(artifact, address, TransportConfig(timeout_s=60), threads=1) as client:
+        for split in (split for split in artifact.split_points if 0 < split < artifact.num_layers):
+            with client.session(split) as session:
+                for _ in session.generate([prompt], 2):
+                    pass
+
+
 def interval_rate(run: Run, start: float, end: float) -> float:
     """Tokens per second ``run`` produced in [start, end)."""
     return sum(start <= arrival < end for arrival in run.arrivals[1:]) / (end - start)
@@ -191,6 +202,7 @@ def main() -> None:
                   policies(artifact, ue, edge, args.policy, args.policy_file))
     with open("/dev/null", "w") as quiet, edge_server(out, "--threads", "2", log=quiet) as (_, bench.address):
         psutil.Process().cpu_affinity([0])  # after the server started: it keeps both CPUs
+        warm_edge(artifact, bench.address)
         if args.families:
             families(bench, args, suffix)
         else:

@@ -225,7 +225,8 @@ def outage_snapshot(link_history, now_s: float, move_costs=()) -> SessionSnapsho
     facts = ArtifactFacts(4, KV_PER_LAYER, (1, 1, 1, 1), (1000,) * 4, 4 * 64 + 4)
     return SessionSnapshot(facts, step=80, now_s=now_s, split=1, past=96, batch=1, max_length=2048, codec="fp32",
                            allow_token_upload=False, offered_codecs=("fp32",), link=Link.from_mbit(BAD * 8e-6, 200),
-                           link_history=tuple(link_history), move_costs=tuple(move_costs), down_measured_at=now_s)
+                           link_history=tuple(link_history), move_costs=tuple(move_costs), up_measured_at=now_s,
+                           down_measured_at=now_s)
 
 
 @pytest.mark.parametrize("name", ["cost-model", "planner", "learned"])
@@ -239,6 +240,16 @@ def test_every_policy_weighs_its_move_by_the_link_dynamics_and_what_moves_cost(n
     assert policy(held).split == 4 and "expected to last 8.0 s" in policy.decisions[-1].reason
     dear = outage_snapshot(history((5, GOOD), (8, BAD)), 13.0, move_costs=[(True, 0.1, 5.0), (False, 0.1, 5.0)])
     assert policy(dear).split == 1  # moves took fifty times their prediction: this one would not pay
+
+
+def test_no_move_rests_on_an_uplink_the_session_has_not_measured():
+    """A message that outruns the uplink's rates proves them wrong but not how fast the link now is: until a
+    probe measures it, the estimate is the prior's, and a move is not priced on it."""
+    policy = every_policy()["cost-model"]
+    held = outage_snapshot(history((5, GOOD), (8, BAD)), 13.0)
+    assert policy(held).split == 4
+    assert policy(replace(held, up_measured_at=None)) is None
+    assert policy(replace(held, step=0, up_measured_at=None)) is not None  # before the prompt the prior is all
 
 
 def test_the_learned_policy_scores_the_downlink_as_the_move_test_prices_it():

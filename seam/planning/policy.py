@@ -61,11 +61,13 @@ def candidate_splits(ue: DeviceModel, constraints: Constraints, kv_bytes_per_tok
 class Scales:
     """Measured over predicted, per part of a step, from the running session (1 = as predicted).
 
-    ``measured_at``: the split the compute was measured at (None: the scales hold for every layer alike). A side
-    measured quicker than its profile is credited, at another split, with the time its measured layers saved,
-    not with that speed for layers it has not run: one small block beating its profile by a third says little
-    of a dozen layers, and priced as a rate it would pull every layer onto a device that then runs them at the
-    profile's speed. Slowness is extrapolated, since a device busier than profiled is busy for every layer."""
+    ``measured_at``: the split the compute was measured at (None: the scales hold for every layer alike). At
+    another split, a side's measured time against its profile is read both as a rate and as the time it added
+    or saved, and the reading nearer the profile is taken (``carried``): one small block beating its profile
+    by a third says little of a dozen layers, and priced as a rate it would pull every layer onto a device that
+    then runs them at the profile's speed; one block running 1.3-1.4 times its profile mostly shows the step's
+    own work beside its layers (coding, sampling, waking up), and priced as a rate it kept the UE from running
+    twelve layers it runs at its profile's speed. A device busier than profiled shows so once it runs them."""
 
     ue: float = 1.0
     edge: float = 1.0
@@ -84,11 +86,17 @@ def per_token_s(ue: DeviceModel, edge: DeviceModel, link: Link, split: int, cont
     step = predict(ue, edge, link, split, context, batch, codec, private_output).decode
     network = step.uplink_s + step.downlink_s + step.rtt_s
     ue_s, edge_s = step.ue_s * scales.ue, step.edge_s * scales.edge
-    if scales.measured_at not in (None, split) and min(scales.ue, scales.edge) < 1:
+    if scales.measured_at not in (None, split):
         measured = predict(ue, edge, link, scales.measured_at, context, batch, None, private_output).decode
-        ue_s = max(ue_s, step.ue_s - measured.ue_s * (1 - scales.ue))
-        edge_s = max(edge_s, step.edge_s - measured.edge_s * (1 - scales.edge))
+        ue_s, edge_s = carried(step.ue_s, scales.ue, measured.ue_s), carried(step.edge_s, scales.edge, measured.edge_s)
     return ue_s + edge_s + network * scales.network
+
+
+def carried(profile_s: float, scale: float, measured_profile_s: float) -> float:
+    """A side's time at a split its profile puts at ``profile_s``, from ``scale`` measured where its profile
+    said ``measured_profile_s``: as a rate or as the time added or saved, whichever is nearer the profile."""
+    as_rate, as_time = profile_s * scale, profile_s + measured_profile_s * (scale - 1)
+    return max(as_rate, as_time) if scale < 1 else min(as_rate, as_time)
 
 
 # Bytes rank the codecs alike at any hidden size; of two as small, the better one (first in CODECS) comes first.
@@ -264,6 +272,11 @@ class CostModelPolicy:
             # Alone on the UE, nothing measures the link but the background probes: offloading without them
             # could push a whole cache into a link that has collapsed.
             return None
+        if snapshot.step and snapshot.up_measured_at is None:
+            # The uplink rests on the prior: never measured, or outrun by a quicker message and not measured
+            # since. A move priced on the prior's 10 Mbit/s left the UE for a 1.5 Mbit/s link; the probe that
+            # measures it is a few hundred ms away. (The start decision has only the prior to go on.)
+            return None
         link, recent = snapshot.link, snapshot.timings_since_move[-self.window:]
         if not snapshot.alone and snapshot.move_steps and len(recent) < self.window:
             # The first steps at a split just moved to carry its setting up (a span's first run, the edge taking
@@ -305,6 +318,7 @@ class CostModelPolicy:
         facts = snapshot.artifact
         recent_moves = sum(step > snapshot.step - self.settle_tokens for step in snapshot.move_steps)
         found = states(snapshot.link_history, snapshot.now_s)
+        prior_rate = None if snapshot.prior is None else snapshot.prior.up_bytes_per_s
         link = downlink_following(snapshot.link, found, snapshot.down_measured_at)
         targets, codecs = self.targets(snapshot, scales, candidates, link)
         decision = choose_split(
@@ -312,7 +326,7 @@ class CostModelPolicy:
             remaining=min(snapshot.max_length - snapshot.past - 1, self.horizon), batch=snapshot.batch,
             kv_bytes_per_token_per_layer=facts.kv_bytes_per_token_per_layer,
             boundary_bytes_per_token=facts.boundary_bytes_per_token, kept=snapshot.kept, scales=scales,
-            margin=self.margin * 2 ** recent_moves, codecs=codecs, state_s=expected_remaining_s(found, snapshot.prior and snapshot.prior.up_bytes_per_s),
+            margin=self.margin * 2 ** recent_moves, codecs=codecs, state_s=expected_remaining_s(found, prior_rate),
             move_scales=(move_scale(snapshot.move_costs, True), move_scale(snapshot.move_costs, False)),
             back_link=self.back_link(link, found), private_output=snapshot.private_output,
         )

@@ -64,6 +64,7 @@ class SessionSnapshot:
     kept: frozenset[int] = field(default_factory=frozenset)  # cuts where the UE holds every position's hidden states
     link_history: tuple[tuple[float, float], ...] = ()  # (at, uplink bytes/s) before each step once measured
     move_costs: tuple[tuple[bool, float, float], ...] = ()  # (towards the UE, predicted s, measured s) per move
+    up_measured_at: float | None = None  # when the uplink estimate was last measured (None: the prior)
     down_measured_at: float | None = None  # when the downlink estimate was last measured (None: the prior)
     prior: Link | None = None  # the link the session expected before measuring any
     served: tuple[int, ...] = ()  # the splits the edge serves (a pipeline stage serves fewer); () = every one

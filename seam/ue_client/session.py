@@ -238,7 +238,8 @@ class RemoteSession:
             link=self.link.link(), timings_since_move=tuple(self.stats.timings[max(since_move, 1):][-TIMINGS_SEEN:]),
             step_probes=tuple(self.prober.step_probes), move_steps=tuple(move.before_step for move in self.moves),
             kept=frozenset(cut for cut in range(self.num_layers + 1) if self.kept_boundary(cut)),
-            link_history=tuple(self.link_history), down_measured_at=self.link.measured_at("down"),
+            link_history=tuple(self.link_history), up_measured_at=self.link.measured_at("up"),
+            down_measured_at=self.link.measured_at("down"),
             prior=self.link.prior,
             served=tuple(self.client.welcome.split_points),
             move_costs=tuple((move.to_split > move.from_split, move.predicted_s, move.seconds)
