@@ -232,7 +232,7 @@ def test_a_speed_up_measured_on_some_layers_is_credited_as_time_saved_not_as_a_r
     assert cost(4, quick_ue) == pytest.approx(cost(4) - 0.5 * compute(1)[0])
     assert cost(4, Scales(ue=0.5)) < cost(4, quick_ue)
     # The same for the edge taking layers over, and for slowness: the UE twice as slow on one layer adds that
-    # layer's time to split 4, and on four layers halves the time added at split 1.
+    # layer's time to split 4, and twice as slow on four layers doubles split 1's own layer, not adds four.
     quick_edge = Scales(edge=0.5, measured_at=3)
     assert cost(1, quick_edge) == pytest.approx(cost(1) - 0.5 * compute(3)[1])
     assert cost(4, Scales(ue=2.0, measured_at=1)) == pytest.approx(cost(4) + compute(1)[0])
